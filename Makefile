@@ -1,0 +1,65 @@
+# adaccel: two commands on a fresh machine, `make run` and `make test`; everything else is built on them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= $(CURDIR)/data
+export PYTHONPATH := $(CURDIR)
+export ADACCEL_DATA_DIR := $(DATA_DIR)
+PROTOS := $(wildcard protos/adaccel/v1/*.proto)
+
+.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode clean
+
+help:
+	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
+	@echo "make test   - set up, then run the whole test suite"
+	@echo "make serve  - set up, start broker + all services in the foreground (Ctrl-C stops all)"
+	@echo "make model  - build the default model into $(DATA_DIR) (skipped when already built)"
+	@echo "make bench  - run the benchmarks (results under bench/results/)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Pinned deps; torch==2.13.0 resolves to the CPU wheel these machines have on disk.
+$(VENV)/.installed: requirements.txt | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+# Generated code goes to the git-ignored package adaccel/ (import adaccel.v1.*_pb2); never edit it.
+adaccel/v1/.generated: $(PROTOS) $(VENV)/.installed
+	rm -rf adaccel && mkdir -p adaccel/v1
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch adaccel/__init__.py adaccel/v1/__init__.py $@
+
+protos: adaccel/v1/.generated
+
+install: $(VENV)/.installed protos
+
+model: install
+	$(PY) -m common.modeling.build --data-dir $(DATA_DIR)
+
+run: install model
+	$(PY) -m services.stack job --data-dir $(DATA_DIR)
+
+serve: install model
+	$(PY) -m services.stack serve --data-dir $(DATA_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+test-e2e: install
+	$(PY) -m pytest -q tests/e2e
+
+bench: bench-decode
+
+bench-decode: install model
+	$(PY) -m bench.decode --data-dir $(DATA_DIR)
+
+clean:
+	rm -rf adaccel .pytest_cache
