@@ -1,0 +1,47 @@
+"""Domain errors and the one table that maps them to gRPC status codes.
+
+Core code raises these; the shared interceptor turns them into statuses. Anything else that
+escapes a handler is a bug and becomes INTERNAL.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(ServiceError):
+    """A request field is malformed or out of range; the message names the field and the limit."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(ServiceError):
+    """Over a size or capacity limit; the message names the limit (and a retry hint when useful)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def require(condition: bool, field: str, message: str) -> None:
+    """Validation helper: raises InvalidArgument('<field>: <message>') unless condition holds."""
+    if not condition:
+        raise InvalidArgument(f"{field}: {message}")

@@ -1,0 +1,51 @@
+"""Builds the decoder server from its settings: model, publisher, servicer, gRPC plumbing."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from adaccel.v1 import decoder_pb2, decoder_pb2_grpc
+from common.kafka_io import make_producer
+from common.modeling.loading import load_model
+from common.requests import RequestLimits
+from common.rpc.server import ServerHandle, create_server
+from common.telemetry import Telemetry
+from services.decoder.publisher import GeneratedPublisher
+from services.decoder.runner import GenerationRunner
+from services.decoder.service import Admission, DecoderService
+from services.decoder.settings import DecoderSettings
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
+
+
+def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> ServerHandle:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    loaded = load_model(settings.model_path, device=settings.device)
+    if loaded.random_weights:
+        log.warning("model has RANDOM weights (a stand-in): outputs and acceptance figures mean nothing",
+                    extra={"model_id": loaded.model_id})
+    producer = None
+    if settings.kafka_bootstrap:
+        try:
+            producer = make_producer(settings)
+        except Exception as exc:  # noqa: BLE001 - NoBrokersAvailable: serve anyway, publishing off
+            log.warning("kafka unreachable; generations will not be published", extra={"error": repr(exc)})
+    publisher = GeneratedPublisher(producer, settings.kafka_generated_topic)
+    limits = RequestLimits(max_blocks=settings.max_blocks, max_new_tokens=settings.max_new_tokens)
+    runner = GenerationRunner(loaded, device=settings.device, max_prompt_tokens=settings.max_prompt_tokens)
+    decoder = DecoderService(
+        runner, publisher, decoder_id=settings.decoder_id, limits=limits,
+        admission=Admission(settings.max_queue), decoding_length=settings.decoding_length,
+        branch_length=settings.branch_length,
+    )
+    handle = create_server(settings, telemetry, [(decoder_pb2_grpc.add_DecoderServicer_to_server, decoder)],
+                           [SERVICE_NAME])
+    if not decoder.decoder_id:
+        decoder.decoder_id = f"decoder-{handle.port}"
+    handle.on_stop.append(publisher.close)
+    handle.set_serving(True)
+    return handle
