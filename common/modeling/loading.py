@@ -62,7 +62,8 @@ def load_model(
         raise ModelLoadError(
             f"model path {str(path)!r}: model type {config.model_type!r} is not a causal LM: {exc}"
         ) from exc
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        # RuntimeError: weights whose shapes do not match config.json.
         raise ModelLoadError(f"model path {str(path)!r}: cannot load weights: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random checkpoints on disk, an embedded broker, in-process servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.broker import EmbeddedBroker
+from common.modeling.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_path(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def broker():
+    with EmbeddedBroker() as b:
+        yield b

@@ -1,0 +1,31 @@
+import pytest
+
+from adaccel.v1 import records_pb2
+from services.pool.ngram_records import RejectedRecord, generated_record_mutation, ngram_node_increments
+
+
+def test_node_increments_count_every_prefix_of_every_ngram():
+    counts = ngram_node_increments([[5, 6, 5, 6]], 3)
+    assert counts[(5,)] == 2 and counts[(5, 6)] == 2 and counts[(5, 6, 5)] == 1
+    assert counts[(6, 5, 6)] == 1 and counts[(6,)] == 2
+    assert (5, 6, 5, 6) not in counts  # longer than the n-gram length
+
+
+def test_generated_record_becomes_a_pool_mutation():
+    record = records_pb2.GeneratedRecord(pool_key="p/q", token_ids=[1, 2, 3])
+    mutation = generated_record_mutation(record.SerializeToString(), vocab_size=10, ngram_length=2, max_tokens=100)
+    assert mutation.pool_key == "p/q"
+    assert mutation.node_increments[(2, 3)] == 1
+
+
+@pytest.mark.parametrize("value, reason", [
+    (b"", "value: empty"),
+    (b"\xff\xff\xff garbage", "value: not a GeneratedRecord"),
+    (records_pb2.GeneratedRecord(token_ids=[1, 99]).SerializeToString(), "token_ids: token id 99"),
+    (records_pb2.GeneratedRecord(token_ids=[-3]).SerializeToString(), "token_ids: token id -3"),
+    (records_pb2.GeneratedRecord(token_ids=list(range(8)) * 20).SerializeToString(), "token_ids: 160 tokens"),
+])
+def test_bad_records_are_rejected_with_a_reason(value, reason):
+    with pytest.raises(RejectedRecord) as err:
+        generated_record_mutation(value, vocab_size=50, ngram_length=3, max_tokens=100)
+    assert str(err.value).startswith(reason)
