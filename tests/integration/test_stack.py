@@ -114,3 +114,25 @@ def test_router_and_decoder_describe_themselves(stack, channel_to):
     decoder = decoder_pb2_grpc.DecoderStub(channel_to(stack.address("decoder-1"))).Info(
         decoder_pb2.DecoderInfoRequest(), timeout=5)
     assert decoder.decoder_id == "decoder-1" and decoder.random_weights and decoder.vocab_size > 0
+
+
+def test_client_cli_streams_one_answer(stack):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "services.router.client", "--router", stack.address("router"),
+         "--pool-key", "electronics/audio", "--block", "item:item-42:Aurora headphones.", "--max-new-tokens", "8"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "8 tokens in 8 steps" in result.stderr
+
+
+def test_client_cli_reports_bad_input(stack):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "services.router.client", "--router", stack.address("router"),
+         "--block", "item:bad id:x", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "INVALID_ARGUMENT: blocks[0].id" in result.stderr
