@@ -12,6 +12,7 @@ from common.modeling.loading import load_model
 from common.requests import RequestLimits
 from common.rpc.server import ServerHandle, create_server
 from common.telemetry import Telemetry
+from services.decoder.metrics import DecoderMetrics
 from services.decoder.publisher import GeneratedPublisher
 from services.decoder.runner import GenerationRunner
 from services.decoder.service import Admission, DecoderService
@@ -40,7 +41,7 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
     decoder = DecoderService(
         runner, publisher, decoder_id=settings.decoder_id, limits=limits,
         admission=Admission(settings.max_queue), decoding_length=settings.decoding_length,
-        branch_length=settings.branch_length,
+        branch_length=settings.branch_length, metrics=DecoderMetrics.create(telemetry.meter("adaccel.decoder")),
     )
     handle = create_server(settings, telemetry, [(decoder_pb2_grpc.add_DecoderServicer_to_server, decoder)],
                            [SERVICE_NAME])

@@ -12,6 +12,7 @@ import grpc
 from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, records_pb2
 from common.requests import RequestLimits, block_ids_of_kind, validate_generate_request
 from common.rpc.errors import ResourceExhausted
+from services.decoder.metrics import DecoderMetrics
 from services.decoder.publisher import GeneratedPublisher
 from services.decoder.runner import GenerationRunner
 
@@ -44,8 +45,10 @@ class Admission:
 
 class DecoderService(decoder_pb2_grpc.DecoderServicer):
     def __init__(self, runner: GenerationRunner, publisher: GeneratedPublisher, *, decoder_id: str,
-                 limits: RequestLimits, admission: Admission, decoding_length: int, branch_length: int):
+                 limits: RequestLimits, admission: Admission, decoding_length: int, branch_length: int,
+                 metrics: DecoderMetrics):
         self.runner = runner
+        self.metrics = metrics
         self.publisher = publisher
         self.decoder_id = decoder_id
         self.limits = limits
@@ -95,6 +98,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         stats.steps = len(stats.accepted_per_step)
         stats.mean_accepted_per_step = stats.new_tokens / max(stats.steps, 1)
         text = tokenizer.decode(generated, skip_special_tokens=True)
+        self.metrics.record(stats, common_pb2.VerificationMode.Name(request.params.mode))
         summary = common_pb2.GenerationSummary(
             request_id=request_id, text=text, token_ids=generated, stats=stats, finish_reason=finish,
             decoder_id=self.decoder_id, model_id=self.runner.loaded.model_id,

@@ -1,0 +1,7 @@
+"""In-process lookahead decoding engine (the decoder service wraps it; no gRPC here)."""
+
+from common.drafting.trie import TokenTrie
+from services.decoder.engine.config import EngineSettings, GenerationConfig, StepResult
+from services.decoder.engine.engine import DecodingEngine
+
+__all__ = ["DecodingEngine", "EngineSettings", "GenerationConfig", "StepResult", "TokenTrie"]

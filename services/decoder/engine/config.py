@@ -1,0 +1,71 @@
+"""Settings of the decoding engine and of one generation request, and the per-step record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Lookahead's defaults (PIA code, also DARE's runs). On CPU a 64-token tree costs ~3.5x a
+# 1-token step, so CPU deployments may want smaller trees; they are settings, not constants.
+DEFAULT_DECODING_LENGTH = 64
+DEFAULT_BRANCH_LENGTH = 12
+DEFAULT_KEY_LENGTH = 2
+
+
+@dataclass(slots=True, frozen=True)
+class EngineSettings:
+    decoding_length: int = DEFAULT_DECODING_LENGTH  # draft tokens per step and request
+    branch_length: int = DEFAULT_BRANCH_LENGTH  # max draft depth
+    key_length: int = DEFAULT_KEY_LENGTH  # context tokens matched in the trie
+    device: str | None = None  # None: the model's device
+    # Total draft tokens per forward across a batch, split evenly over active rows (PIA's
+    # bat_get); None: each row drafts its own decoding_length.
+    batch_draft_tokens: int | None = None
+    # Insert each finished output into its pool ("output" n-grams, PIA's self-learning). Off by
+    # default: in the stack, pools are fed by the pool service from the Kafka topic.
+    learn_from_outputs: bool = False
+    # Batched rows keep different numbers of columns per step; compact the cache once holes
+    # are this share of it (a whole-cache copy, so not every step).
+    compact_hole_fraction: float = 0.5
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.decoding_length >= 0 and self.branch_length >= 0 and self.key_length >= 1
+        assert 0.0 < self.compact_hole_fraction <= 1.0
+
+
+@dataclass(slots=True)
+class GenerationConfig:
+    max_new_tokens: int
+    mode: Literal["strict", "relaxed"] = "strict"
+    relaxed_top_k: int = 2  # DARE's run scripts: top-2, p >= 0.1
+    relaxed_min_prob: float = 0.1
+    temperature: float = 0.0  # > 0: speculative sampling (mode is then ignored)
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    drafting: bool = True  # False: plain decoding through the same loop ("engine_greedy")
+    decoding_length: int | None = None  # None: EngineSettings.decoding_length
+    branch_length: int | None = None  # None: EngineSettings.branch_length
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.mode not in ("strict", "relaxed"):
+            raise ValueError(f"mode must be 'strict' or 'relaxed', got {self.mode!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if self.relaxed_top_k < 1 or not 0 <= self.relaxed_min_prob <= 1:
+            raise ValueError("need relaxed_top_k >= 1 and 0 <= relaxed_min_prob <= 1")
+        for name in ("decoding_length", "branch_length"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+@dataclass(slots=True)
+class StepResult:
+    token_ids: list[int] = field(default_factory=list)  # emitted this step, bonus token included
+    drafted: int = 0  # draft tokens in this step's tree
+    accepted: int = 0  # draft tokens among token_ids

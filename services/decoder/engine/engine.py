@@ -1,0 +1,284 @@
+"""The decoding loop: prefill, then per step draft -> tree inputs -> forward -> verify -> keep KV.
+
+One loop serves a batch of requests; `generate` is a batch of one. Each row's cache holds the
+KV of every token but the last one (the root); a step feeds [root + draft tree], and keeps the
+KV of the root and of the accepted drafts; the bonus token becomes the next root. Prefill
+therefore covers prompt[:-1] and the very first step already drafts from the prompt's tail.
+
+Batch layout: rows share one DynamicCache; because rows accept different numbers of tokens,
+each row's cache has holes (see kv_cache.py), tracked in `key_valid` [B, S] and masked out.
+Finished rows leave the batch (batch_select_indices) at the end of the step that ends them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from common.drafting.draft_tree import DraftTree, FlatTree, chain_tree, flatten
+from common.drafting.pools import DraftSettings, RequestDrafter
+from common.drafting.trie import TokenTrie
+from common.drafting.verification import SamplingParams, Verdict, verify_relaxed, verify_sampling, verify_strict
+from services.decoder.engine.config import EngineSettings, GenerationConfig, StepResult
+from services.decoder.engine.kv_cache import cache_length, check_cache, compact, keep_accepted
+from services.decoder.engine.tree_inputs import TreeInputs, build_tree_inputs
+
+
+@dataclass(slots=True)
+class _Request:
+    """One request's decoding state (one batch row while it runs)."""
+
+    index: int  # position in the caller's list
+    config: GenerationConfig
+    decoding_length: int
+    branch_length: int
+    tokens: list[int]  # prompt + emitted; tokens[-1] is the next root, all others are cached
+    prompt_length: int
+    pool: TokenTrie | None
+    drafter: RequestDrafter | None
+    generator: torch.Generator | None
+    done: bool = False
+
+    @property
+    def context_length(self) -> int:
+        """Real tokens in this row's cache: also the root's position id."""
+        return len(self.tokens) - 1
+
+    @property
+    def room(self) -> int:
+        """Tokens still allowed by max_new_tokens."""
+        return self.config.max_new_tokens - (len(self.tokens) - self.prompt_length)
+
+
+@dataclass(slots=True)
+class _Batch:
+    requests: list[_Request]  # active rows, in cache row order
+    cache: DynamicCache
+    key_valid: torch.Tensor  # [B, S] bool: cache columns that hold real tokens
+
+
+class DecodingEngine:
+    """In-process lookahead decoding over a transformers causal LM (no gRPC here).
+
+    generate(): one request, yields a StepResult per forward pass.
+    generate_batch(): several requests in shared forward passes, returns each one's new
+    tokens; iter_batch() is the same as a stream of per-step results (list indexed like the
+    prompts, None for rows without a result that step).
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: EngineSettings | None = None) -> None:
+        self.model = model
+        self.settings = settings or EngineSettings()
+        self.device = torch.device(self.settings.device) if self.settings.device else model.device
+        self.dtype = model.dtype
+        self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        pool: TokenTrie | None = None,
+        *,
+        past_key_values: DynamicCache | None = None,
+    ) -> Iterator[StepResult]:
+        """Streams one request's steps. `past_key_values`: a DynamicCache (batch 1) already
+        holding the KV of a prefix of prompt_ids; the engine prefills only the rest and then
+        extends that cache object in place (it owns it from here on)."""
+        request = self._new_request(0, prompt_ids, config, pool)
+        if past_key_values is not None:
+            check_cache(past_key_values)
+        return self._single_steps(request, past_key_values)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        configs: Sequence[GenerationConfig],
+        pools: Sequence[TokenTrie | None] | None = None,
+    ) -> list[list[int]]:
+        """New tokens of each prompt, decoded together (prompts may differ in length)."""
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for step in self.iter_batch(prompts, configs, pools):
+            for index, result in enumerate(step):
+                if result is not None:
+                    outputs[index].extend(result.token_ids)
+        return outputs
+
+    def iter_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        configs: Sequence[GenerationConfig],
+        pools: Sequence[TokenTrie | None] | None = None,
+    ) -> Iterator[list[StepResult | None]]:
+        pools = list(pools) if pools is not None else [None] * len(prompts)
+        if not len(prompts) == len(configs) == len(pools):
+            raise ValueError("prompts, configs and pools must have the same length")
+        requests = [self._new_request(i, p, c, pool) for i, (p, c, pool) in enumerate(zip(prompts, configs, pools))]
+        return self._batch_steps(requests, len(prompts))
+
+    # ------------------------------------------------------------------ request setup
+    def _new_request(
+        self, index: int, prompt_ids: Sequence[int], config: GenerationConfig, pool: TokenTrie | None
+    ) -> _Request:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids must not be empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        decoding_length = _or_default(config.decoding_length, self.settings.decoding_length)
+        branch_length = _or_default(config.branch_length, self.settings.branch_length)
+        drafter = None
+        if config.drafting:
+            drafter = RequestDrafter(
+                pool,
+                prompt,
+                DraftSettings(key_length=self.settings.key_length),
+                ngram_length=self.settings.key_length + branch_length,
+            )
+        generator = None
+        if config.temperature > 0:
+            generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        return _Request(index, config, decoding_length, branch_length, prompt, len(prompt), pool, drafter, generator)
+
+    # ------------------------------------------------------------------ the loop
+    def _single_steps(self, request: _Request, past_key_values: DynamicCache | None) -> Iterator[StepResult]:
+        if request.room <= 0:
+            return
+        batch = self._prefill([request], past_key_values)
+        while batch.requests:
+            (result,) = self._step(batch)
+            yield result
+
+    def _batch_steps(self, requests: list[_Request], size: int) -> Iterator[list[StepResult | None]]:
+        runnable = [r for r in requests if r.room > 0]
+        if not runnable:
+            return
+        batch = self._prefill(runnable, None)
+        while batch.requests:
+            step: list[StepResult | None] = [None] * size
+            rows = list(batch.requests)  # _step retires finished rows
+            for request, result in zip(rows, self._step(batch)):
+                step[request.index] = result
+            yield step
+
+    @torch.inference_mode()
+    def _prefill(self, requests: list[_Request], past_key_values: DynamicCache | None) -> _Batch:
+        """Caches every prompt token but the last (the first step's root)."""
+        cache = past_key_values if past_key_values is not None else DynamicCache(config=self.model.config)
+        reused = cache_length(cache)
+        if reused:
+            assert len(requests) == 1, "a prefilled cache is only accepted for a single request"
+            assert cache.layers[0].keys.shape[0] == 1, "past_key_values must have batch size 1"
+            excess = reused - requests[0].context_length
+            if excess > 0:  # the cache covers the root too: recompute that one token
+                cache.crop(-excess)
+                reused -= excess
+        batch = _Batch(requests, cache, torch.ones((len(requests), reused), dtype=torch.bool, device=self.device))
+        chains = [chain_tree(r.tokens[reused:-1]) for r in requests]
+        if any(len(chain) for chain in chains):
+            inputs = self._tree_inputs(batch, chains, [reused] * len(requests))
+            self._forward(inputs, cache, logits_to_keep=1)  # only the KV is needed
+            batch.key_valid = torch.cat([batch.key_valid, inputs.real_nodes], dim=1)
+        return batch
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch) -> list[StepResult]:
+        """One forward pass for every active row; returns their results in row order."""
+        budget = self._row_draft_budget(len(batch.requests))
+        drafts = [self._draft(request, budget) for request in batch.requests]
+        trees = [flatten(request.tokens[-1], draft) for request, draft in zip(batch.requests, drafts)]
+        old_length = cache_length(batch.cache)
+        inputs = self._tree_inputs(batch, trees, [r.context_length for r in batch.requests])
+        logits = self._forward(inputs, batch.cache)  # [B, Q, V]
+        verdicts = [
+            self._verify(logits[row, : len(tree)], tree, request)
+            for row, (tree, request) in enumerate(zip(trees, batch.requests))
+        ]
+        self._keep_accepted_kv(batch, old_length, verdicts)
+        results = [self._emit(r, v, len(d)) for r, v, d in zip(batch.requests, verdicts, drafts)]
+        self._retire_finished(batch)
+        return results
+
+    # ------------------------------------------------------------------ step parts
+    def _row_draft_budget(self, rows: int) -> int:
+        total = self.settings.batch_draft_tokens
+        return total // rows if total is not None else 1 << 30
+
+    def _draft(self, request: _Request, budget: int) -> DraftTree:
+        if request.drafter is None:
+            return DraftTree()
+        # Never draft deeper than the tokens still allowed: room - 1 drafts + the bonus.
+        depth = min(request.branch_length, request.room - 1)
+        return request.drafter.draft(request.tokens, min(request.decoding_length, budget), depth)
+
+    def _tree_inputs(self, batch: _Batch, trees: list[FlatTree], context_lengths: list[int]) -> TreeInputs:
+        return build_tree_inputs(
+            trees, context_lengths, batch.key_valid, dtype=self.dtype, pad_token_id=self.settings.pad_token_id
+        )
+
+    def _forward(self, inputs: TreeInputs, cache: DynamicCache, *, logits_to_keep: int = 0) -> torch.Tensor:
+        output = self.model(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        return output.logits  # [B, Q, V] (or [B, 1, V] with logits_to_keep=1)
+
+    def _verify(self, logits: torch.Tensor, tree: FlatTree, request: _Request) -> Verdict:
+        config = request.config
+        if config.temperature > 0:
+            params = SamplingParams(config.temperature, config.top_k, config.top_p)
+            return verify_sampling(logits, tree, params, request.generator)
+        if config.mode == "relaxed":
+            return verify_relaxed(logits, tree, top_k=config.relaxed_top_k, min_prob=config.relaxed_min_prob)
+        return verify_strict(logits, tree)
+
+    def _keep_accepted_kv(self, batch: _Batch, old_length: int, verdicts: list[Verdict]) -> None:
+        kept = keep_accepted(batch.cache, old_length, [v.path for v in verdicts])
+        width = max(kept)
+        new_valid = torch.arange(width, device=self.device)[None, :] < torch.tensor(kept, device=self.device)[:, None]
+        batch.key_valid = torch.cat([batch.key_valid, new_valid], dim=1)  # [B, S + width]
+        holes = 1.0 - batch.key_valid.float().mean().item()
+        if holes > self.settings.compact_hole_fraction:
+            batch.key_valid = compact(batch.cache, batch.key_valid)
+
+    def _emit(self, request: _Request, verdict: Verdict, drafted: int) -> StepResult:
+        """Appends the verdict's tokens, trimmed to max_new_tokens and cut after EOS."""
+        tokens = verdict.tokens[: request.room]
+        eos = request.config.eos_token_id
+        if eos is not None and eos in tokens:
+            tokens = tokens[: tokens.index(eos) + 1]
+        request.tokens.extend(tokens)
+        if request.drafter is not None:
+            request.drafter.observe(tokens)
+        # A trimmed verdict always ends the request, so its KV no longer has to match tokens.
+        request.done = request.room <= 0 or (eos is not None and tokens[-1] == eos)
+        return StepResult(token_ids=tokens, drafted=drafted, accepted=min(verdict.accepted, len(tokens)))
+
+    def _retire_finished(self, batch: _Batch) -> None:
+        alive = [row for row, request in enumerate(batch.requests) if not request.done]
+        if len(alive) == len(batch.requests):
+            return
+        for request in batch.requests:
+            if request.done:
+                self._finish(request)
+        if alive:
+            rows = torch.tensor(alive, dtype=torch.long, device=self.device)
+            batch.cache.batch_select_indices(rows)
+            batch.key_valid = batch.key_valid[rows]
+        batch.requests = [batch.requests[row] for row in alive]
+
+    def _finish(self, request: _Request) -> None:
+        if self.settings.learn_from_outputs and request.pool is not None:
+            request.pool.insert(request.tokens[request.prompt_length :], "output")
+        request.drafter = None  # the request-local overlay is dropped here
+
+
+def _or_default(value: int | None, default: int) -> int:
+    return default if value is None else value
