@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode clean
+.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -16,6 +16,7 @@ help:
 	@echo "make serve  - set up, start broker + all services in the foreground (Ctrl-C stops all)"
 	@echo "make model  - build the default model into $(DATA_DIR) (skipped when already built)"
 	@echo "make bench  - run the benchmarks (results under bench/results/)"
+	@echo "make k8s-check - render, lint and validate the Helm chart offline"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,12 @@ bench: bench-decode
 
 bench-decode: install model
 	$(PY) -m bench.decode --data-dir $(DATA_DIR)
+
+# Renders the chart with every values file through Helm's engine, lints it, validates the objects
+# against the Kubernetes schemas (strict, offline), then runs the chart tests.
+k8s-check: install
+	$(PY) -m k8s.check
+	$(PY) -m pytest -q tests/unit/k8s
 
 clean:
 	rm -rf adaccel .pytest_cache
