@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from adaccel.v1 import common_pb2
 from common.modeling.loading import LoadedModel
+from common.prompt_tokens import PromptTooLong, tokenize_blocks
 from common.rpc.errors import InvalidArgument
 
 
@@ -31,19 +32,10 @@ class GenerationRunner:
         self.eos_token_id = loaded.tokenizer.eos_token_id
 
     def tokenize_prompt(self, blocks: Sequence[common_pb2.PromptBlock]) -> list[int]:
-        """Each block tokenized alone (so a block's tokens are the same wherever it appears), then joined.
-
-        The first block gets the tokenizer's special prefix (e.g. BOS) if it adds one.
-        """
-        tokenizer = self.loaded.tokenizer
-        ids: list[int] = []
-        for i, block in enumerate(blocks):
-            ids.extend(tokenizer(block.text, add_special_tokens=(i == 0))["input_ids"])
-            if len(ids) > self.max_prompt_tokens:
-                break
-        if len(ids) > self.max_prompt_tokens:
-            raise InvalidArgument(f"blocks: prompt exceeds {self.max_prompt_tokens} tokens")
-        return ids
+        try:
+            return tokenize_blocks(self.loaded.tokenizer, [b.text for b in blocks], self.max_prompt_tokens).token_ids
+        except PromptTooLong as exc:
+            raise InvalidArgument(f"blocks: {exc}") from exc
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], params: common_pb2.GenerationParams) -> Iterator[Step]:

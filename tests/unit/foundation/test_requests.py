@@ -62,3 +62,18 @@ def test_oversized_requests_are_resource_exhausted(mutation, field):
     with pytest.raises(ResourceExhausted) as err:
         validate_generate_request(mutate(mutation), LIMITS)
     assert str(err.value).startswith(field)
+
+
+def test_blocks_tokenize_alone_and_spans_cover_the_prompt():
+    from common.modeling.tiny import byte_tokenizer
+    from common.prompt_tokens import PromptTooLong, tokenize_blocks
+
+    tokenizer = byte_tokenizer()
+    prompt = tokenize_blocks(tokenizer, ["Write.\n", "Item A.\n", "Why?"])
+    assert prompt.spans == [(0, 7), (7, 15), (15, 19)]
+    assert tokenizer.decode(prompt.token_ids) == "Write.\nItem A.\nWhy?"
+    # The same block has the same tokens at any position.
+    moved = tokenize_blocks(tokenizer, ["Item A.\n", "Write.\n"])
+    assert moved.token_ids[:8] == prompt.token_ids[7:15]
+    with pytest.raises(PromptTooLong):
+        tokenize_blocks(tokenizer, ["x" * 50], max_tokens=10)
