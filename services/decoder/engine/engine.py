@@ -21,7 +21,13 @@ from transformers import DynamicCache
 from common.drafting.draft_tree import DraftTree, FlatTree, chain_tree, flatten
 from common.drafting.pools import DraftSettings, RequestDrafter
 from common.drafting.trie import TokenTrie
-from common.drafting.verification import SamplingParams, Verdict, verify_relaxed, verify_sampling, verify_strict
+from common.drafting.verification import (
+    SamplingParams,
+    Verdict,
+    verify_relaxed,
+    verify_sampling,
+    verify_strict,
+)
 from services.decoder.engine.config import EngineSettings, GenerationConfig, StepResult
 from services.decoder.engine.kv_cache import cache_length, check_cache, compact, keep_accepted
 from services.decoder.engine.tree_inputs import TreeInputs, build_tree_inputs
@@ -91,6 +97,8 @@ class DecodingEngine:
         request = self._new_request(0, prompt_ids, config, pool)
         if past_key_values is not None:
             check_cache(past_key_values)
+            if cache_length(past_key_values) and past_key_values.layers[0].keys.shape[0] != 1:
+                raise ValueError("past_key_values must have batch size 1")
         return self._single_steps(request, past_key_values)
 
     def generate_batch(
@@ -116,7 +124,9 @@ class DecodingEngine:
         pools = list(pools) if pools is not None else [None] * len(prompts)
         if not len(prompts) == len(configs) == len(pools):
             raise ValueError("prompts, configs and pools must have the same length")
-        requests = [self._new_request(i, p, c, pool) for i, (p, c, pool) in enumerate(zip(prompts, configs, pools))]
+        requests = [
+            self._new_request(i, p, c, pool) for i, (p, c, pool) in enumerate(zip(prompts, configs, pools))
+        ]
         return self._batch_steps(requests, len(prompts))
 
     # ------------------------------------------------------------------ request setup
@@ -141,7 +151,9 @@ class DecodingEngine:
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device="cpu").manual_seed(config.seed)
-        return _Request(index, config, decoding_length, branch_length, prompt, len(prompt), pool, drafter, generator)
+        return _Request(
+            index, config, decoding_length, branch_length, prompt, len(prompt), pool, drafter, generator
+        )
 
     # ------------------------------------------------------------------ the loop
     def _single_steps(self, request: _Request, past_key_values: DynamicCache | None) -> Iterator[StepResult]:
@@ -171,12 +183,13 @@ class DecodingEngine:
         reused = cache_length(cache)
         if reused:
             assert len(requests) == 1, "a prefilled cache is only accepted for a single request"
-            assert cache.layers[0].keys.shape[0] == 1, "past_key_values must have batch size 1"
             excess = reused - requests[0].context_length
             if excess > 0:  # the cache covers the root too: recompute that one token
                 cache.crop(-excess)
                 reused -= excess
-        batch = _Batch(requests, cache, torch.ones((len(requests), reused), dtype=torch.bool, device=self.device))
+        batch = _Batch(
+            requests, cache, torch.ones((len(requests), reused), dtype=torch.bool, device=self.device)
+        )
         chains = [chain_tree(r.tokens[reused:-1]) for r in requests]
         if any(len(chain) for chain in chains):
             inputs = self._tree_inputs(batch, chains, [reused] * len(requests))
@@ -242,11 +255,14 @@ class DecodingEngine:
     def _keep_accepted_kv(self, batch: _Batch, old_length: int, verdicts: list[Verdict]) -> None:
         kept = keep_accepted(batch.cache, old_length, [v.path for v in verdicts])
         width = max(kept)
-        new_valid = torch.arange(width, device=self.device)[None, :] < torch.tensor(kept, device=self.device)[:, None]
+        new_valid = (
+            torch.arange(width, device=self.device)[None, :] < torch.tensor(kept, device=self.device)[:, None]
+        )
         batch.key_valid = torch.cat([batch.key_valid, new_valid], dim=1)  # [B, S + width]
-        holes = 1.0 - batch.key_valid.float().mean().item()
-        if holes > self.settings.compact_hole_fraction:
-            batch.key_valid = compact(batch.cache, batch.key_valid)
+        if min(kept) < width:  # new holes: check whether the cache is worth compacting
+            holes = 1.0 - batch.key_valid.float().mean().item()
+            if holes > self.settings.compact_hole_fraction:
+                batch.key_valid = compact(batch.cache, batch.key_valid)
 
     def _emit(self, request: _Request, verdict: Verdict, drafted: int) -> StepResult:
         """Appends the verdict's tokens, trimmed to max_new_tokens and cut after EOS."""

@@ -26,7 +26,9 @@ def check_cache(cache: DynamicCache) -> None:
         raise TypeError(f"expected a transformers DynamicCache, got {type(cache).__name__}")
     for layer in cache.layers:
         if not isinstance(layer, DynamicLayer) or isinstance(layer, DynamicSlidingWindowLayer):
-            raise ValueError(f"cache layer {type(layer).__name__} is not supported (sliding/linear attention)")
+            raise ValueError(
+                f"cache layer {type(layer).__name__} is not supported (sliding/linear attention)"
+            )
 
 
 def cache_length(cache: DynamicCache) -> int:
@@ -75,6 +77,8 @@ def compact(cache: DynamicCache, key_valid: torch.Tensor) -> torch.Tensor:
             continue
         for name in ("keys", "values"):
             tensor = getattr(layer, name)  # [B, H, S, D]
-            index = order.to(tensor.device)[:, None, :, None].expand(batch, tensor.shape[1], width, tensor.shape[3])
+            index = order.to(tensor.device)[:, None, :, None].expand(
+                batch, tensor.shape[1], width, tensor.shape[3]
+            )
             setattr(layer, name, tensor.gather(2, index))
     return torch.gather(key_valid, 1, order)
