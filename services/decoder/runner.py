@@ -1,32 +1,45 @@
-"""Turns a validated request into token steps on the loaded model.
-
-Interim: plain greedy decoding with the model's DynamicCache, one token per step; the decoding
-engine (drafts + tree verification) replaces `steps` when it lands.
-"""
+"""Turns a validated request into engine steps on the loaded model (no gRPC here)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-
-import torch
-from transformers import DynamicCache
 
 from adaccel.v1 import common_pb2
+from common.drafting.pools import PoolRegistry
 from common.modeling.loading import LoadedModel
 from common.prompt_tokens import PromptTooLong, tokenize_blocks
 from common.rpc.errors import InvalidArgument
+from services.decoder.engine import DecodingEngine, GenerationConfig, StepResult
 
 
-@dataclass(slots=True)
-class Step:
-    token_ids: list[int]  # accepted this step, in order
-    drafted: int  # draft tokens verified this step
+def generation_config(params: common_pb2.GenerationParams, *, request_id: str, eos_token_id: int | None
+                      ) -> GenerationConfig:
+    """Maps the API's parameters to the engine's; 0 means "the decoder's default" in the API."""
+    relaxed = params.relaxed
+    sampling = params.sampling
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        mode="relaxed" if params.mode == common_pb2.VERIFICATION_MODE_RELAXED else "strict",
+        relaxed_top_k=relaxed.top_k or 2,
+        relaxed_min_prob=relaxed.min_prob or 0.1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p if 0 < sampling.top_p < 1 else 1.0,
+        top_k=sampling.top_k,
+        # A stable per-request seed, so a retried request samples the same text.
+        seed=sampling.seed or (int.from_bytes(request_id.encode()[-8:].rjust(8, b"\0"), "big") & 0x7FFFFFFF),
+        drafting=not params.disable_drafting,
+        decoding_length=params.decoding_length or None,
+        branch_length=params.branch_length or None,
+        eos_token_id=eos_token_id,
+    )
 
 
 class GenerationRunner:
-    def __init__(self, loaded: LoadedModel, *, device: str, max_prompt_tokens: int):
+    def __init__(self, loaded: LoadedModel, engine: DecodingEngine, pools: PoolRegistry, *, device: str,
+                 max_prompt_tokens: int):
         self.loaded = loaded
+        self.engine = engine
+        self.pools = pools
         self.device = device
         self.max_prompt_tokens = max_prompt_tokens
         self.eos_token_id = loaded.tokenizer.eos_token_id
@@ -37,17 +50,10 @@ class GenerationRunner:
         except PromptTooLong as exc:
             raise InvalidArgument(f"blocks: {exc}") from exc
 
-    @torch.inference_mode()
-    def steps(self, prompt_ids: list[int], params: common_pb2.GenerationParams) -> Iterator[Step]:
-        model = self.loaded.model
-        cache = DynamicCache()
-        input_ids = torch.tensor([prompt_ids], device=self.device)  # [1, T]
-        produced = 0
-        while produced < params.max_new_tokens:
-            logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits  # [1, q, V]
-            token = int(logits[0, -1].argmax())
-            produced += 1
-            yield Step(token_ids=[token], drafted=0)
-            if token == self.eos_token_id:
-                return
-            input_ids = torch.tensor([[token]], device=self.device)
+    def steps(self, prompt_ids: list[int], request: common_pb2.GenerateRequest, request_id: str
+              ) -> Iterator[StepResult]:
+        config = generation_config(request.params, request_id=request_id, eos_token_id=self.eos_token_id)
+        # The request's pool, else its parents ("a/b" -> "a"), else the global pool; the engine adds
+        # a request-local overlay of the prompt's own n-grams on top and drops it afterwards.
+        pool = self.pools.resolve(request.pool_key or None)
+        return self.engine.generate(prompt_ids, config, pool)

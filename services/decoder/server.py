@@ -8,11 +8,13 @@ import torch
 
 from adaccel.v1 import decoder_pb2, decoder_pb2_grpc
 from common.kafka_io import make_producer
+from common.drafting.pools import PoolRegistry
 from common.modeling.loading import load_model
 from common.requests import RequestLimits
 from common.rpc.server import ServerHandle, create_server
 from common.telemetry import Telemetry
 from services.decoder.metrics import DecoderMetrics
+from services.decoder.engine import DecodingEngine, EngineSettings
 from services.decoder.publisher import GeneratedPublisher
 from services.decoder.runner import GenerationRunner
 from services.decoder.service import Admission, DecoderService
@@ -37,7 +39,11 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
             log.warning("kafka unreachable; generations will not be published", extra={"error": repr(exc)})
     publisher = GeneratedPublisher(producer, settings.kafka_generated_topic)
     limits = RequestLimits(max_blocks=settings.max_blocks, max_new_tokens=settings.max_new_tokens)
-    runner = GenerationRunner(loaded, device=settings.device, max_prompt_tokens=settings.max_prompt_tokens)
+    engine = DecodingEngine(loaded.model, EngineSettings(
+        decoding_length=settings.decoding_length, branch_length=settings.branch_length,
+        pad_token_id=loaded.tokenizer.pad_token_id or 0))
+    runner = GenerationRunner(loaded, engine, PoolRegistry(), device=settings.device,
+                              max_prompt_tokens=settings.max_prompt_tokens)
     decoder = DecoderService(
         runner, publisher, decoder_id=settings.decoder_id, limits=limits,
         admission=Admission(settings.max_queue), decoding_length=settings.decoding_length,

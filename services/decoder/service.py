@@ -77,7 +77,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         text_so_far = ""
         finish = common_pb2.FINISH_REASON_LENGTH
         with self._model_lock:
-            for step in self.runner.steps(prompt_ids, request.params):
+            for step in self.runner.steps(prompt_ids, request, request_id):
                 if not context.is_active():
                     log.info("client went away", extra={"request_id": request_id})
                     return

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from adaccel.v1 import records_pb2
+from common.drafting.trie import ngram_prefix_counts
 
 
 class RejectedRecord(ValueError):
@@ -23,18 +24,15 @@ class PoolMutation:
 
 
 def ngram_node_increments(sequences: Iterable[Sequence[int]], ngram_length: int) -> Counter:
-    """Counts, for each trie node (a token path), how many inserted n-grams pass through it.
+    """Counts, for each trie node (a token path), how many inserted n-grams pass through it: the
+    in-memory trie's own rule (`ngram_prefix_counts`), summed over sequences.
 
     >>> sorted(ngram_node_increments([[1, 2, 3]], 2).items())
     [((1,), 1), ((1, 2), 1), ((2,), 1), ((2, 3), 1), ((3,), 1)]
     """
     counts: Counter = Counter()
     for seq in sequences:
-        seq = tuple(seq)
-        for start in range(len(seq)):
-            gram = seq[start:start + ngram_length]
-            for depth in range(1, len(gram) + 1):
-                counts[gram[:depth]] += 1
+        counts.update(ngram_prefix_counts(seq, ngram_length))
     return counts
 
 
