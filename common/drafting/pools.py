@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from common.drafting.draft_tree import DraftTree, merge_drafts
 from common.drafting.trie import StreamingInserter, TokenTrie, TrieSettings
@@ -75,6 +76,15 @@ class DraftSettings:
     key_length: int = 2  # lookup key: last tokens matched in the trie (Lookahead: 2)
     # The overlay only ever holds one request's text; a small capacity bounds a pathological one.
     overlay_capacity: int = 1 << 16
+
+
+class DraftSource(Protocol):
+    """What the engine drafts from: RequestDrafter in serving; benchmarks plug in others (an
+    oracle that knows the greedy continuation)."""
+
+    def draft(self, context: Sequence[int], decoding_length: int, branch_length: int) -> DraftTree: ...
+
+    def observe(self, accepted_tokens: Sequence[int]) -> None: ...
 
 
 class RequestDrafter:

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from common.drafting.draft_tree import DraftTree, FlatTree, chain_tree, flatten
-from common.drafting.pools import DraftSettings, RequestDrafter
+from common.drafting.pools import DraftSettings, DraftSource, RequestDrafter
 from common.drafting.trie import TokenTrie
 from common.drafting.verification import (
     SamplingParams,
@@ -44,7 +44,7 @@ class _Request:
     tokens: list[int]  # prompt + emitted; tokens[-1] is the next root, all others are cached
     prompt_length: int
     pool: TokenTrie | None
-    drafter: RequestDrafter | None
+    drafter: DraftSource | None
     generator: torch.Generator | None
     done: bool = False
 
@@ -90,11 +90,13 @@ class DecodingEngine:
         pool: TokenTrie | None = None,
         *,
         past_key_values: DynamicCache | None = None,
+        draft_source: DraftSource | None = None,
     ) -> Iterator[StepResult]:
         """Streams one request's steps. `past_key_values`: a DynamicCache (batch 1) already
         holding the KV of a prefix of prompt_ids; the engine prefills only the rest and then
-        extends that cache object in place (it owns it from here on)."""
-        request = self._new_request(0, prompt_ids, config, pool)
+        extends that cache object in place (it owns it from here on). `draft_source` replaces
+        the pool + request-overlay drafter (benchmarks: an oracle)."""
+        request = self._new_request(0, prompt_ids, config, pool, draft_source)
         if past_key_values is not None:
             check_cache(past_key_values)
             if cache_length(past_key_values) and past_key_values.layers[0].keys.shape[0] != 1:
@@ -131,7 +133,12 @@ class DecodingEngine:
 
     # ------------------------------------------------------------------ request setup
     def _new_request(
-        self, index: int, prompt_ids: Sequence[int], config: GenerationConfig, pool: TokenTrie | None
+        self,
+        index: int,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        pool: TokenTrie | None,
+        draft_source: DraftSource | None = None,
     ) -> _Request:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -141,7 +148,9 @@ class DecodingEngine:
         decoding_length = _or_default(config.decoding_length, self.settings.decoding_length)
         branch_length = _or_default(config.branch_length, self.settings.branch_length)
         drafter = None
-        if config.drafting:
+        if config.drafting and draft_source is not None:
+            drafter = draft_source
+        elif config.drafting:
             drafter = RequestDrafter(
                 pool,
                 prompt,
