@@ -1,7 +1,9 @@
 """The main job: offline knowledge generation through the real router, with a results table.
 
-Reads prompts from the workload file (`<data-dir>/workload/prompts.jsonl`, written by `make model`);
-without one it falls back to a few built-in demo prompts, and says so.
+Generates item knowledge and user-interest summaries for the workload's prompts
+(`<data-dir>/workload/prompts.jsonl`, written by `make model`; without one, a few built-in demo
+prompts, and it says so). A sample is also run with acceleration off (no drafting), interleaved
+with the accelerated run, so the table's speedup is measured in the same run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,26 @@ def demo_requests(max_new_tokens: int) -> list[common_pb2.GenerateRequest]:
     return requests
 
 
+JOB_TASKS = ("item_knowledge", "user_summary")
+
+
+def workload_requests(path: Path, count: int, max_new_tokens: int) -> list[common_pb2.GenerateRequest]:
+    from common.workload.export import load_prompts, to_generate_request
+
+    prompts, _ = load_prompts(path)
+    chosen = [p for p in prompts if p.task in JOB_TASKS][:count]
+    params = common_pb2.GenerationParams(max_new_tokens=max_new_tokens)
+    return [to_generate_request(p, params=params, publish=True) for p in chosen]
+
+
+def generate_one(router, request, timeout_s: float = 120):
+    summary = None
+    for chunk in router.Generate(request, timeout=timeout_s):
+        if chunk.HasField("summary"):
+            summary = chunk.summary
+    return summary
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -56,23 +78,37 @@ def wait_for_ingest(pool_stub, expected: int, timeout_s: float) -> pool_pb2.Pool
 
 
 def run_job(stack, data_dir: Path, *, quick: bool, extra_args: list[str]) -> dict:
-    max_new_tokens = 16 if quick else 64
-    requests = demo_requests(max_new_tokens)
-    source = "built-in demo prompts (no workload file yet)"
+    max_new_tokens = 24 if quick else 96
+    workload = data_dir / "workload" / "prompts.jsonl"
+    if workload.is_file():
+        requests = workload_requests(workload, 6 if quick else 200, max_new_tokens)
+        source = f"{len(requests)} item-knowledge and user-summary prompts from {workload}"
+    else:
+        requests = demo_requests(max_new_tokens)
+        source = "built-in demo prompts (no workload file)"
+    baseline_every = 3 if quick else 10  # every n-th request is also run with drafting off
     router = router_pb2_grpc.RouterStub(open_channel(stack.address("router")))
     pool = pool_pb2_grpc.PoolStub(open_channel(stack.address("pool")))
     out_dir = data_dir / "outputs"
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"job-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     ttfts, steps, tokens, failures = [], 0, 0, 0
+    sample = {"accelerated": [0, 0.0], "plain": [0, 0.0]}  # tokens, decoder seconds
     t0 = time.perf_counter()
     with open(out_path, "w") as out:
-        for request in tqdm(requests, desc="generating", unit="req"):
+        for index, request in enumerate(tqdm(requests, desc="generating", unit="req")):
             try:
-                summary = None
-                for chunk in router.Generate(request, timeout=120):
-                    if chunk.HasField("summary"):
-                        summary = chunk.summary
+                summary = generate_one(router, request)
+                if index % baseline_every == 0:
+                    plain = common_pb2.GenerateRequest()
+                    plain.CopyFrom(request)
+                    plain.request_id = f"{request.request_id}-plain"
+                    plain.publish = False
+                    plain.params.disable_drafting = True
+                    baseline = generate_one(router, plain)
+                    for key, s in (("accelerated", summary), ("plain", baseline)):
+                        sample[key][0] += s.stats.new_tokens
+                        sample[key][1] += s.stats.total_s
             except grpc.RpcError as exc:
                 failures += 1
                 tqdm.write(f"{request.request_id}: {exc.code().name}: {exc.details()}")
@@ -96,6 +132,9 @@ def run_job(stack, data_dir: Path, *, quick: bool, extra_args: list[str]) -> dic
         "ttft_p50_s": percentile(ttfts, 0.5),
         "ttft_p99_s": percentile(ttfts, 0.99),
         "ttft_mean_s": statistics.fmean(ttfts) if ttfts else 0.0,
+        "speedup_vs_no_drafting": ((sample["accelerated"][0] / sample["accelerated"][1])
+                                   / (sample["plain"][0] / sample["plain"][1])) if sample["plain"][1] else 0.0,
+        "speedup_sample_requests": len(range(0, len(requests), baseline_every)),
         "pool_records_ingested": pool_stats.records_ingested,
         "pools": {p.pool_key: {"version": p.version, "nodes": p.nodes} for p in pool_stats.pools},
         "output": str(out_path),
@@ -111,7 +150,7 @@ def print_table(results: dict) -> None:
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key in ("requests", "failed", "new_tokens", "wall_s", "tokens_per_s", "mean_accepted_per_step",
-                "ttft_p50_s", "ttft_p99_s", "pool_records_ingested"):
+                "ttft_p50_s", "ttft_p99_s", "speedup_vs_no_drafting", "pool_records_ingested"):
         value = results[key]
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     table.add_row("pools updated", str(len(results["pools"])))
