@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode k8s-check clean
+.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode bench-freshness k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -57,10 +57,13 @@ test-integration: install
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
 
-bench: bench-decode
+bench: bench-decode bench-freshness
 
 bench-decode: install model
 	$(PY) -m bench.decode --data-dir $(DATA_DIR)
+
+bench-freshness: install model
+	$(PY) -m bench.freshness --data-dir $(DATA_DIR)
 
 # Renders the chart with every values file through Helm's engine, lints it, validates the objects
 # against the Kubernetes schemas (strict, offline), then runs the chart tests.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaccel.v1 import decoder_pb2, kvstore_pb2, pool_pb2, router_pb2
-from common.broker import EmbeddedBroker
+from common.broker import EmbeddedBroker, free_port
 from common.rpc.channels import health_status, open_channel
 
 SERVICE_NAMES = {
@@ -65,10 +65,14 @@ class Stack:
         (self.data_dir / "run").mkdir(parents=True, exist_ok=True)
         try:
             self.broker = EmbeddedBroker(log_path=self.data_dir / "logs" / "broker.log").start()
-            pool = self._spawn("pool", "pool", {"MODEL_PATH": str(self.model_path)})
+            # Decoders keep pool snapshots fresh from the pool service, so its port is chosen up
+            # front: everything still starts in parallel.
+            pool_port = free_port()
+            pool = self._spawn("pool", "pool", {"MODEL_PATH": str(self.model_path), "PORT": str(pool_port)})
             kvstore = self._spawn("kvstore", "kvstore", {})
             decoders = [self._spawn(f"decoder-{i}", "decoder", {"MODEL_PATH": str(self.model_path),
-                                                                 "DECODER_ID": f"decoder-{i}"})
+                                                                 "DECODER_ID": f"decoder-{i}",
+                                                                 "POOL_ADDR": f"127.0.0.1:{pool_port}"})
                         for i in range(self.decoders)]
             for proc in [pool, kvstore, *decoders]:
                 self._wait_serving(proc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from adaccel.v1 import common_pb2
 from common.drafting.pools import PoolRegistry
@@ -34,15 +35,28 @@ def generation_config(params: common_pb2.GenerationParams, *, request_id: str, e
     )
 
 
+class PoolTracker(Protocol):
+    """Keeps requested pools fresh in the background (services.decoder.pool_snapshots)."""
+
+    def note(self, pool_key: str | None) -> None: ...
+
+    def held_keys(self) -> list[str]: ...
+
+
 class GenerationRunner:
     def __init__(self, loaded: LoadedModel, engine: DecodingEngine, pools: PoolRegistry, *, device: str,
-                 max_prompt_tokens: int):
+                 max_prompt_tokens: int, pool_tracker: PoolTracker | None = None):
         self.loaded = loaded
         self.engine = engine
         self.pools = pools
+        self.pool_tracker = pool_tracker
         self.device = device
         self.max_prompt_tokens = max_prompt_tokens
         self.eos_token_id = loaded.tokenizer.eos_token_id
+
+    def held_pool_keys(self) -> list[str]:
+        """Pools whose snapshot this replica holds (reported to the router for affinity)."""
+        return self.pool_tracker.held_keys() if self.pool_tracker is not None else []
 
     def tokenize_prompt(self, blocks: Sequence[common_pb2.PromptBlock]) -> list[int]:
         try:
@@ -54,6 +68,9 @@ class GenerationRunner:
               ) -> Iterator[StepResult]:
         config = generation_config(request.params, request_id=request_id, eos_token_id=self.eos_token_id)
         # The request's pool, else its parents ("a/b" -> "a"), else the global pool; the engine adds
-        # a request-local overlay of the prompt's own n-grams on top and drops it afterwards.
+        # a request-local overlay of the prompt's own n-grams on top and drops it afterwards. The
+        # tracker only records the key (a background refresh fetches it): no RPC on this path.
+        if self.pool_tracker is not None:
+            self.pool_tracker.note(request.pool_key or None)
         pool = self.pools.resolve(request.pool_key or None)
         return self.engine.generate(prompt_ids, config, pool)

@@ -6,15 +6,17 @@ import logging
 
 import torch
 
-from adaccel.v1 import decoder_pb2, decoder_pb2_grpc
+from adaccel.v1 import decoder_pb2, decoder_pb2_grpc, pool_pb2_grpc
 from common.kafka_io import make_producer
 from common.drafting.pools import PoolRegistry
 from common.modeling.loading import load_model
 from common.requests import RequestLimits
+from common.rpc.channels import open_channel
 from common.rpc.server import ServerHandle, create_server
 from common.telemetry import Telemetry
 from services.decoder.metrics import DecoderMetrics
 from services.decoder.engine import DecodingEngine, EngineSettings
+from services.decoder.pool_snapshots import PoolSnapshots
 from services.decoder.publisher import GeneratedPublisher
 from services.decoder.runner import GenerationRunner
 from services.decoder.service import Admission, DecoderService
@@ -42,8 +44,17 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
     engine = DecodingEngine(loaded.model, EngineSettings(
         decoding_length=settings.decoding_length, branch_length=settings.branch_length,
         pad_token_id=loaded.tokenizer.pad_token_id or 0))
-    runner = GenerationRunner(loaded, engine, PoolRegistry(), device=settings.device,
-                              max_prompt_tokens=settings.max_prompt_tokens)
+    snapshots = pool_channel = None
+    pools = PoolRegistry()
+    if settings.pool_addr:
+        # Pool snapshots refreshed in the background; requests never wait for the pool service.
+        pool_channel = open_channel(settings.pool_addr, tracer_provider=telemetry.tracer_provider,
+                                    max_message_bytes=settings.max_message_bytes)
+        snapshots = PoolSnapshots(pool_pb2_grpc.PoolStub(pool_channel), refresh_s=settings.pool_refresh_s,
+                                  max_pools=settings.pool_cache_pools)
+        pools = snapshots.registry
+    runner = GenerationRunner(loaded, engine, pools, device=settings.device,
+                              max_prompt_tokens=settings.max_prompt_tokens, pool_tracker=snapshots)
     decoder = DecoderService(
         runner, publisher, decoder_id=settings.decoder_id, limits=limits,
         admission=Admission(settings.max_queue), decoding_length=settings.decoding_length,
@@ -54,5 +65,9 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
     if not decoder.decoder_id:
         decoder.decoder_id = f"decoder-{handle.port}"
     handle.on_stop.append(publisher.close)
+    if snapshots is not None:
+        snapshots.start()
+        handle.on_stop.append(snapshots.stop)
+        handle.on_stop.append(pool_channel.close)
     handle.set_serving(True)
     return handle

@@ -124,5 +124,5 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
     def Report(self, request, context):
         return decoder_pb2.DecoderReport(
             decoder_id=self.decoder_id, queue_depth=self.admission.active,
-            tokens_in_flight=self.admission.tokens_in_flight,
+            tokens_in_flight=self.admission.tokens_in_flight, pool_keys=self.runner.held_pool_keys(),
         )

@@ -19,3 +19,5 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     decoding_length: int = Field(16, ge=1, description="default draft tokens per verification step")
     branch_length: int = Field(8, ge=1, description="default depth of a draft branch")
     pool_addr: str = Field("", description="retrieval-pool service host:port (empty = prompt overlay only)")
+    pool_refresh_s: float = Field(2.0, gt=0, description="seconds between pool version checks (snapshots fetched when moved)")
+    pool_cache_pools: int = Field(16, ge=1, description="pool snapshots held (LRU; the global pool not counted)")

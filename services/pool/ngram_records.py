@@ -1,15 +1,36 @@
-"""Pure transform from incoming records to pool mutations (no Kafka, no RocksDB)."""
+"""Pure transform from incoming records to pool mutations (no Kafka, no RocksDB).
+
+Topic adaccel.generated (GeneratedRecord): the generated tokens become "output" n-grams of the
+record's pool, remembered under each of the record's items so that removing any of them takes
+the sequence back.
+
+Topic adaccel.inventory (InventoryEvent), our choices:
+- removed: the item's remembered sequences are taken back in every pool (the item is gone from
+  the inventory, whatever pool the event names), both generated texts and its item text.
+- added / changed: the item text (token_ids when the producer sent them, else `text` through the
+  pool service's tokenizer) becomes "input" n-grams of the event's pool, remembered under the
+  item and *replacing* the item text inserted before (so a replayed or repeated "added" never
+  counts twice, and a change retracts the old wording). Generated texts about the item stay: they
+  were accepted output. Input n-grams weigh `input_weight` (0.5) of output ones, so a catalog
+  text proposes drafts for a new item before any generation about it, without outweighing what
+  the model actually writes.
+- added / changed with no usable text: a valid record with no effect (the offset still moves).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from adaccel.v1 import records_pb2
+from common.drafting.pools import GLOBAL_POOL
 from common.drafting.trie import ngram_prefix_counts
+from common.requests import BLOCK_ID_PATTERN, POOL_KEY_PATTERN
+
+MAX_ITEM_IDS = 256
 
 
 class RejectedRecord(ValueError):
@@ -17,10 +38,34 @@ class RejectedRecord(ValueError):
 
 
 @dataclass(slots=True, frozen=True)
-class PoolMutation:
+class InsertSequences:
     pool_key: str
-    # Trie node path -> count increment; every prefix of an inserted n-gram is a node.
-    node_increments: Counter
+    sequences: tuple[tuple[int, ...], ...]
+    kind: str = "output"  # "output" (generated) | "input" (prompt or item text)
+    # Items the sequences came from: remembered, so that removing an item takes them back.
+    item_ids: tuple[str, ...] = ()
+    # First take back the item's earlier "input" sequences in this pool (inventory added/changed).
+    replace_item_input: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+@dataclass(slots=True, frozen=True)
+class RemoveItem:
+    item_id: str
+    pool_key: str | None = None  # None: every pool
+
+
+@dataclass(slots=True, frozen=True)
+class NoChange:
+    """A valid record that changes no pool (its offset still moves)."""
+
+    reason: str
+
+
+Mutation = InsertSequences | RemoveItem | NoChange
 
 
 def ngram_node_increments(sequences: Iterable[Sequence[int]], ngram_length: int) -> Counter:
@@ -37,13 +82,26 @@ def ngram_node_increments(sequences: Iterable[Sequence[int]], ngram_length: int)
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int, field: str) -> None:
-    if vocab_size and any(t < 0 or t >= vocab_size for t in token_ids):
-        bad = next(t for t in token_ids if t < 0 or t >= vocab_size)
-        raise RejectedRecord(f"{field}: token id {bad} outside the vocabulary [0, {vocab_size})")
+    if any(t < 0 for t in token_ids) or (vocab_size and any(t >= vocab_size for t in token_ids)):
+        bad = next(t for t in token_ids if t < 0 or (vocab_size and t >= vocab_size))
+        limit = f"[0, {vocab_size})" if vocab_size else "non-negative"
+        raise RejectedRecord(f"{field}: token id {bad} outside the vocabulary {limit}")
 
 
-def generated_record_mutation(value: bytes | None, *, vocab_size: int, ngram_length: int,
-                              max_tokens: int) -> PoolMutation:
+def check_pool_key(pool_key: str, field: str = "pool_key") -> str:
+    """The pool a record names ("" = the global pool)."""
+    if not POOL_KEY_PATTERN.match(pool_key):
+        raise RejectedRecord(f"{field}: at most 128 characters of letters, digits and _.-/")
+    return pool_key or GLOBAL_POOL
+
+
+def check_item_id(item_id: str, field: str = "item_id") -> str:
+    if not BLOCK_ID_PATTERN.match(item_id):
+        raise RejectedRecord(f"{field}: 1-128 characters of letters, digits and _.:-/")
+    return item_id
+
+
+def generated_record_mutation(value: bytes | None, *, vocab_size: int, max_tokens: int) -> InsertSequences:
     if not value:
         raise RejectedRecord("value: empty")
     try:
@@ -52,5 +110,40 @@ def generated_record_mutation(value: bytes | None, *, vocab_size: int, ngram_len
         raise RejectedRecord(f"value: not a GeneratedRecord protobuf: {exc}") from exc
     if len(record.token_ids) > max_tokens:
         raise RejectedRecord(f"token_ids: {len(record.token_ids)} tokens, limit is {max_tokens}")
+    if not record.token_ids:
+        raise RejectedRecord("token_ids: empty")
     check_token_ids(record.token_ids, vocab_size, "token_ids")
-    return PoolMutation(record.pool_key, ngram_node_increments([record.token_ids], ngram_length))
+    pool_key = check_pool_key(record.pool_key)
+    if len(record.item_ids) > MAX_ITEM_IDS:
+        raise RejectedRecord(f"item_ids: {len(record.item_ids)} ids, limit is {MAX_ITEM_IDS}")
+    items = tuple(dict.fromkeys(check_item_id(i, f"item_ids[{n}]") for n, i in enumerate(record.item_ids)))
+    return InsertSequences(pool_key, (tuple(record.token_ids),), "output", items)
+
+
+def inventory_event_mutation(value: bytes | None, *, vocab_size: int, max_tokens: int,
+                             tokenize: Callable[[str], list[int]] | None) -> Mutation:
+    """See the module docstring; `tokenize` is the pool's tokenizer (None: token_ids only)."""
+    if not value:
+        raise RejectedRecord("value: empty")
+    try:
+        event = records_pb2.InventoryEvent.FromString(value)
+    except DecodeError as exc:
+        raise RejectedRecord(f"value: not an InventoryEvent protobuf: {exc}") from exc
+    item_id = check_item_id(event.item_id)
+    pool_key = check_pool_key(event.pool_key)
+    if event.action == records_pb2.INVENTORY_ACTION_REMOVED:
+        return RemoveItem(item_id)
+    if event.action not in (records_pb2.INVENTORY_ACTION_ADDED, records_pb2.INVENTORY_ACTION_CHANGED):
+        raise RejectedRecord(f"action: must be ADDED, CHANGED or REMOVED, got {event.action}")
+    if event.token_ids:
+        tokens = list(event.token_ids)
+    elif event.text and tokenize is not None:
+        tokens = tokenize(event.text)
+    else:
+        return NoChange("item text not inserted: no token_ids, and no text or no tokenizer")
+    if len(tokens) > max_tokens:
+        raise RejectedRecord(f"token_ids: {len(tokens)} tokens, limit is {max_tokens}")
+    check_token_ids(tokens, vocab_size, "token_ids")
+    if not tokens:
+        return NoChange("item text is empty")
+    return InsertSequences(pool_key, (tuple(tokens),), "input", (item_id,), replace_item_input=True)

@@ -1,31 +1,105 @@
-"""Pool gRPC servicer: insert and stats now; draft retrieval and snapshots come with the pool issue."""
+"""Pool gRPC servicer: validate, call the pool manager, build the reply. No pool logic here."""
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Iterator, Sequence
+
 
 from adaccel.v1 import pool_pb2, pool_pb2_grpc
-from common.requests import POOL_KEY_PATTERN
-from common.rpc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, require
-from services.pool.ngram_records import RejectedRecord, check_token_ids, ngram_node_increments
-from services.pool.pool_store import PoolStore
+from common.drafting.pools import GLOBAL_POOL
+from common.requests import BLOCK_ID_PATTERN, POOL_KEY_PATTERN, RequestLimits
+from common.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, require
+from services.pool.ngram_records import RejectedRecord, check_token_ids
+from services.pool.pool_manager import PoolManager, UnknownPool
 from services.pool.updater import PoolUpdater
+
+DEFAULT_DECODING_LENGTH = 16
+DEFAULT_BRANCH_LENGTH = 8
+MAX_KEY_LENGTH = 8
+MAX_VERSION_KEYS = 1024
+_KINDS = {pool_pb2.SEQUENCE_KIND_UNSPECIFIED: "output", pool_pb2.SEQUENCE_KIND_OUTPUT: "output",
+          pool_pb2.SEQUENCE_KIND_INPUT: "input"}
+
+
+def _require_pool_key(pool_key: str, field: str = "pool_key", *, allow_empty: bool) -> str:
+    require((allow_empty or bool(pool_key)) and bool(POOL_KEY_PATTERN.match(pool_key)), field,
+            "1-128 characters of letters, digits and _.-/")
+    return pool_key or GLOBAL_POOL
+
+
+def _require_tokens(token_ids: Sequence[int], vocab_size: int, field: str) -> None:
+    try:
+        check_token_ids(token_ids, vocab_size, field)
+    except RejectedRecord as exc:
+        raise InvalidArgument(str(exc)) from exc
 
 
 class PoolService(pool_pb2_grpc.PoolServicer):
-    def __init__(self, store: PoolStore, updater: PoolUpdater | None, *, tokenizer, vocab_size: int,
-                 ngram_length: int, max_tokens_per_insert: int):
-        self.store = store
+    def __init__(self, pools: PoolManager, updater: PoolUpdater | None, *, tokenizer, vocab_size: int,
+                 max_tokens_per_insert: int, snapshot_chunk_bytes: int = 1 << 20,
+                 limits: RequestLimits | None = None):
+        self.pools = pools
         self.updater = updater
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.ngram_length = ngram_length
         self.max_tokens_per_insert = max_tokens_per_insert
+        self.snapshot_chunk_bytes = snapshot_chunk_bytes
+        self.limits = limits or RequestLimits()
 
-    def Insert(self, request: pool_pb2.InsertRequest, context: grpc.ServicerContext):
-        require(bool(request.pool_key) and bool(POOL_KEY_PATTERN.match(request.pool_key)), "pool_key",
-                "1-128 characters of letters, digits and _.-/")
+    def RetrieveDrafts(self, request: pool_pb2.RetrieveDraftsRequest, context) -> pool_pb2.DraftTree:
+        pool_key = _require_pool_key(request.pool_key, allow_empty=True)
+        limits = self.limits
+        require(0 <= request.decoding_length <= limits.max_decoding_length, "decoding_length",
+                f"must be in 0..{limits.max_decoding_length} (0 = {DEFAULT_DECODING_LENGTH})")
+        require(0 <= request.branch_length <= limits.max_branch_length, "branch_length",
+                f"must be in 0..{limits.max_branch_length} (0 = {DEFAULT_BRANCH_LENGTH})")
+        require(0 <= request.key_length <= MAX_KEY_LENGTH, "key_length", f"must be in 0..{MAX_KEY_LENGTH} (0 = 2)")
+        if len(request.context) > self.max_tokens_per_insert:
+            raise ResourceExhausted(f"context: {len(request.context)} tokens, limit is {self.max_tokens_per_insert}")
+        _require_tokens(request.context, self.vocab_size, "context")
+        try:
+            used, version, tree = self.pools.retrieve(
+                pool_key, list(request.context), decoding_length=request.decoding_length or DEFAULT_DECODING_LENGTH,
+                branch_length=request.branch_length or DEFAULT_BRANCH_LENGTH, key_length=request.key_length or 2,
+                exact=request.exact)
+        except UnknownPool:
+            raise NotFound(f"pool_key: no pool {pool_key!r} (exact lookup; set exact=false to fall back)") from None
+        return pool_pb2.DraftTree(tokens=tree.tokens, parents=tree.parents, scores=tree.scores,
+                                  pool_version=version, pool_key=used)
+
+    def GetSnapshot(self, request: pool_pb2.SnapshotRequest, context) -> Iterator[pool_pb2.SnapshotChunk]:
+        pool_key = _require_pool_key(request.pool_key, allow_empty=True)
+        require(request.have_version >= 0, "have_version", "must be >= 0")
+        info = self.pools.info(pool_key)
+        if info is None:
+            raise NotFound(f"pool_key: no pool {pool_key!r}")
+        if request.have_version and request.have_version == info.version:
+            yield pool_pb2.SnapshotChunk(header=pool_pb2.SnapshotHeader(
+                pool_key=pool_key, version=info.version, total_bytes=0, nodes=info.nodes))
+            return
+        try:
+            snapshot = self.pools.snapshot(pool_key)
+        except UnknownPool:  # evicted between the two calls
+            raise NotFound(f"pool_key: no pool {pool_key!r}") from None
+        data = snapshot.data
+        yield pool_pb2.SnapshotChunk(header=pool_pb2.SnapshotHeader(
+            pool_key=pool_key, version=snapshot.version, total_bytes=len(data), nodes=snapshot.nodes))
+        view = memoryview(data)
+        for start in range(0, len(data), self.snapshot_chunk_bytes):
+            yield pool_pb2.SnapshotChunk(data=bytes(view[start:start + self.snapshot_chunk_bytes]))
+
+    def Insert(self, request: pool_pb2.InsertRequest, context) -> pool_pb2.InsertReply:
+        pool_key = _require_pool_key(request.pool_key, allow_empty=False)
+        if request.item_id:
+            require(bool(BLOCK_ID_PATTERN.match(request.item_id)), "item_id",
+                    "1-128 characters of letters, digits and _.:-/")
+        require(request.kind in _KINDS, "kind", "unknown sequence kind")
+        total = sum(len(s.token_ids) for s in request.sequences) + sum(len(t) for t in request.texts) // 8
+        if total > self.max_tokens_per_insert:  # before tokenizing: refuse huge texts cheaply
+            raise ResourceExhausted(f"sequences: at least {total} tokens, limit is {self.max_tokens_per_insert}")
         sequences = [list(s.token_ids) for s in request.sequences]
+        for i, seq in enumerate(sequences):
+            _require_tokens(seq, self.vocab_size, f"sequences[{i}]")
         if request.texts:
             if self.tokenizer is None:
                 raise FailedPrecondition("texts: this pool service has no tokenizer (set ADACCEL_MODEL_PATH)")
@@ -34,19 +108,52 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         require(total > 0, "sequences", "nothing to insert")
         if total > self.max_tokens_per_insert:
             raise ResourceExhausted(f"sequences: {total} tokens, limit is {self.max_tokens_per_insert}")
-        for i, seq in enumerate(sequences):
-            try:
-                check_token_ids(seq, self.vocab_size, f"sequences[{i}]")
-            except RejectedRecord as exc:
-                raise InvalidArgument(str(exc)) from exc
-        info = self.store.apply(request.pool_key, ngram_node_increments(sequences, self.ngram_length))
+        info = self.pools.insert(pool_key, sequences, _KINDS[request.kind],
+                                 item_ids=(request.item_id,) if request.item_id else ())
+        if info is None:  # about an item removed from the inventory: ignored
+            info = self.pools.info(pool_key) or pool_pb2.PoolInfo()
         return pool_pb2.InsertReply(version=info.version, nodes=info.nodes)
 
-    def Stats(self, request, context):
+    def DeleteItem(self, request: pool_pb2.DeleteItemRequest, context) -> pool_pb2.DeleteItemReply:
+        require(bool(BLOCK_ID_PATTERN.match(request.item_id)), "item_id",
+                "1-128 characters of letters, digits and _.:-/")
+        pool_key = None
+        if request.pool_key:
+            pool_key = _require_pool_key(request.pool_key, allow_empty=False)
+            if pool_key not in self.pools:
+                raise NotFound(f"pool_key: no pool {pool_key!r}")
+        before = {i.pool_key: i.sequences for i in self.pools.infos()}
+        infos = self.pools.remove_item(request.item_id, pool_key)
+        return pool_pb2.DeleteItemReply(
+            sequences_removed=sum(before.get(i.pool_key, 0) - i.sequences for i in infos),
+            pools=[pool_pb2.PoolVersion(pool_key=i.pool_key, resolved_key=i.pool_key, version=i.version,
+                                        nodes=i.nodes) for i in infos])
+
+    def GetVersions(self, request: pool_pb2.VersionsRequest, context) -> pool_pb2.VersionsReply:
+        if len(request.pool_keys) > MAX_VERSION_KEYS:
+            raise ResourceExhausted(f"pool_keys: {len(request.pool_keys)} keys, limit is {MAX_VERSION_KEYS}")
+        reply = pool_pb2.VersionsReply()
+        for i, key in enumerate(request.pool_keys):
+            _require_pool_key(key, f"pool_keys[{i}]", allow_empty=True)
+            resolved = self.pools.resolve(key)
+            info = self.pools.info(resolved)
+            reply.pools.append(pool_pb2.PoolVersion(
+                pool_key=key, resolved_key=resolved, version=info.version if info else 0,
+                nodes=info.nodes if info else 0))
+        return reply
+
+    def Stats(self, request, context) -> pool_pb2.PoolStats:
         updater = self.updater
+        limits = self.pools.limits
         return pool_pb2.PoolStats(
-            pools=self.store.pools(),
+            pools=[i for i in self.pools.infos() if i.version > 0],
             records_ingested=updater.records_ingested if updater else 0,
             records_dead_lettered=updater.records_dead_lettered if updater else 0,
             ingest_lag_s=updater.last_lag_s if updater else 0.0,
+            tokens_ingested=updater.tokens_ingested if updater else 0,
+            inventory_events=updater.inventory_events if updater else 0,
+            pools_evicted=self.pools.pools_evicted,
+            max_pools=limits.max_pools,
+            pool_capacity=limits.capacity,
+            disk_bytes=self.pools.store.disk_bytes(),
         )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from adaccel.v1 import kvstore_pb2
+from adaccel.v1 import kvstore_pb2, pool_pb2
 from common.rpc.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.kvstore.block_store import BlockStore, checksum, storage_key
 from services.pool.ngram_records import ngram_node_increments
@@ -72,11 +72,13 @@ def test_corrupted_block_is_never_served(tmp_path):
     store.close()
 
 
-def test_pool_store_applies_counts_with_offsets_atomically(tmp_path):
+def test_pool_store_writes_counts_with_offsets_atomically(tmp_path):
     store = PoolStore(tmp_path)
-    info = store.apply("a/b", ngram_node_increments([[1, 2, 3]], 2), ("t", 0, 1))
-    info = store.apply("a/b", ngram_node_increments([[1, 2]], 2), ("t", 0, 2))
-    assert info.version == 2 and info.nodes == 5
+    batch = store.batch()
+    batch.put_nodes("a/b", [(p, c, 0) for p, c in ngram_node_increments([[1, 2, 3], [1, 2]], 2).items()])
+    batch.put_meta(pool_pb2.PoolInfo(pool_key="a/b", version=2, nodes=5))
+    batch.put_offset("t", 0, 2)
+    store.write(batch)
     assert store.node_count("a/b", (1, 2)) == 2
     assert store.subtree("a/b", (1,)) == {(1,): 2, (1, 2): 2}
     store.close()
