@@ -24,3 +24,14 @@ def tiny_qwen2_path(tmp_path_factory) -> Path:
 def broker():
     with EmbeddedBroker() as b:
         yield b
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and two spinning threads on two shared cores crawl."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

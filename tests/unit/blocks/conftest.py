@@ -50,9 +50,5 @@ def build(name: str, *, layers: int = 2):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: thread hand-offs cost more than the math on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_per_module(one_torch_thread):
     yield
-    torch.set_num_threads(threads)

@@ -24,13 +24,7 @@ from common.drafting.verification import (
 VOCAB = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: thread hand-offs cost more than the math on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tree_of(tokens, parents, root=0):

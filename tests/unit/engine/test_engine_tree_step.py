@@ -21,12 +21,7 @@ from services.decoder.engine.tree_inputs import additive_mask, build_tree_inputs
 MIN32 = torch.finfo(torch.float32).min
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sample_tree() -> DraftTree:

@@ -19,8 +19,5 @@ def device() -> torch.device:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_per_module(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
