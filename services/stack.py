@@ -133,15 +133,24 @@ class Stack:
             raise TimeoutError(f"{proc.name} not SERVING after {self.start_timeout_s}s:\n{proc.log_tail()}")
 
     def stop(self, grace_s: float = 15.0) -> None:
-        # Router first (no new work), then decoders, then the stores, then the broker.
-        for proc in reversed(self.processes):
-            if proc.process.poll() is None:
-                proc.process.send_signal(signal.SIGTERM)
+        # Tier by tier: router first (no new work), then decoders (they still call the pool and the
+        # kv-store while draining), then the stores, then the broker. Stopping all at once let a
+        # decoder's background refresh hit a pool service that was already gone.
+        tiers = [("router",), ("decoder",), ("pool", "kvstore")]
         deadline = time.monotonic() + grace_s
-        for proc in reversed(self.processes):
-            try:
-                proc.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        for kinds in tiers:
+            procs = [p for p in self.processes if p.kind in kinds]
+            for proc in procs:
+                if proc.process.poll() is None:
+                    proc.process.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.process.kill()
+                    proc.process.wait()
+        for proc in self.processes:  # anything of a kind not in the tiers
+            if proc.process.poll() is None:
                 proc.process.kill()
                 proc.process.wait()
         self.processes.clear()
