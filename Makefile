@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode bench-freshness k8s-check clean
+.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode bench-freshness bench-routing bench-prefill bench-load test-faults k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -57,6 +57,11 @@ test-integration: install
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
 
+# Fuzzing (also part of `make test`) and fault injection (kill -9, broker restart, stalls: only
+# here, ~1-2 min): writes bench/results/faults.json.
+test-faults: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --run-faults --faults-json bench/results/faults.json
+
 bench: bench-decode bench-freshness
 
 bench-decode: install model
@@ -64,6 +69,18 @@ bench-decode: install model
 
 bench-freshness: install model
 	$(PY) -m bench.freshness --data-dir $(DATA_DIR)
+
+bench-prefill: install model
+	$(PY) -m bench.prefill --data-dir $(DATA_DIR)
+
+# Affinity vs round-robin vs least-loaded scheduling on 2-4 decoders (BENCH_QUICK=1: a short run).
+bench-routing: install model
+	$(PY) -m bench.routing --data-dir $(DATA_DIR)
+
+# Open-loop load on the router: find the rate whose p99 TTFT keeps the target, hold it 5 min
+# (BENCH_QUICK=1: 30 s); writes bench/results/load.json.
+bench-load: install model
+	$(PY) -m bench.load --data-dir $(DATA_DIR)
 
 # Renders the chart with every values file through Helm's engine, lints it, validates the objects
 # against the Kubernetes schemas (strict, offline), then runs the chart tests.

@@ -7,6 +7,14 @@ Methods (each prompt runs every method, in alternating order, repeated; the CPU'
   strict         our engine, per-pool trie drafts + the request's overlay, lossless
   relaxed        our engine, DARE's relaxed acceptance (top-k and min probability)
   oracle         our engine fed the true greedy continuation as a chain of the same budget: the ceiling
+  adaptive       strict, with each step's tree chosen by expected tokens per second (measured step
+                 cost x draft confidence; common/drafting/budget.py) instead of a fixed budget
+
+Also (same run, same prompts, interleaved with greedy prompt by prompt):
+  budget sweep   strict at fixed (decoding_length, branch_length) pairs, and adaptive: which fixed
+                 budget is best on this model and device, and adaptive against it (paired ratios)
+  batched        4 and 16 concurrent requests through generate_batch: fixed budget vs adaptive
+  step profile   where a step's time goes: drafting, inputs, forward, verification, KV, emit
 
 Pools are warmed with the workload's warm-split texts and evaluated on held-out prompts.
 Workload file: JSONL as documented in common/workload/export.py (type "prompt" lines with
@@ -29,15 +37,19 @@ from rich.table import Table
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from bench.common import RESULTS_DIR, device_name, spread, write_results
+from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import PoolRegistry
 from common.drafting.trie import TrieSettings
 from common.modeling.loading import LoadedModel, load_model
 from common.prompt_tokens import tokenize_blocks
 from common.workload.export import load_prompts
+from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
 
-METHODS = ("greedy", "prompt_lookup", "engine_greedy", "strict", "relaxed", "oracle")
+METHODS = ("greedy", "prompt_lookup", "engine_greedy", "strict", "relaxed", "oracle", "adaptive")
+FULL_SWEEP = [(dl, bl) for dl in (4, 8, 12, 16, 24, 32, 64) for bl in (4, 8, 12, 16) if bl <= dl]
+QUICK_SWEEP = [(8, 4), (8, 8), (16, 4), (16, 8), (16, 12), (32, 8), (32, 16)]
 
 
 @dataclass
@@ -135,8 +147,10 @@ def token_agreement(a: Sequence[int], b: Sequence[int]) -> float:
     return sum(x == y for x, y in zip(a, b)) / n if n else 1.0
 
 
-def warm_pools(loaded: LoadedModel, warmups, settings: EngineSettings) -> PoolRegistry:
-    pools = PoolRegistry(TrieSettings(ngram_length=settings.key_length + settings.branch_length))
+def warm_pools(loaded: LoadedModel, warmups, settings: EngineSettings, max_branch_length: int) -> PoolRegistry:
+    # Deep enough for the deepest branch drafted in this run; a fixed budget's retrieval is the
+    # same from a deeper trie (counts of its prefixes do not change).
+    pools = PoolRegistry(TrieSettings(ngram_length=settings.key_length + max(settings.branch_length, max_branch_length)))
     for warmup in warmups:
         ids = loaded.tokenizer(warmup.text, add_special_tokens=False)["input_ids"]
         pools.get_or_create(warmup.pool_key).insert(ids + [loaded.tokenizer.eos_token_id], "output")
@@ -166,7 +180,13 @@ def run(args) -> dict:
     prompts, warmups = load_prompts(args.workload)
     settings = EngineSettings(decoding_length=args.decoding_length, branch_length=args.branch_length)
     engine = DecodingEngine(loaded.model, settings)
-    pools = warm_pools(loaded, warmups, settings)
+    sweep_grid = parse_grid(args.budget_grid) if args.budget_sweep else []
+    deepest = max([args.adaptive_max_depth] + [bl for _, bl in sweep_grid])
+    pools = warm_pools(loaded, warmups, settings, deepest)
+    cost_model = profile_for_bench(loaded, args)
+    adaptive_engine = DecodingEngine(loaded.model, EngineSettings(
+        decoding_length=args.adaptive_max_tokens, branch_length=args.adaptive_max_depth, adaptive=True),
+        cost_model=cost_model)
     chosen = pick_prompts(prompts, args.prompts)
     eos = loaded.tokenizer.eos_token_id
     tokenized = [tokenize_blocks(loaded.tokenizer, [b.text for b in p.blocks]).token_ids for p in chosen]
@@ -178,6 +198,7 @@ def run(args) -> dict:
                                     relaxed_min_prob=args.relaxed_min_prob),
         # The oracle's chain gets the whole draft budget as its depth.
         "oracle": GenerationConfig(**base, branch_length=args.decoding_length),
+        "adaptive": GenerationConfig(**base),
     }
     stats = {m: MethodStats() for m in METHODS}
     # Per (prompt, repeat) tokens/s of each method: the methods of one prompt run back to back,
@@ -195,6 +216,8 @@ def run(args) -> dict:
             return hf_generate(loaded, ids, args.max_new_tokens, prompt_lookup_num_tokens=args.prompt_lookup_tokens)
         if method == "oracle":
             return engine_generate(engine, ids, configs[method], draft_source=OracleDraft(len(ids), references[i]))
+        if method == "adaptive":
+            return engine_generate(adaptive_engine, ids, configs["adaptive"], pools.resolve(prompt.pool_key))
         pool = pools.resolve(prompt.pool_key) if configs[method].drafting else None
         return engine_generate(engine, ids, configs[method], pool)
 
@@ -228,6 +251,14 @@ def run(args) -> dict:
         results[m]["paired_speedup_iqr"] = ([ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]
                                             if ratios else [0.0, 0.0])
     results["strict"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["strict"], references))
+    results["adaptive"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["adaptive"], references))
+    results["adaptive"]["draft_sizes"] = size_distribution(
+        adaptive_engine, observed_accepted=stats["adaptive"].new_tokens - stats["adaptive"].steps)
+    correction = adaptive_engine.adaptive.step_time
+    results["adaptive"]["step_time_correction"] = {"alpha": correction.alpha, "beta": correction.beta,
+                                                   "samples": correction.samples}
+    results["adaptive"]["paired_vs_strict_median"] = statistics.median(
+        a / s for a, s in zip(paired["adaptive"], paired["strict"])) if paired["strict"] else 0.0
     results["prompt_lookup"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["prompt_lookup"], references))
     results["engine_greedy"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["engine_greedy"], references))
     results["relaxed"]["token_agreement"] = sum(
@@ -239,6 +270,10 @@ def run(args) -> dict:
     oracle_tps = results["oracle"]["tokens_per_s"]
     results["strict"]["fraction_of_oracle"] = results["strict"]["tokens_per_s"] / oracle_tps if oracle_tps else 0.0
     sweep = relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, args) if args.sweep else []
+    budget = (budget_sweep(loaded, pools, chosen, tokenized, references, sweep_grid, adaptive_engine, args)
+              if sweep_grid else {})
+    batched = batched_variant(loaded, pools, chosen, tokenized, cost_model, args) if args.batch_sizes else []
+    profile = step_profile(loaded, pools, chosen, tokenized, cost_model, args) if args.step_profile else {}
     report = {
         "device": device_name(),
         "model": loaded.model_id,
@@ -251,11 +286,19 @@ def run(args) -> dict:
         "branch_length": args.branch_length,
         "methods": results,
         "relaxed_sweep": sweep,
+        "budget_sweep": budget,
+        "batched": batched,
+        "step_profile": profile,
+        "cost_model": cost_model_summary(cost_model),
+        "adaptive_max_tokens": args.adaptive_max_tokens,
+        "adaptive_max_depth": args.adaptive_max_depth,
     }
     print_table(console, report)
     path = write_results("decode.json", report, args.results_dir)
     if sweep:
         plot_sweep(sweep, results["greedy"]["tokens_per_s"], args.results_dir / "decode_relaxed.png")
+    if budget:
+        plot_budget(budget, args.results_dir / "decode_budget.png")
     console.print(f"wrote {path}")
     return report
 
@@ -281,6 +324,342 @@ def relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, args) ->
                        "mean_accepted_per_step": tokens / max(steps, 1),
                        "token_agreement": agreement / max(len(chosen), 1)})
     return points
+
+
+def parse_grid(text: str) -> list[tuple[int, int]]:
+    grid = []
+    for part in text.split(","):
+        if part.strip():
+            dl, bl = part.split(":")
+            grid.append((int(dl), int(bl)))
+    return grid
+
+
+def profile_for_bench(loaded: LoadedModel, args) -> StepCostModel:
+    """The adaptive method's step-cost model, measured now on this machine (never a stored one:
+    the benchmark must price steps under the conditions it measures)."""
+    batches = tuple(sorted({1, 2, 4, 8, 16} | set(args.batch_sizes)))
+    return profile_cost_model(loaded.model, loaded.model_id, max_seconds=args.profile_seconds, batches=batches,
+                              widths=(1, 2, 4, 8, 12, 16, 24, 32, 48, args.adaptive_max_tokens + 1))
+
+
+def cost_model_summary(model: StepCostModel) -> dict:
+    return {
+        "device": model.device, "profiled_s": model.meta.get("profiled_s"), "points": model.meta.get("points"),
+        "knots": model.knots, "coefficients": model.coefficients,
+        "predicted_ms": {f"batch {b}": {str(w): model.predict(w, b, 256) * 1e3 for w in (1, 2, 4, 8, 16, 32, 64)}
+                         for b in (1, 4, 16)},
+        "timings": model.meta.get("timings", []),
+    }
+
+
+def adaptive_snapshot(engine: DecodingEngine) -> tuple[dict[int, int], float]:
+    return dict(engine.adaptive.size_counts), engine.adaptive.predicted_accepted
+
+
+def size_distribution(engine: DecodingEngine, before: tuple[dict[int, int], float] | None = None,
+                      observed_accepted: int | None = None) -> dict:
+    """Draft tokens chosen per row and step by adaptive drafting (since `before`), and the
+    accepted drafts the confidence estimates predicted (against those observed, when given)."""
+    counts = dict(engine.adaptive.size_counts)
+    predicted = engine.adaptive.predicted_accepted
+    if before:
+        counts = {k: v - before[0].get(k, 0) for k, v in counts.items() if v - before[0].get(k, 0) > 0}
+        predicted -= before[1]
+    total = sum(counts.values())
+    if not total:
+        return {"steps": 0}
+    sizes = sorted(counts)
+    cumulative, quantiles = 0, {}
+    for size in sizes:
+        cumulative += counts[size]
+        for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+            if str(q) not in quantiles and cumulative >= q * total:
+                quantiles[str(q)] = size
+    summary = {
+        "steps": total,
+        "mean": sum(k * v for k, v in counts.items()) / total,
+        "zero_share": counts.get(0, 0) / total,
+        "quantiles": quantiles,
+        "histogram": {str(k): counts[k] for k in sizes},
+        "predicted_accepted_per_step": predicted / total,
+    }
+    if observed_accepted is not None:
+        summary["observed_accepted_per_step"] = observed_accepted / total
+    return summary
+
+
+def paired_summary(ratios: list[float]) -> dict:
+    ratios = sorted(ratios)
+    if not ratios:
+        return {"median": 0.0, "iqr": [0.0, 0.0]}
+    return {"median": statistics.median(ratios), "iqr": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]}
+
+
+def budget_sweep(loaded, pools, chosen, tokenized, references, grid, adaptive_engine, args) -> dict:
+    """Strict at each fixed (decoding_length, branch_length), adaptive and greedy, interleaved
+    prompt by prompt (alternating order): the best fixed budget and adaptive against it."""
+    count = min(args.sweep_prompts, len(chosen))
+    eos = loaded.tokenizer.eos_token_id
+    fixed_engine = DecodingEngine(loaded.model, EngineSettings())
+    labels = ["greedy", "adaptive"] + [f"{dl}x{bl}" for dl, bl in grid]
+    configs = {f"{dl}x{bl}": GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=eos,
+                                              decoding_length=dl, branch_length=bl) for dl, bl in grid}
+    adaptive_config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    stats = {label: MethodStats() for label in labels}
+    paired = {label: [] for label in labels}  # vs greedy
+    adaptive_vs = {label: [] for label in labels}  # adaptive / this, per prompt
+    identical = {label: True for label in labels}
+    sizes_before = adaptive_snapshot(adaptive_engine)
+    from tqdm import tqdm
+
+    with tqdm(total=count * args.sweep_repeats, desc="budget sweep", unit="prompt") as bar:
+        for repeat in range(args.sweep_repeats):
+            for i in range(count):
+                pool = pools.resolve(chosen[i].pool_key)
+                order = labels if (i + repeat) % 2 == 0 else list(reversed(labels))
+                rates = {}
+                for label in order:
+                    t0 = time.perf_counter()
+                    if label == "greedy":
+                        tokens, steps = hf_generate(loaded, tokenized[i], args.max_new_tokens)
+                    elif label == "adaptive":
+                        tokens, steps = engine_generate(adaptive_engine, tokenized[i], adaptive_config, pool)
+                    else:
+                        tokens, steps = engine_generate(fixed_engine, tokenized[i], configs[label], pool)
+                    wall = time.perf_counter() - t0
+                    stats[label].add(repeat, len(tokens), steps, wall)
+                    rates[label] = len(tokens) / wall if wall > 0 else 0.0
+                    identical[label] &= tokens == references[i]
+                for label in labels:
+                    paired[label].append(rates[label] / rates["greedy"])
+                    adaptive_vs[label].append(rates["adaptive"] / rates[label])
+                bar.update(1)
+    greedy_tps = stats["greedy"].summary()["tokens_per_s"]
+
+    def entry(label: str) -> dict:
+        summary = stats[label].summary()
+        pair = paired_summary(paired[label])
+        return {"tokens_per_s": summary["tokens_per_s"], "speedup_vs_greedy": summary["tokens_per_s"] / greedy_tps,
+                "paired_speedup_median": pair["median"], "paired_speedup_iqr": pair["iqr"],
+                "mean_accepted_per_step": summary["mean_accepted_per_step"], "steps": summary["steps"],
+                "wall_s": summary["wall_s"], "identical_to_greedy": identical[label]}
+
+    settings = []
+    for (dl, bl), label in zip(grid, labels[2:]):
+        row = {"decoding_length": dl, "branch_length": bl, **entry(label)}
+        row["adaptive_vs_this_paired_median"] = paired_summary(adaptive_vs[label])["median"]
+        settings.append(row)
+    best = max(settings, key=lambda r: r["paired_speedup_median"])
+    best_totals = max(settings, key=lambda r: r["tokens_per_s"])
+    adaptive = entry("adaptive")
+    adaptive["draft_sizes"] = size_distribution(adaptive_engine, sizes_before,
+                                                observed_accepted=stats["adaptive"].new_tokens - stats["adaptive"].steps)
+    default = next((r for r in settings if (r["decoding_length"], r["branch_length"]) ==
+                    (args.decoding_length, args.branch_length)), None)
+    return {
+        "prompts": count,
+        "repeats": args.sweep_repeats,
+        "greedy": entry("greedy"),
+        "settings": settings,
+        "adaptive": adaptive,
+        "best_fixed": {"decoding_length": best["decoding_length"], "branch_length": best["branch_length"],
+                       "by": "paired_speedup_median"},
+        "best_fixed_by_totals": {"decoding_length": best_totals["decoding_length"],
+                                 "branch_length": best_totals["branch_length"]},
+        "adaptive_vs_best_fixed_paired_median": best["adaptive_vs_this_paired_median"],
+        "adaptive_vs_best_fixed_totals": adaptive["tokens_per_s"] / best["tokens_per_s"],
+        "adaptive_vs_best_totals_setting_totals": adaptive["tokens_per_s"] / best_totals["tokens_per_s"],
+        "adaptive_vs_default_paired_median": default["adaptive_vs_this_paired_median"] if default else None,
+        "adaptive_vs_worst_fixed_paired_median": min(r["adaptive_vs_this_paired_median"] for r in settings),
+    }
+
+
+def batched_variant(loaded, pools, chosen, tokenized, cost_model, args) -> list[dict]:
+    """Concurrent requests through generate_batch: no drafting, the fixed default budget per row,
+    and adaptive (one budget per forward, shared by rows), interleaved group by group."""
+    eos = loaded.tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    plain = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=eos, drafting=False)
+    fixed_engine = DecodingEngine(loaded.model, EngineSettings(decoding_length=args.decoding_length,
+                                                               branch_length=args.branch_length))
+    references = {i: None for i in range(len(chosen))}
+    results = []
+    from tqdm import tqdm
+
+    for batch_size in args.batch_sizes:
+        adaptive_engine = DecodingEngine(loaded.model, EngineSettings(
+            decoding_length=args.adaptive_max_tokens, branch_length=args.adaptive_max_depth, adaptive=True),
+            cost_model=cost_model)
+        # Groups of consecutive prompts (cycling when there are fewer prompts than a batch).
+        groups_count = max(1, min(args.sweep_prompts, len(chosen)) // batch_size)
+        groups = [[(g * batch_size + j) % len(chosen) for j in range(batch_size)] for g in range(groups_count)]
+        methods = {"engine_greedy": (fixed_engine, plain), "fixed": (fixed_engine, config),
+                   "adaptive": (adaptive_engine, config)}
+        stats = {m: {"tokens": 0, "wall_s": 0.0, "forwards": 0} for m in methods}
+        paired = {m: [] for m in methods}
+        adaptive_vs_fixed = []
+        outputs = {m: {} for m in methods}
+        with tqdm(total=len(groups) * args.sweep_repeats, desc=f"batched x{batch_size}", unit="group") as bar:
+            for repeat in range(args.sweep_repeats):
+                for g, group in enumerate(groups):
+                    order = list(methods) if (g + repeat) % 2 == 0 else list(reversed(methods))
+                    rates = {}
+                    for method in order:
+                        engine, cfg = methods[method]
+                        group_pools = [pools.resolve(chosen[i].pool_key) if cfg.drafting else None for i in group]
+                        produced = [[] for _ in group]
+                        forwards = 0
+                        t0 = time.perf_counter()
+                        for step in engine.iter_batch([tokenized[i] for i in group], [cfg] * len(group),
+                                                      group_pools):
+                            forwards += 1
+                            for row, result in enumerate(step):
+                                if result is not None:
+                                    produced[row].extend(result.token_ids)
+                        wall = time.perf_counter() - t0
+                        tokens = sum(map(len, produced))
+                        stats[method]["tokens"] += tokens
+                        stats[method]["wall_s"] += wall
+                        stats[method]["forwards"] += forwards
+                        rates[method] = tokens / wall
+                        for i, out in zip(group, produced):
+                            outputs[method][i] = out
+                    for method in methods:
+                        paired[method].append(rates[method] / rates["engine_greedy"])
+                    adaptive_vs_fixed.append(rates["adaptive"] / rates["fixed"])
+                    bar.update(1)
+        entry = {"batch_size": batch_size, "groups": len(groups), "repeats": args.sweep_repeats, "methods": {}}
+        for method in methods:
+            m = stats[method]
+            entry["methods"][method] = {
+                "tokens_per_s": m["tokens"] / m["wall_s"], "forwards": m["forwards"],
+                "tokens_per_forward": m["tokens"] / max(m["forwards"], 1), "wall_s": m["wall_s"],
+                "paired_vs_engine_greedy": paired_summary(paired[method]),
+                "identical_to_engine_greedy": all(outputs[method][i] == outputs["engine_greedy"][i]
+                                                  for i in outputs[method]),
+            }
+        entry["adaptive_vs_fixed_paired"] = paired_summary(adaptive_vs_fixed)
+        entry["adaptive_vs_fixed_totals"] = (entry["methods"]["adaptive"]["tokens_per_s"]
+                                             / entry["methods"]["fixed"]["tokens_per_s"])
+        entry["adaptive_draft_sizes"] = size_distribution(adaptive_engine)
+        entry["adaptive_widths"] = {str(k): v for k, v in sorted(adaptive_engine.adaptive.width_counts.items())}
+        entry["adaptive_step_time_correction"] = {"alpha": adaptive_engine.adaptive.step_time.alpha,
+                                                  "beta": adaptive_engine.adaptive.step_time.beta}
+        results.append(entry)
+    del references
+    return results
+
+
+STEP_PARTS = ("draft", "inputs", "forward", "verify", "kv", "emit")
+
+
+class ProfiledEngine(DecodingEngine):
+    """The engine with each part of a step timed (prefill excluded): where a step's time goes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seconds = {part: 0.0 for part in (*STEP_PARTS, "step")}
+        self.steps = 0
+        self._in_step = False
+
+    def _timed(self, part: str, method, *args, **kwargs):
+        if not self._in_step:
+            return method(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
+
+    def _step(self, batch):
+        self._in_step = True
+        t0 = time.perf_counter()
+        try:
+            return super()._step(batch)
+        finally:
+            self.seconds["step"] += time.perf_counter() - t0
+            self.steps += 1
+            self._in_step = False
+
+    def _draft_rows(self, batch):
+        return self._timed("draft", super()._draft_rows, batch)
+
+    def _tree_inputs(self, *args, **kwargs):
+        return self._timed("inputs", super()._tree_inputs, *args, **kwargs)
+
+    def _forward(self, *args, **kwargs):
+        return self._timed("forward", super()._forward, *args, **kwargs)
+
+    def _verify(self, *args, **kwargs):
+        return self._timed("verify", super()._verify, *args, **kwargs)
+
+    def _keep_accepted_kv(self, *args, **kwargs):
+        return self._timed("kv", super()._keep_accepted_kv, *args, **kwargs)
+
+    def _emit(self, *args, **kwargs):
+        return self._timed("emit", super()._emit, *args, **kwargs)
+
+
+def step_profile(loaded, pools, chosen, tokenized, cost_model, args) -> dict:
+    """Milliseconds per step by part, for the fixed default budget and for adaptive drafting."""
+    eos = loaded.tokenizer.eos_token_id
+    count = min(args.sweep_prompts, len(chosen))
+    variants = {
+        "strict": ProfiledEngine(loaded.model, EngineSettings(decoding_length=args.decoding_length,
+                                                              branch_length=args.branch_length)),
+        "adaptive": ProfiledEngine(loaded.model, EngineSettings(decoding_length=args.adaptive_max_tokens,
+                                                                branch_length=args.adaptive_max_depth, adaptive=True),
+                                   cost_model=cost_model),
+        "engine_greedy": ProfiledEngine(loaded.model, EngineSettings()),
+    }
+    report = {}
+    for name, engine in variants.items():
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=eos,
+                                  drafting=name != "engine_greedy")
+        drafted = tokens = 0
+        for i in range(count):
+            for step in engine.generate(tokenized[i], config, pools.resolve(chosen[i].pool_key)):
+                drafted += step.drafted
+                tokens += len(step.token_ids)
+        steps = max(engine.steps, 1)
+        parts = {part: engine.seconds[part] / steps * 1e3 for part in STEP_PARTS}
+        step_ms = engine.seconds["step"] / steps * 1e3
+        parts["other"] = step_ms - sum(parts.values())
+        report[name] = {"step_ms": step_ms, "parts_ms": parts, "steps": engine.steps,
+                        "draft_tokens_per_step": drafted / steps, "tokens_per_step": tokens / steps,
+                        "forward_share": parts["forward"] / step_ms if step_ms else 0.0}
+    return report
+
+
+def plot_budget(budget: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    by_bl: dict[int, list[dict]] = {}
+    for row in budget["settings"]:
+        by_bl.setdefault(row["branch_length"], []).append(row)
+    for bl, rows in sorted(by_bl.items()):
+        rows = sorted(rows, key=lambda r: r["decoding_length"])
+        xs = [r["decoding_length"] for r in rows]
+        axes[0].plot(xs, [r["paired_speedup_median"] for r in rows], "o-", label=f"branch_length {bl}")
+        axes[1].plot(xs, [r["mean_accepted_per_step"] for r in rows], "o-", label=f"branch_length {bl}")
+    adaptive = budget["adaptive"]
+    axes[0].axhline(adaptive["paired_speedup_median"], color="k", ls="--", label="adaptive")
+    axes[1].axhline(adaptive["mean_accepted_per_step"], color="k", ls="--", label="adaptive")
+    for ax, label in zip(axes, ("speedup vs greedy (paired median)", "tokens per step")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("decoding_length (draft tokens per step)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Strict mode: fixed draft budgets vs adaptive (same prompts, interleaved)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_sweep(points: list[dict], greedy_tps: float, path: Path) -> None:
@@ -331,6 +710,56 @@ def print_table(console: Console, report: dict) -> None:
     for p in report["relaxed_sweep"]:
         console.print(f"  relaxed top_k={p['top_k']} min_prob={p['min_prob']}: {p['tokens_per_s']:.1f} tok/s, "
                       f"{p['mean_accepted_per_step']:.2f} tok/step, agreement {p['token_agreement']:.3f}")
+    adaptive = report["methods"].get("adaptive", {})
+    if adaptive.get("draft_sizes", {}).get("steps"):
+        sizes = adaptive["draft_sizes"]
+        console.print(f"adaptive: {adaptive['paired_vs_strict_median']:.2f}x strict (paired median); draft tokens "
+                      f"per step mean {sizes['mean']:.1f}, none drafted in {sizes['zero_share']:.0%} of steps, "
+                      f"quantiles {sizes['quantiles']}; accepted per step predicted "
+                      f"{sizes['predicted_accepted_per_step']:.2f}, observed {sizes.get('observed_accepted_per_step', 0):.2f}")
+    budget = report.get("budget_sweep")
+    if budget:
+        table = Table(title=f"budget sweep (strict, fixed decoding_length x branch_length; {budget['prompts']} prompts "
+                            f"x {budget['repeats']}, interleaved with greedy)")
+        for column in ("setting", "tokens/s", "x greedy", "x greedy paired (IQR)", "tokens/step", "adaptive / this",
+                       "identical"):
+            table.add_column(column, justify="left" if column == "setting" else "right")
+        rows = [("adaptive", budget["adaptive"])] + [(f"{r['decoding_length']} x {r['branch_length']}", r)
+                                                     for r in budget["settings"]]
+        for name, r in rows:
+            table.add_row(name, f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_greedy']:.2f}",
+                          f"{r['paired_speedup_median']:.2f} ({r['paired_speedup_iqr'][0]:.2f}-"
+                          f"{r['paired_speedup_iqr'][1]:.2f})", f"{r['mean_accepted_per_step']:.2f}",
+                          f"{r.get('adaptive_vs_this_paired_median', 1.0):.2f}", str(r["identical_to_greedy"]))
+        console.print(table)
+        best = budget["best_fixed"]
+        console.print(f"best fixed: {best['decoding_length']} x {best['branch_length']}; adaptive vs best "
+                      f"{budget['adaptive_vs_best_fixed_paired_median']:.2f}x (paired median), "
+                      f"{budget['adaptive_vs_best_fixed_totals']:.2f}x (totals); vs worst fixed "
+                      f"{budget['adaptive_vs_worst_fixed_paired_median']:.2f}x")
+    for entry in report.get("batched", []):
+        table = Table(title=f"batched: {entry['batch_size']} concurrent requests, {entry['groups']} groups "
+                            f"x {entry['repeats']}")
+        for column in ("method", "tokens/s", "x no drafting (paired)", "tokens/forward", "forwards", "identical"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for name, m in entry["methods"].items():
+            table.add_row(name, f"{m['tokens_per_s']:.1f}", f"{m['paired_vs_engine_greedy']['median']:.2f}",
+                          f"{m['tokens_per_forward']:.2f}", str(m["forwards"]), str(m["identical_to_engine_greedy"]))
+        console.print(table)
+        sizes = entry["adaptive_draft_sizes"]
+        console.print(f"  adaptive / fixed: {entry['adaptive_vs_fixed_paired']['median']:.2f}x paired, "
+                      f"{entry['adaptive_vs_fixed_totals']:.2f}x totals; draft tokens per row and step: "
+                      f"mean {sizes.get('mean', 0):.1f}, quantiles {sizes.get('quantiles')}, "
+                      f"padded widths {entry['adaptive_widths']}")
+    profile = report.get("step_profile")
+    if profile:
+        table = Table(title="step profile (ms per step, single request)")
+        for column in ("variant", "step", *STEP_PARTS, "other", "draft tok/step", "tok/step"):
+            table.add_column(column, justify="left" if column == "variant" else "right")
+        for name, p in profile.items():
+            table.add_row(name, f"{p['step_ms']:.2f}", *(f"{p['parts_ms'][k]:.2f}" for k in (*STEP_PARTS, "other")),
+                          f"{p['draft_tokens_per_step']:.1f}", f"{p['tokens_per_step']:.2f}")
+        console.print(table)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -350,10 +779,25 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
+    parser.add_argument("--no-budget-sweep", dest="budget_sweep", action="store_false")
+    parser.add_argument("--budget-grid", default=None,
+                        help="fixed budgets to sweep, 'dl:bl,dl:bl,...' (default: a grid, smaller when quick)")
+    parser.add_argument("--sweep-prompts", type=int, default=8 if quick else 18,
+                        help="prompts in the budget sweep and the batched variant (a prefix of --prompts)")
+    parser.add_argument("--sweep-repeats", type=int, default=1)
+    parser.add_argument("--adaptive-max-tokens", type=int, default=32, help="adaptive: candidate draft tokens per step")
+    parser.add_argument("--adaptive-max-depth", type=int, default=12, help="adaptive: deepest candidate branch")
+    parser.add_argument("--profile-seconds", type=float, default=6.0 if quick else 20.0,
+                        help="step-cost profiling time limit (the adaptive method's cost model)")
+    parser.add_argument("--batch-sizes", default="4,16", help="concurrent requests in the batched variant ('' = skip)")
+    parser.add_argument("--no-step-profile", dest="step_profile", action="store_false")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     args.model_path = args.model_path or args.data_dir / "models" / "default"
     args.workload = args.workload or args.data_dir / "workload" / "prompts.jsonl"
+    if args.budget_grid is None:
+        args.budget_grid = ",".join(f"{dl}:{bl}" for dl, bl in (QUICK_SWEEP if quick else FULL_SWEEP))
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     return args
 
 

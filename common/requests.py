@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from adaccel.v1 import common_pb2
 from common.rpc.errors import InvalidArgument, ResourceExhausted, require
 
-POOL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.\-/]{0,128}$")
-BLOCK_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
+# \Z, not $: "$" also matches before a trailing newline, which let "shop\n" through (found by fuzzing).
+POOL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.\-/]{0,128}\Z")
+BLOCK_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}\Z")
 
 
 @dataclass(slots=True, frozen=True)

@@ -38,6 +38,25 @@ class ServiceSettings(BaseSettings):
     )
     otlp_endpoint: str = Field("", description="OTLP gRPC endpoint; set -> exporter otlp")
     telemetry_interval_s: float = Field(60.0, gt=0, description="metric export interval")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus scrape port: /metrics over HTTP on `host` (0 = off)"
+    )
+    # Transport security and caller checks (common/rpc/security.py); files, so a mounted Secret supplies them.
+    tls_cert_file: Path | None = Field(None, description="PEM certificate of this server; with tls_key_file the port speaks TLS only")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; set -> callers must present a certificate it signed (mutual TLS)")
+    tls_ca_file: Path | None = Field(
+        None, description="PEM CA bundle verifying the services this one calls; set -> outgoing calls use TLS")
+    tls_client_cert_file: Path | None = Field(
+        None, description="PEM certificate this service presents on outgoing calls (peers with mutual TLS)")
+    tls_client_key_file: Path | None = Field(None, description="PEM private key of tls_client_cert_file")
+    tls_server_name: str = Field("", description="name the called services' certificates carry, when not the dialled host")
+    auth_tokens_file: Path | None = Field(
+        None, description="accepted bearer tokens, one per line; set -> calls need 'authorization: Bearer <token>'")
+    # A plain string (not a list) so that a ConfigMap carries it as is.
+    allowed_client_subjects: str = Field(
+        "", description="client certificate common names allowed to call, comma-separated (needs tls_client_ca_file)")
 
 
 class KafkaSettings(BaseSettings):
@@ -52,6 +71,16 @@ class KafkaSettings(BaseSettings):
     # Local brokers: a first group join waits about half the session timeout (45 s by default).
     kafka_session_timeout_ms: int = Field(6000, ge=1000, description="consumer group session timeout")
     kafka_heartbeat_interval_ms: int = Field(2000, ge=100, description="consumer heartbeat interval")
+    # Passed through to kafka-python (common/kafka_io.py); secrets come from files (a mounted Secret).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka transport: TLS (SSL), SASL, both, or neither")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism when the protocol is SASL_*")
+    kafka_sasl_username: str = Field("", description="SASL user name")
+    kafka_sasl_password_file: Path | None = Field(None, description="file holding the SASL password")
+    kafka_ssl_cafile: Path | None = Field(None, description="PEM CA bundle verifying the brokers (SSL, SASL_SSL)")
+    kafka_ssl_certfile: Path | None = Field(None, description="PEM client certificate for brokers that demand one")
+    kafka_ssl_keyfile: Path | None = Field(None, description="PEM private key of kafka_ssl_certfile")
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)

@@ -30,6 +30,8 @@ COMMON_OWNED: Mapping[str, str] = {
     "data_dir": "`/data`: the pod's PVC (kvstore, pool) or an emptyDir",
     "telemetry_exporter": "`telemetry.exporter`; `otlp` when `telemetry.otlpEndpoint` is set",
     "otlp_endpoint": "`telemetry.otlpEndpoint`",
+    "metrics_port": "`telemetry.metricsPort` (also the container port `metrics` and the "
+                    "prometheus.io/port annotation)",
 }
 
 # KafkaSettings fields the chart owns (connection and topics are shared by decoder and pool).
@@ -73,6 +75,7 @@ COMPONENTS: tuple[Component, ...] = (
          "model_path": "`model.mountPath`/`model.subPath` (the model volume)",
          "device": "`cuda` when `decoder.gpu.count` > 0, else `cpu`",
          "pool_addr": "the pool Service, `<fullname>-pool:<grpcPort>`",
+         "kvstore_addrs": "one DNS name per kvstore pod (shard = ordinal), from `kvstore.replicas` (headless Service)",
          "decoder_id": "the pod name (container env)"},
         frozenset({"decoder_id"}), stateful=True,
     ),

@@ -202,6 +202,9 @@ def build_schema() -> Schema:
         "telemetry": _obj({
             "otlpEndpoint": _str("OTLP gRPC collector, e.g. http://otel-collector.observability:4317"),
             "exporter": _str(enum=["none", "console"]),
+            "metricsPort": {**_int(0, 65535, "Prometheus scrape port, 0 = off (non-root containers cannot "
+                                              "bind below 1024)"),
+                            "anyOf": [{"const": 0}, {"minimum": 1024}]},
         }),
         "model": _obj({
             "mountPath": _str(pattern="^/"),

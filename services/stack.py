@@ -3,7 +3,10 @@
     python -m services.stack serve   # all services in the foreground; Ctrl-C stops all
     python -m services.stack job     # start all, run the main job through the router, print its table, stop
 
-Tests use `Stack` directly. Each service writes its log to <data-dir>/logs/<name>.log.
+Tests use `Stack` directly. Each service writes its log to <data-dir>/logs/<name>.log and serves
+Prometheus metrics on its own loopback port (printed by `serve`). OpenTelemetry export is off
+here unless ADACCEL_TELEMETRY_EXPORTER (or ADACCEL_OTLP_ENDPOINT) is set: the console exporter
+would print every span of every request into the service logs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class ServiceProcess:
     port_file: Path
     log_path: Path
     port: int = 0
+    metrics_port: int = 0
+    # The ADACCEL_* settings it was started with (without the prefix), so it can be started again.
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -69,10 +75,13 @@ class Stack:
             # front: everything still starts in parallel.
             pool_port = free_port()
             pool = self._spawn("pool", "pool", {"MODEL_PATH": str(self.model_path), "PORT": str(pool_port)})
-            kvstore = self._spawn("kvstore", "kvstore", {})
+            # Same for the kv-store: decoders look prompt blocks up there and publish new ones.
+            kvstore_port = free_port()
+            kvstore = self._spawn("kvstore", "kvstore", {"PORT": str(kvstore_port)})
             decoders = [self._spawn(f"decoder-{i}", "decoder", {"MODEL_PATH": str(self.model_path),
                                                                  "DECODER_ID": f"decoder-{i}",
-                                                                 "POOL_ADDR": f"127.0.0.1:{pool_port}"})
+                                                                 "POOL_ADDR": f"127.0.0.1:{pool_port}",
+                                                                 "KVSTORE_ADDRS": f"127.0.0.1:{kvstore_port}"})
                         for i in range(self.decoders)]
             for proc in [pool, kvstore, *decoders]:
                 self._wait_serving(proc)
@@ -90,12 +99,33 @@ class Stack:
     def process(self, name: str) -> ServiceProcess:
         return next(p for p in self.processes if p.name == name)
 
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> ServiceProcess:
+        """Signals one service (SIGKILL: no cleanup at all) and waits for it to exit."""
+        proc = self.process(name)
+        if proc.process.poll() is None:
+            proc.process.send_signal(sig)
+            proc.process.wait()
+        return proc
+
+    def restart(self, name: str) -> ServiceProcess:
+        """Starts an exited service again with its settings on its old port (peers keep its address)."""
+        old = self.process(name)
+        if old.process.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self.processes.remove(old)
+        proc = self._spawn(old.name, old.kind, {**old.settings, "PORT": str(old.port)})
+        self._wait_serving(proc)
+        return proc
+
     def _spawn(self, name: str, kind: str, settings: dict[str, str]) -> ServiceProcess:
         port_file = self.data_dir / "run" / f"{name}.port"
         port_file.unlink(missing_ok=True)
         log_path = self.data_dir / "logs" / f"{name}.log"
+        metrics_port = free_port()
         env = dict(os.environ)
+        env.setdefault("ADACCEL_TELEMETRY_EXPORTER", "none")
         env.update({
+            "ADACCEL_METRICS_PORT": str(metrics_port),
             "ADACCEL_PORT": "0",
             "ADACCEL_PORT_FILE": str(port_file),
             "ADACCEL_DATA_DIR": str(self.data_dir),
@@ -108,7 +138,8 @@ class Stack:
         log = open(log_path, "ab")
         process = subprocess.Popen([sys.executable, "-m", f"services.{kind}"], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        proc = ServiceProcess(name, kind, process, port_file, log_path)
+        proc = ServiceProcess(name, kind, process, port_file, log_path, metrics_port=metrics_port,
+                              settings=dict(settings))
         self.processes.append(proc)
         return proc
 
@@ -199,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stack up in {time.perf_counter() - t0:.1f}s: router on {stack.address('router')}, "
               f"broker on {stack.broker.bootstrap}, logs in {data_dir / 'logs'}", flush=True)
         if args.command == "serve":
+            for proc in stack.processes:
+                print(f"  {proc.name}: gRPC {proc.address}, "
+                      f"metrics http://127.0.0.1:{proc.metrics_port}/metrics")
             print("serving; Ctrl-C stops all", flush=True)
             try:
                 while all(p.process.poll() is None for p in stack.processes):

@@ -35,3 +35,7 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Fault and fuzz figures (fixture `reliability_report`, option --faults-json); see the module.
+pytest_plugins = ["tests.reliability_report"]

@@ -393,6 +393,16 @@ class TokenTrie:
                 break
         return found
 
+    def key_weight(self, key: Sequence[int]) -> float:
+        """Weight (count) of the longest suffix of `key` stored in the trie, as `candidates`
+        would match it first; 0 when none is. The evidence behind a draft's relative
+        frequencies (common/drafting/confidence.py smooths them with it)."""
+        for length in range(min(len(key), self.settings.ngram_length - 1), 0, -1):
+            node = self._find(key[len(key) - length :])
+            if node != NO_NODE:
+                return self._weight(node)
+        return 0.0
+
     def retrieve(
         self, context: Sequence[int], *, decoding_length: int, branch_length: int, key_length: int = 2
     ) -> DraftTree:

@@ -11,6 +11,8 @@ import grpc
 
 class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # Sent as the status's trailing metadata (e.g. a retry hint).
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
 
 
 class InvalidArgument(ServiceError):
@@ -27,6 +29,16 @@ class ResourceExhausted(ServiceError):
     """Over a size or capacity limit; the message names the limit (and a retry hint when useful)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+        if retry_after_ms is not None:
+            self.trailing_metadata = ((RETRY_AFTER_MS, str(int(retry_after_ms))),)
+
+
+# Trailing-metadata key of a RESOURCE_EXHAUSTED status: milliseconds after which a retry may succeed.
+RETRY_AFTER_MS = "retry-after-ms"
 
 
 class Unavailable(ServiceError):

@@ -20,6 +20,8 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import server_interceptor
 
 from common.rpc.interceptors import ErrorMappingInterceptor
+from common.rpc.rpc_metrics import RpcMetricsInterceptor
+from common.rpc.security import caller_check_interceptor, server_credentials
 from common.settings import ServiceSettings
 from common.telemetry import Telemetry
 
@@ -79,9 +81,16 @@ def create_server(
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    # Tracing outermost, then RPC latency (refused calls counted too), then the caller check (a
+    # refused call never reaches a handler), then errors.
+    caller_check = caller_check_interceptor(settings)
+    interceptors = [server_interceptor(tracer_provider=telemetry.tracer_provider),
+                    RpcMetricsInterceptor(telemetry.meter("adaccel.rpc")),
+                    *([caller_check] if caller_check is not None else []), ErrorMappingInterceptor()]
+    credentials = server_credentials(settings)  # raises on incomplete TLS settings before binding
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-        interceptors=[server_interceptor(tracer_provider=telemetry.tracer_provider), ErrorMappingInterceptor()],
+        interceptors=interceptors,
         options=options,
     )
     for add_fn, servicer in register:
@@ -92,7 +101,8 @@ def create_server(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    listen = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     server.start()
@@ -105,7 +115,9 @@ def create_server(
         tmp = settings.port_file.with_suffix(".tmp")
         tmp.write_text(str(port))
         tmp.replace(settings.port_file)
-    log.info("listening", extra={"port": port, "services": list(service_names)})
+    log.info("listening", extra={"port": port, "services": list(service_names), "tls": credentials is not None,
+                                 "mutual_tls": settings.tls_client_ca_file is not None,
+                                 "caller_check": caller_check is not None})
     return handle
 
 

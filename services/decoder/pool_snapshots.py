@@ -11,6 +11,11 @@ request-local overlay alone.
 
 Bounds: at most `max_pools` snapshots (the global pool not counted), least recently requested
 dropped first; at most 4 x max_pools requested keys remembered.
+
+Tracing: a fetch serves every request that wanted the pool since the last one and none of them
+waits for it, so it is not a child of any request. Each fetch is the root of its own trace
+("adaccel.decoder.pool_fetch", the GetSnapshot client span under it) with span links to the
+requests that asked for the pool (the latest few per key). Version polls are not traced.
 """
 
 from __future__ import annotations
@@ -18,16 +23,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanContext, Tracer
 
 from adaccel.v1 import pool_pb2, pool_pb2_grpc
 from common.drafting.pools import GLOBAL_POOL, PoolRegistry
 from common.drafting.trie import TokenTrie, TrieSettings
 
 log = logging.getLogger(__name__)
+
+LINKS_PER_KEY = 8  # requests remembered per wanted key for the next fetch's span links
 
 
 class LockedPoolRegistry(PoolRegistry):
@@ -82,8 +92,10 @@ class LockedPoolRegistry(PoolRegistry):
 
 class PoolSnapshots:
     def __init__(self, stub: pool_pb2_grpc.PoolStub, *, refresh_s: float = 2.0, max_pools: int = 16,
-                 timeout_s: float = 5.0, registry: LockedPoolRegistry | None = None):
+                 timeout_s: float = 5.0, registry: LockedPoolRegistry | None = None,
+                 tracer: Tracer | None = None):
         self.stub = stub
+        self.tracer = tracer or trace.NoOpTracer()
         self.refresh_s = refresh_s
         self.max_pools = max_pools
         self.timeout_s = timeout_s
@@ -96,6 +108,7 @@ class PoolSnapshots:
         self._wanted: OrderedDict[str, None] = OrderedDict()  # requested keys, most recent last
         self._resolved: dict[str, str] = {}  # requested key -> pool serving it, as of the last poll
         self._held: OrderedDict[str, int] = OrderedDict()  # pool key -> version held, most recent last
+        self._askers: dict[str, deque[SpanContext]] = {}  # requested key -> spans of requests since its fetch
         self._refresh_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -105,12 +118,16 @@ class PoolSnapshots:
     def note(self, pool_key: str | None) -> None:
         """A request for `pool_key` starts: keep its pool fresh from now on."""
         key = pool_key or GLOBAL_POOL
+        asker = trace.get_current_span().get_span_context()
         with self._lock:
             new = key not in self._wanted
             self._wanted[key] = None
             self._wanted.move_to_end(key)
+            if asker.is_valid and asker.trace_flags.sampled:
+                self._askers.setdefault(key, deque(maxlen=LINKS_PER_KEY)).append(asker)
             while len(self._wanted) > 4 * self.max_pools:
-                self._wanted.popitem(last=False)
+                dropped, _ = self._wanted.popitem(last=False)
+                self._askers.pop(dropped, None)
             resolved = self._resolved.get(key)
             if resolved in self._held:
                 self._held.move_to_end(resolved)
@@ -191,6 +208,16 @@ class PoolSnapshots:
         return fetched
 
     def _fetch(self, pool_key: str, have_version: int) -> int:
+        with self._lock:  # the requests served by this pool since its last fetch
+            keys = [k for k in self._askers if k == pool_key or self._resolved.get(k) == pool_key]
+            links = [Link(context) for k in keys for context in self._askers.pop(k)]
+        # Context(): a root span even if a caller's span is current (tests refresh inline).
+        with self.tracer.start_as_current_span("adaccel.decoder.pool_fetch", context=Context(), links=links,
+                                               attributes={"adaccel.pool_key": pool_key,
+                                                           "adaccel.have_version": have_version}):
+            return self._fetch_snapshot(pool_key, have_version)
+
+    def _fetch_snapshot(self, pool_key: str, have_version: int) -> int:
         chunks = self.stub.GetSnapshot(pool_pb2.SnapshotRequest(pool_key=pool_key, have_version=have_version),
                                        timeout=self.timeout_s * 4)
         header, parts = None, []

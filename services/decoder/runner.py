@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
+
+from transformers import DynamicCache
 
 from adaccel.v1 import common_pb2
 from common.drafting.pools import PoolRegistry
 from common.modeling.loading import LoadedModel
-from common.prompt_tokens import PromptTooLong, tokenize_blocks
+from common.prompt_tokens import BlockTokenizer, PromptTooLong, TokenizedPrompt, tokenize_blocks
 from common.rpc.errors import InvalidArgument
-from services.decoder.engine import DecodingEngine, GenerationConfig, StepResult
+from services.decoder.block_cache import BlockCache, PreparedPrompt
+from services.decoder.engine import DecodingEngine, GenerationConfig, StepResult, TokenTrie
 
 
 def generation_config(params: common_pb2.GenerationParams, *, request_id: str, eos_token_id: int | None
@@ -35,6 +39,17 @@ def generation_config(params: common_pb2.GenerationParams, *, request_id: str, e
     )
 
 
+@dataclass(slots=True)
+class PreparedRequest:
+    prompt_ids: list[int]
+    config: GenerationConfig
+    pool: TokenTrie | None
+    # Batch-1 cache holding the KV of a prefix of prompt_ids (block reuse), or None.
+    past_key_values: DynamicCache | None = None
+    cached_prompt_tokens: int = 0
+    recomputed_prompt_tokens: int = 0  # cached tokens the reuse correction recomputed
+
+
 class PoolTracker(Protocol):
     """Keeps requested pools fresh in the background (services.decoder.pool_snapshots)."""
 
@@ -45,8 +60,13 @@ class PoolTracker(Protocol):
 
 class GenerationRunner:
     def __init__(self, loaded: LoadedModel, engine: DecodingEngine, pools: PoolRegistry, *, device: str,
-                 max_prompt_tokens: int, pool_tracker: PoolTracker | None = None):
+                 max_prompt_tokens: int, pool_tracker: PoolTracker | None = None,
+                 block_cache: BlockCache | None = None, report_block_limit: int = 4096):
         self.loaded = loaded
+        self.block_cache = block_cache
+        self.report_block_limit = report_block_limit
+        # Memoised per block text: the same blocks recur, and prepare() needs the block spans again.
+        self.block_tokenizer = BlockTokenizer(loaded.tokenizer)
         self.engine = engine
         self.pools = pools
         self.pool_tracker = pool_tracker
@@ -58,14 +78,37 @@ class GenerationRunner:
         """Pools whose snapshot this replica holds (reported to the router for affinity)."""
         return self.pool_tracker.held_keys() if self.pool_tracker is not None else []
 
-    def tokenize_prompt(self, blocks: Sequence[common_pb2.PromptBlock]) -> list[int]:
+    def held_blocks(self) -> tuple[list[int], list[int]]:
+        """(8-byte content hashes, routing keys) of blocks whose KV this replica holds, newest first."""
+        if self.block_cache is None:
+            return [], []
+        return self.block_cache.report(self.report_block_limit)
+
+    def tokenize(self, blocks: Sequence[common_pb2.PromptBlock]) -> TokenizedPrompt:
         try:
-            return tokenize_blocks(self.loaded.tokenizer, [b.text for b in blocks], self.max_prompt_tokens).token_ids
+            return tokenize_blocks(self.block_tokenizer, [b.text for b in blocks], self.max_prompt_tokens)
         except PromptTooLong as exc:
             raise InvalidArgument(f"blocks: {exc}") from exc
 
-    def steps(self, prompt_ids: list[int], request: common_pb2.GenerateRequest, request_id: str
-              ) -> Iterator[StepResult]:
+    def tokenize_prompt(self, blocks: Sequence[common_pb2.PromptBlock]) -> list[int]:
+        return self.tokenize(blocks).token_ids
+
+    def prepare_prompt(self, request: common_pb2.GenerateRequest, prompt_ids: list[int] | None = None
+                       ) -> PreparedPrompt:
+        """The request's prompt ids and the KV to start from (block reuse), with cached / computed
+        token counts: see block_cache.PreparedPrompt. Runs model forwards when blocks are reused
+        (the assembly). params.disable_block_reuse -> no cache, the engine prefills everything."""
+        tokenized = self.tokenize(request.blocks)
+        if prompt_ids is not None and tokenized.token_ids != prompt_ids:
+            raise ValueError("prompt_ids do not match the request's blocks")
+        if self.block_cache is None:
+            ids = tokenized.token_ids
+            return PreparedPrompt(ids, None, 0, len(ids))
+        return self.block_cache.prepare(tokenized, request.blocks, reuse=not request.params.disable_block_reuse)
+
+    def prepare(self, prompt_ids: list[int], request: common_pb2.GenerateRequest, request_id: str
+                ) -> PreparedRequest:
+        """Everything the engine needs to run the request, alone or in a batch."""
         config = generation_config(request.params, request_id=request_id, eos_token_id=self.eos_token_id)
         # The request's pool, else its parents ("a/b" -> "a"), else the global pool; the engine adds
         # a request-local overlay of the prompt's own n-grams on top and drops it afterwards. The
@@ -73,4 +116,13 @@ class GenerationRunner:
         if self.pool_tracker is not None:
             self.pool_tracker.note(request.pool_key or None)
         pool = self.pools.resolve(request.pool_key or None)
-        return self.engine.generate(prompt_ids, config, pool)
+        prompt = self.prepare_prompt(request, prompt_ids)
+        return PreparedRequest(prompt.prompt_ids, config, pool, prompt.past_key_values, prompt.cached_tokens,
+                               prompt.recomputed_tokens)
+
+    def steps(self, prompt_ids: list[int], request: common_pb2.GenerateRequest, request_id: str
+              ) -> Iterator[StepResult]:
+        """The request decoded alone (batch of one)."""
+        prepared = self.prepare(prompt_ids, request, request_id)
+        return self.engine.generate(prepared.prompt_ids, prepared.config, prepared.pool,
+                                    past_key_values=prepared.past_key_values)

@@ -12,14 +12,18 @@ from common.drafting.pools import PoolRegistry
 from common.modeling.loading import load_model
 from common.requests import RequestLimits
 from common.rpc.channels import open_channel
+from common.rpc.security import client_security
 from common.rpc.server import ServerHandle, create_server
 from common.telemetry import Telemetry
 from services.decoder.metrics import DecoderMetrics
+from services.decoder.cost_profile import startup_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings
 from services.decoder.pool_snapshots import PoolSnapshots
 from services.decoder.publisher import GeneratedPublisher
+from services.decoder.reuse_setup import create_block_cache
 from services.decoder.runner import GenerationRunner
-from services.decoder.service import Admission, DecoderService
+from services.decoder.batcher import Batcher, KvAdmission, kv_bytes_per_token
+from services.decoder.service import DecoderService
 from services.decoder.settings import DecoderSettings
 
 log = logging.getLogger(__name__)
@@ -39,32 +43,48 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
             producer = make_producer(settings)
         except Exception as exc:  # noqa: BLE001 - NoBrokersAvailable: serve anyway, publishing off
             log.warning("kafka unreachable; generations will not be published", extra={"error": repr(exc)})
-    publisher = GeneratedPublisher(producer, settings.kafka_generated_topic)
+    tracer = telemetry.tracer("adaccel.decoder")
+    publisher = GeneratedPublisher(producer, settings.kafka_generated_topic, tracer=tracer,
+                                   new_producer=(lambda: make_producer(settings)) if settings.kafka_bootstrap else None)
     limits = RequestLimits(max_blocks=settings.max_blocks, max_new_tokens=settings.max_new_tokens)
+    adaptive = settings.adaptive_drafting
     engine = DecodingEngine(loaded.model, EngineSettings(
-        decoding_length=settings.decoding_length, branch_length=settings.branch_length,
-        pad_token_id=loaded.tokenizer.pad_token_id or 0))
+        decoding_length=settings.adaptive_max_tokens if adaptive else settings.decoding_length,
+        branch_length=settings.adaptive_max_depth if adaptive else settings.branch_length,
+        pad_token_id=loaded.tokenizer.pad_token_id or 0, adaptive=adaptive),
+        cost_model=startup_cost_model(settings, loaded) if adaptive else None)
     snapshots = pool_channel = None
     pools = PoolRegistry()
     if settings.pool_addr:
         # Pool snapshots refreshed in the background; requests never wait for the pool service.
         pool_channel = open_channel(settings.pool_addr, tracer_provider=telemetry.tracer_provider,
-                                    max_message_bytes=settings.max_message_bytes)
+                                    max_message_bytes=settings.max_message_bytes, security=client_security(settings))
         snapshots = PoolSnapshots(pool_pb2_grpc.PoolStub(pool_channel), refresh_s=settings.pool_refresh_s,
-                                  max_pools=settings.pool_cache_pools)
+                                  max_pools=settings.pool_cache_pools, tracer=tracer)
         pools = snapshots.registry
+    admission = KvAdmission(budget_bytes=int(settings.kv_budget_mb * (1 << 20)),
+                            bytes_per_token=kv_bytes_per_token(loaded.model), max_requests=settings.max_queue)
+    batcher = Batcher(engine, admission, max_batch_size=settings.max_batch_size).start()
+    # Prompt blocks' KV from local memory / the kv-store; the accuracy gate may turn reuse off.
+    block_cache, block_cache_closers = create_block_cache(settings, loaded, tracer_provider=telemetry.tracer_provider,
+                                                          security=client_security(settings))
     runner = GenerationRunner(loaded, engine, pools, device=settings.device,
-                              max_prompt_tokens=settings.max_prompt_tokens, pool_tracker=snapshots)
+                              max_prompt_tokens=settings.max_prompt_tokens, pool_tracker=snapshots,
+                              block_cache=block_cache, report_block_limit=settings.report_block_limit)
     decoder = DecoderService(
         runner, publisher, decoder_id=settings.decoder_id, limits=limits,
-        admission=Admission(settings.max_queue), decoding_length=settings.decoding_length,
+        batcher=batcher, decoding_length=settings.decoding_length,
         branch_length=settings.branch_length, metrics=DecoderMetrics.create(telemetry.meter("adaccel.decoder")),
     )
+    decoder.metrics.observe_load(queue_depth=lambda: admission.active,
+                                 tokens_in_flight=lambda: admission.tokens_in_flight, batch_size=lambda: batcher.rows)
     handle = create_server(settings, telemetry, [(decoder_pb2_grpc.add_DecoderServicer_to_server, decoder)],
                            [SERVICE_NAME])
     if not decoder.decoder_id:
         decoder.decoder_id = f"decoder-{handle.port}"
+    handle.on_stop.append(batcher.stop)
     handle.on_stop.append(publisher.close)
+    handle.on_stop.extend(block_cache_closers)
     if snapshots is not None:
         snapshots.start()
         handle.on_stop.append(snapshots.stop)

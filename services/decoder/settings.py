@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from common.settings import KafkaSettings, ServiceSettings
 
@@ -16,8 +18,55 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     max_new_tokens: int = Field(512, ge=1, description="largest max_new_tokens accepted")
     max_blocks: int = Field(256, ge=1, description="prompt blocks per request at most")
     max_queue: int = Field(16, ge=1, description="requests admitted (running + waiting); more -> RESOURCE_EXHAUSTED")
+    max_batch_size: int = Field(8, ge=1, description="requests decoded together in one batch (the rest of the admitted wait)")
+    kv_budget_mb: float = Field(1024.0, gt=0, description="KV memory admitted requests may need, MiB ((prompt + max_new_tokens) x per-token KV); over -> RESOURCE_EXHAUSTED")
+    # Every admitted request holds an RPC thread while it streams; Report and health need more.
+    workers: int = Field(24, ge=2, description="threads serving RPCs (more than max_queue: admitted streams hold one each)")
     decoding_length: int = Field(16, ge=1, description="default draft tokens per verification step")
     branch_length: int = Field(8, ge=1, description="default depth of a draft branch")
+    adaptive_drafting: bool = Field(False, description="size each step's draft tree by expected tokens per second (measured step cost x draft confidence); decoding_length/branch_length then cap the candidates")
+    adaptive_max_tokens: int = Field(32, ge=1, description="adaptive drafting: candidate draft tokens per request and step at most")
+    adaptive_max_depth: int = Field(12, ge=1, description="adaptive drafting: deepest candidate branch")
+    cost_profile_s: float = Field(5.0, ge=0, description="adaptive drafting: start-up step-cost profiling time limit when no stored profile matches model and device (0 = never profile: stored or built-in estimate)")
     pool_addr: str = Field("", description="retrieval-pool service host:port (empty = prompt overlay only)")
     pool_refresh_s: float = Field(2.0, gt=0, description="seconds between pool version checks (snapshots fetched when moved)")
     pool_cache_pools: int = Field(16, ge=1, description="pool snapshots held (LRU; the global pool not counted)")
+    # Beyond-prefix KV reuse of prompt blocks (services/decoder/block_cache.py).
+    block_reuse: bool = Field(True, description="reuse prompt blocks' KV (local memory, kv-store); off = full prefill always")
+    kvstore_addrs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="kv-store shards host:port, comma-separated, one per shard (empty = local memory only)")
+    reuse_mode: Literal["full", "reuse", "cacheblend", "epic"] = Field(
+        "epic", description="assembly of reused blocks: full prefill, reuse as is, CacheBlend or EPIC correction")
+    recompute_ratio: float = Field(0.15, ge=0, le=1, description="cacheblend: share of reused tokens recomputed")
+    check_layer: int = Field(1, ge=1, description="cacheblend: layer where KV deviation picks the tokens to recompute")
+    epic_tokens: int = Field(16, ge=0, description="epic: leading tokens of each reused block recomputed")
+    min_block_tokens: int = Field(4, ge=1, description="blocks shorter than this are computed, never cached")
+    block_memory_mb: float = Field(512.0, ge=0, description="local block KV memory for items (LRU), MiB")
+    replicated_memory_mb: float = Field(128.0, ge=0, description="local block KV memory for user histories and instructions (LRU), MiB")
+    kvstore_timeout_s: float = Field(0.5, gt=0, description="deadline of one kv-store lookup call")
+    kvstore_backoff_s: float = Field(5.0, ge=0, description="after a kv-store shard fails, seconds it is not asked")
+    kvstore_chunk_bytes: int = Field(1 << 20, ge=1024, description="chunk size when publishing a block")
+    publish_queue: int = Field(256, ge=1, description="missed blocks waiting to be computed and published (more are dropped)")
+    report_block_limit: int = Field(4096, ge=0, description="held blocks listed in a Report (newest first)")
+    placement_embedder: Literal["auto", "minilm", "category"] = Field(
+        "auto", description="item embeddings for shard placement (used with 2+ shards): MiniLM if installed, else category features")
+    placement_anchors: int = Field(64, ge=1, description="similarity buckets hashed onto the shard ring")
+    reuse_gate_min_top1: float = Field(0.9, ge=0, le=1, description="accuracy gate: reuse only if first-token top-1 agreement with full prefill reaches this")
+    reuse_gate_prompts: int = Field(12, ge=0, description="accuracy gate: calibration prompts (0 = no gate)")
+    reuse_gate_store: Path | None = Field(None, description="gate results by model id (default <data_dir>/calibration/block_reuse.json)")
+
+    @field_validator("kvstore_addrs", mode="before")
+    @classmethod
+    def split_commas(cls, value):
+        # Env vars and k8s ConfigMaps carry "host:port,host:port", not JSON.
+        if isinstance(value, str):
+            return [a.strip() for a in value.split(",") if a.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def workers_exceed_admitted(self):
+        # With every thread streaming an admitted request, heartbeats (Report) would wait and the
+        # router would take this replica for dead.
+        if self.workers <= self.max_queue:
+            raise ValueError(f"workers ({self.workers}) must exceed max_queue ({self.max_queue})")
+        return self

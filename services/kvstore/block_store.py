@@ -12,16 +12,31 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rocksdict import Options, Rdict
 
 from adaccel.v1 import kvstore_pb2
 from common.rpc.errors import InvalidArgument, NotFound, ResourceExhausted
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
+# Float dtypes as (unsigned view, exponent mask): all exponent bits set is Inf or NaN. Bit tests
+# cover bfloat16, which numpy has no type for.
+FLOAT_EXPONENT_MASKS = {"float32": (np.uint32, 0x7F800000), "float16": (np.uint16, 0x7C00),
+                        "bfloat16": (np.uint16, 0x7F80), "float64": (np.uint64, 0x7FF0000000000000)}
+MAX_MODEL_ID_BYTES = 256
 
 
 def checksum(data: bytes) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def non_finite_values(dtype: str, data: bytes) -> int:
+    """How many elements of a float tensor are Inf or NaN (0 for integer dtypes)."""
+    if dtype not in FLOAT_EXPONENT_MASKS or not data:
+        return 0
+    view, mask = FLOAT_EXPONENT_MASKS[dtype]
+    bits = np.frombuffer(data, dtype=view)
+    return int(np.count_nonzero((bits & view(mask)) == view(mask)))
 
 
 def storage_key(model_id: str, block_hash: bytes) -> bytes:
@@ -38,8 +53,8 @@ class StoredBlock:
 def validate_block(header: kvstore_pb2.KvHeader, data: bytes, max_block_bytes: int) -> None:
     if not header.block_hash or len(header.block_hash) > 64:
         raise InvalidArgument("header.block_hash: 1-64 bytes required")
-    if not header.model_id:
-        raise InvalidArgument("header.model_id: required")
+    if not header.model_id or len(header.model_id.encode()) > MAX_MODEL_ID_BYTES:
+        raise InvalidArgument(f"header.model_id: 1-{MAX_MODEL_ID_BYTES} bytes required")
     if header.dtype not in DTYPE_BYTES:
         raise InvalidArgument(f"header.dtype: {header.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
     if not header.shape or any(d <= 0 for d in header.shape):
@@ -57,6 +72,10 @@ def validate_block(header: kvstore_pb2.KvHeader, data: bytes, max_block_bytes: i
         raise InvalidArgument(f"data: received {len(data)} bytes, header says {header.total_bytes}")
     if checksum(data) != header.checksum:
         raise InvalidArgument("header.checksum: does not match the data received")
+    # A NaN or Inf in cached keys/values would poison every attention that reads the block.
+    bad = non_finite_values(header.dtype, data)
+    if bad:
+        raise InvalidArgument(f"data: {bad} Inf/NaN values in a {header.dtype} block; KV must be finite")
 
 
 class BlockStore:

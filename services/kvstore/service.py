@@ -6,7 +6,17 @@ import grpc
 
 from adaccel.v1 import kvstore_pb2, kvstore_pb2_grpc
 from common.rpc.errors import InvalidArgument, ResourceExhausted
-from services.kvstore.block_store import BlockStore
+from services.kvstore.block_store import MAX_MODEL_ID_BYTES, BlockStore
+
+MAX_CONTAINS_HASHES = 4096
+MAX_HASH_BYTES = 64
+
+
+def _check_names(model_id: str, block_hashes) -> None:
+    if len(model_id.encode()) > MAX_MODEL_ID_BYTES:
+        raise InvalidArgument(f"model_id: at most {MAX_MODEL_ID_BYTES} bytes")
+    if any(len(h) > MAX_HASH_BYTES for h in block_hashes):
+        raise InvalidArgument(f"block_hash: at most {MAX_HASH_BYTES} bytes")
 
 
 class KvStoreService(kvstore_pb2_grpc.KvStoreServicer):
@@ -41,6 +51,7 @@ class KvStoreService(kvstore_pb2_grpc.KvStoreServicer):
     def Get(self, request: kvstore_pb2.GetRequest, context: grpc.ServicerContext):
         if not request.block_hash or not request.model_id:
             raise InvalidArgument("block_hash and model_id: required")
+        _check_names(request.model_id, [request.block_hash])
         block = self.store.get(request.model_id, request.block_hash)
         yield kvstore_pb2.KvChunk(header=block.header)
         data = block.data
@@ -48,6 +59,9 @@ class KvStoreService(kvstore_pb2_grpc.KvStoreServicer):
             yield kvstore_pb2.KvChunk(data=data[start:start + self.chunk_bytes])
 
     def Contains(self, request, context):
+        if len(request.block_hashes) > MAX_CONTAINS_HASHES:
+            raise ResourceExhausted(f"block_hashes: {len(request.block_hashes)} hashes, limit is {MAX_CONTAINS_HASHES}")
+        _check_names(request.model_id, request.block_hashes)
         return kvstore_pb2.ContainsReply(present=self.store.contains(request.model_id, list(request.block_hashes)))
 
     def Stats(self, request, context):

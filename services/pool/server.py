@@ -5,6 +5,7 @@ import functools
 from adaccel.v1 import pool_pb2, pool_pb2_grpc
 from common.rpc.server import ServerHandle, create_server
 from common.telemetry import Telemetry
+from services.pool.metrics import PoolMetrics
 from services.pool.ngram_records import generated_record_mutation, inventory_event_mutation
 from services.pool.pool_manager import PoolLimits, PoolManager
 from services.pool.pool_store import PoolStore
@@ -58,7 +59,9 @@ def create_pool_server(settings: PoolSettings, telemetry: Telemetry) -> ServerHa
                 tokenize=tokenize),
         }
         # Serving means: the store is open and the updater is connected to the broker.
-        updater = PoolUpdater(pools, settings, transforms, on_health=handle.set_serving)
+        updater = PoolUpdater(pools, settings, transforms, on_health=handle.set_serving,
+                              tracer=telemetry.tracer("adaccel.pool"),
+                              metrics=PoolMetrics.create(telemetry.meter("adaccel.pool")))
         servicer.updater = updater
         updater.start()
         handle.on_stop.append(updater.stop)

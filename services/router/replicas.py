@@ -1,40 +1,66 @@
-"""The router's soft state: which decoder replicas exist, whether they answer, and their load."""
+"""The router's soft state: which decoder replicas exist, whether they answer, their load, and
+which prompt blocks and pools they hold (learned from their reports, see scheduling.py)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import grpc
 
 from adaccel.v1 import decoder_pb2, decoder_pb2_grpc
 from common.rpc.channels import open_channel
-from services.router.scheduling import ReplicaView
+from common.rpc.security import ClientSecurity
+from services.router.scheduling import Footprint, ReplicaView
 
 log = logging.getLogger(__name__)
 
+# Keys remembered per replica from requests routed to it since its last reports (bounded).
+MAX_ROUTED_KEYS = 8192
+
 
 class Replica:
-    def __init__(self, address: str, tracer_provider, max_message_bytes: int):
+    def __init__(self, address: str, tracer_provider, max_message_bytes: int, security: ClientSecurity | None = None):
         self.address = address
-        self.channel = open_channel(address, tracer_provider=tracer_provider, max_message_bytes=max_message_bytes)
+        self.channel = open_channel(address, tracer_provider=tracer_provider, max_message_bytes=max_message_bytes,
+                                    security=security)
         self.stub = decoder_pb2_grpc.DecoderStub(self.channel)
         self.healthy = False
         self.decoder_id = ""
         self.queue_depth = 0
         self.tokens_in_flight = 0
+        self.block_keys: frozenset[int] = frozenset()
+        self.pool_keys: frozenset[str] = frozenset()
+        # Whether it ever reported a held block: only then does it cache blocks, and only then are
+        # the blocks of requests routed to it expected to be held there soon.
+        self.caches_blocks = False
         # Requests this router sent and has not seen finish: load known before the next heartbeat.
         self.local_inflight = 0
+        # Blocks and pools of requests routed here, with the time: the replica holds them once
+        # it prefilled, before its next report says so; dropped when reports should cover them.
+        self.routed_blocks: dict[int, float] = {}
+        self.routed_pools: dict[str, float] = {}
 
     def view(self) -> ReplicaView:
+        blocks = self.block_keys
+        if self.caches_blocks and self.routed_blocks:
+            blocks = blocks | self.routed_blocks.keys()
+        pools = self.pool_keys | self.routed_pools.keys() if self.routed_pools else self.pool_keys
         return ReplicaView(self.address, self.healthy, max(self.queue_depth, self.local_inflight),
-                           self.tokens_in_flight)
+                           self.tokens_in_flight, frozenset(blocks), frozenset(pools))
+
+    def forget_routed_before(self, cutoff: float) -> None:
+        for routed in (self.routed_blocks, self.routed_pools):
+            stale = [k for k, t in routed.items() if t < cutoff]
+            for key in stale:
+                del routed[key]
 
 
 class ReplicaSet:
     def __init__(self, addresses: list[str], *, heartbeat_s: float, tracer_provider=None,
-                 max_message_bytes: int = 64 << 20):
-        self.replicas = {a: Replica(a, tracer_provider, max_message_bytes) for a in addresses}
+                 max_message_bytes: int = 64 << 20, security: ClientSecurity | None = None):
+        self.replicas = {a: Replica(a, tracer_provider, max_message_bytes, security) for a in addresses}
         self.heartbeat_s = heartbeat_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -63,8 +89,19 @@ class ReplicaSet:
         with self._lock:
             self.replicas[address].local_inflight += delta
 
+    def note_routed(self, address: str, footprint: Footprint) -> None:
+        now = time.monotonic()
+        with self._lock:
+            replica = self.replicas[address]
+            if len(replica.routed_blocks) + len(footprint.blocks.weights) > MAX_ROUTED_KEYS:
+                replica.routed_blocks.clear()
+            replica.routed_blocks.update(dict.fromkeys(footprint.blocks.weights, now))
+            if footprint.pool_key:
+                replica.routed_pools[footprint.pool_key] = now
+
     def poll_once(self) -> None:
         for replica in self.replicas.values():
+            asked = time.monotonic()
             try:
                 report = replica.stub.Report(decoder_pb2.DecoderReportRequest(), timeout=self.heartbeat_s)
             except grpc.RpcError as exc:
@@ -78,6 +115,12 @@ class ReplicaSet:
                 replica.decoder_id = report.decoder_id
                 replica.queue_depth = report.queue_depth
                 replica.tokens_in_flight = report.tokens_in_flight
+                replica.block_keys = frozenset(report.block_keys)
+                replica.pool_keys = frozenset(report.pool_keys)
+                replica.caches_blocks = replica.caches_blocks or bool(report.block_keys)
+                # A request routed a heartbeat before this report was asked for has prefilled by
+                # now (or its blocks were not kept): the report speaks for it.
+                replica.forget_routed_before(asked - self.heartbeat_s)
         if self.on_change is not None:
             self.on_change(sum(1 for r in self.views() if r.healthy))
 

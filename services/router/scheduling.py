@@ -1,13 +1,27 @@
-"""Replica choice (pure): the healthy replica with the lowest load, ties broken by address.
+"""Replica choice (pure): cache affinity weighed against load, as RcLLM's global scheduler.
 
-Cache-affinity scoring (blocks and pools a replica already holds) extends `score` later; the
-rest of the router only calls `choose_replica`.
+Policies:
+  affinity      score = block_weight * (share of the request's cacheable prompt, by characters,
+                whose KV the replica holds) + pool_weight * (replica holds the request's pool)
+                - load; the best score wins. A replica that reports nothing scores on load alone,
+                so with no cache knowledge anywhere this is least_loaded.
+  least_loaded  score = -load.
+  round_robin   the next healthy replica in address order, whatever it holds or carries.
+load = queue_depth + tokens_in_flight / tokens_per_request: a replica with one more request
+queued must hold a `1 / block_weight` larger share of the prompt to still win, so one hot user
+cannot pile every request onto one replica. Ties go to the smaller address (deterministic).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from common.blocks.routing_keys import RequestBlocks
+
+Policy = Literal["affinity", "least_loaded", "round_robin"]
+POLICIES: tuple[str, ...] = ("affinity", "least_loaded", "round_robin")
 
 
 @dataclass(slots=True, frozen=True)
@@ -16,15 +30,80 @@ class ReplicaView:
     healthy: bool
     queue_depth: int
     tokens_in_flight: int
+    block_keys: frozenset[int] = frozenset()  # routing keys of blocks whose KV it holds
+    pool_keys: frozenset[str] = frozenset()  # pools whose snapshot it holds
 
 
-def score(replica: ReplicaView) -> float:
+@dataclass(slots=True, frozen=True)
+class Footprint:
+    """What a request would reuse: its cacheable blocks and its pool."""
+
+    blocks: RequestBlocks = field(default_factory=lambda: RequestBlocks({}))
+    pool_key: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class AffinityWeights:
+    block_weight: float = 2.0  # the whole prompt held is worth this many queued requests
+    pool_weight: float = 0.5  # holding the request's pool is worth this many queued requests
+    tokens_per_request: float = 4096.0  # tokens in flight counted as one queued request
+
+
+def load(replica: ReplicaView, weights: AffinityWeights) -> float:
+    return replica.queue_depth + replica.tokens_in_flight / weights.tokens_per_request
+
+
+def held_share(replica: ReplicaView, blocks: RequestBlocks) -> float:
+    """Share (0..1, by characters) of the request's cacheable blocks whose KV the replica holds."""
+    total = blocks.total_weight
+    if not total or not replica.block_keys:
+        return 0.0
+    return sum(w for key, w in blocks.weights.items() if key in replica.block_keys) / total
+
+
+def holds_pool(replica: ReplicaView, pool_key: str) -> bool:
+    """The request's pool or one of its parents ("a/b" falls back to "a", as the decoder does)."""
+    key = pool_key
+    while key:
+        if key in replica.pool_keys:
+            return True
+        key = key.rpartition("/")[0]
+    return False
+
+
+def affinity_score(replica: ReplicaView, footprint: Footprint, weights: AffinityWeights) -> float:
     """Higher is better."""
-    return -(replica.queue_depth + replica.tokens_in_flight / 4096)
+    gain = weights.block_weight * held_share(replica, footprint.blocks)
+    if footprint.pool_key and holds_pool(replica, footprint.pool_key):
+        gain += weights.pool_weight
+    return gain - load(replica, weights)
 
 
-def choose_replica(replicas: Sequence[ReplicaView], exclude: frozenset[str] = frozenset()) -> ReplicaView | None:
+def _address_order(address: str) -> list[int]:
+    return [-ord(c) for c in address]
+
+
+def choose_replica(
+    replicas: Sequence[ReplicaView],
+    exclude: frozenset[str] = frozenset(),
+    *,
+    policy: Policy = "least_loaded",
+    footprint: Footprint | None = None,
+    weights: AffinityWeights | None = None,
+    turn: int = 0,
+) -> ReplicaView | None:
+    """The replica to send a request to, or None when no healthy one is left. `turn`: a counter
+    the caller increments per request (round_robin only)."""
     candidates = [r for r in replicas if r.healthy and r.address not in exclude]
     if not candidates:
         return None
-    return max(candidates, key=lambda r: (score(r), [-ord(c) for c in r.address]))
+    weights = weights or AffinityWeights()
+    if policy == "round_robin":
+        ordered = sorted(candidates, key=lambda r: r.address)
+        return ordered[turn % len(ordered)]
+    if policy == "affinity":
+        footprint = footprint or Footprint()
+        return max(candidates, key=lambda r: (affinity_score(r, footprint, weights), _address_order(r.address)))
+    if policy == "least_loaded":
+        return max(candidates, key=lambda r: (-load(r, weights), _address_order(r.address)))
+    raise ValueError(f"unknown scheduling policy {policy!r}; expected one of {POLICIES}")

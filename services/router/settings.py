@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
@@ -14,6 +14,11 @@ class RouterSettings(ServiceSettings):
     default_deadline_s: float = Field(120.0, gt=0, description="deadline when the caller sets none")
     max_new_tokens: int = Field(512, ge=1, description="largest max_new_tokens accepted")
     max_blocks: int = Field(256, ge=1, description="prompt blocks per request at most")
+    scheduling_policy: Literal["affinity", "least_loaded", "round_robin"] = Field(
+        "affinity", description="replica choice: cache affinity weighed against load, least loaded, or round robin")
+    affinity_block_weight: float = Field(2.0, ge=0, description="affinity: a fully held prompt is worth this many queued requests")
+    affinity_pool_weight: float = Field(0.5, ge=0, description="affinity: a held pool is worth this many queued requests")
+    tokens_per_request: float = Field(4096.0, gt=0, description="load: tokens in flight counted as one queued request")
 
     @field_validator("decoder_addrs", mode="before")
     @classmethod

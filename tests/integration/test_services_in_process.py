@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
@@ -37,7 +38,8 @@ def put_stream(header, data, chunk=1000):
 
 def test_kvstore_streams_blocks_both_ways(kvstore, channel_to):
     stub = kvstore_pb2_grpc.KvStoreStub(channel_to(kvstore.address))
-    data = bytes(range(256)) * 40  # 10 KiB: several chunks each way
+    # 10 KiB of finite float16 values (the store refuses NaN/Inf): several chunks each way.
+    data = np.linspace(-4, 4, 5120, dtype=np.float16).tobytes()
     header = kvstore_pb2.KvHeader(block_hash=b"\x01" * 16, model_id="m", dtype="float16", shape=[2, 2560],
                                   total_bytes=len(data), checksum=checksum(data), num_tokens=5)
     assert stub.Put(put_stream(header, data), timeout=5).stored

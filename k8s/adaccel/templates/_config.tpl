@@ -18,6 +18,7 @@ ADACCEL_DECODER_ADDRS: {{ include "adaccel.decoderAddrs" . | quote }}
 ADACCEL_MODEL_PATH: {{ include "adaccel.modelPath" . | quote }}
 ADACCEL_DEVICE: {{ ternary "cuda" "cpu" (gt (int .Values.decoder.gpu.count) 0) | quote }}
 ADACCEL_POOL_ADDR: {{ printf "%s:%d" (include "adaccel.componentName" (dict "ctx" . "component" "pool")) (int .Values.grpcPort) | quote }}
+ADACCEL_KVSTORE_ADDRS: {{ include "adaccel.kvstoreAddrs" . | quote }}
 {{- include "adaccel.settingsConfig" (dict "settings" .Values.decoder.settings) }}
 {{- end -}}
 

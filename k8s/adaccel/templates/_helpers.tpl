@@ -86,6 +86,16 @@ ADACCEL_OTLP_ENDPOINT: {{ .Values.telemetry.otlpEndpoint | quote }}
 {{- else }}
 ADACCEL_TELEMETRY_EXPORTER: {{ .Values.telemetry.exporter | quote }}
 {{- end }}
+ADACCEL_METRICS_PORT: {{ include "adaccel.envValue" (include "adaccel.metricsPort" . | int) | quote }}
+{{- end -}}
+
+{{/* The Prometheus scrape port (0 = off); it must differ from the gRPC port. */}}
+{{- define "adaccel.metricsPort" -}}
+{{- $port := int .Values.telemetry.metricsPort -}}
+{{- if and (gt $port 0) (eq $port (int .Values.grpcPort)) -}}
+{{- fail (printf "telemetry.metricsPort %d is grpcPort too; pick another port (or 0 to turn scraping off)" $port) -}}
+{{- end -}}
+{{- $port -}}
 {{- end -}}
 
 {{/* KafkaSettings fields owned by the chart. */}}
@@ -122,6 +132,21 @@ Service. Changing decoder.replicas changes the router ConfigMap, whose checksum 
 {{- $svc := include "adaccel.headlessName" (dict "ctx" $ctx "component" "decoder") -}}
 {{- $addrs := list -}}
 {{- range $i := until (int .Values.decoder.replicas) -}}
+{{- $addrs = append $addrs (printf "%s-%d.%s.%s.svc.%s:%d" $sts $i $svc $ctx.Release.Namespace $ctx.Values.clusterDomain (int $ctx.Values.grpcPort)) -}}
+{{- end -}}
+{{- join "," $addrs -}}
+{{- end -}}
+
+{{/*
+kv-store shard addresses for the decoders: one stable DNS name per kvstore pod (shard n = ordinal
+n), through the headless Service. Placement maps blocks onto this list, so its order is the shard map.
+*/}}
+{{- define "adaccel.kvstoreAddrs" -}}
+{{- $ctx := . -}}
+{{- $sts := include "adaccel.componentName" (dict "ctx" $ctx "component" "kvstore") -}}
+{{- $svc := include "adaccel.headlessName" (dict "ctx" $ctx "component" "kvstore") -}}
+{{- $addrs := list -}}
+{{- range $i := until (int .Values.kvstore.replicas) -}}
 {{- $addrs = append $addrs (printf "%s-%d.%s.%s.svc.%s:%d" $sts $i $svc $ctx.Release.Namespace $ctx.Values.clusterDomain (int $ctx.Values.grpcPort)) -}}
 {{- end -}}
 {{- join "," $addrs -}}
@@ -170,6 +195,12 @@ ports:
   - name: grpc
     containerPort: {{ int .ctx.Values.grpcPort }}
     protocol: TCP
+{{- $metricsPort := include "adaccel.metricsPort" .ctx | int }}
+{{- if gt $metricsPort 0 }}
+  - name: metrics
+    containerPort: {{ $metricsPort }}
+    protocol: TCP
+{{- end }}
 envFrom:
   - configMapRef:
       name: {{ include "adaccel.componentName" . }}
@@ -284,6 +315,23 @@ image: {{ include "adaccel.image" .ctx }}
 imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
 securityContext:
   {{- toYaml .ctx.Values.containerSecurityContext | nindent 2 }}
+{{- end -}}
+
+{{/*
+Pod annotations: the config checksum; Prometheus' annotation-based discovery hints when
+telemetry.metricsPort is set (prometheus.io/scrape, /port, /path); then <component>.podAnnotations,
+which win over the hints.
+*/}}
+{{- define "adaccel.podAnnotations" -}}
+{{ include "adaccel.configChecksum" . }}
+{{- $annotations := deepCopy (default (dict) .values.podAnnotations) -}}
+{{- $metricsPort := include "adaccel.metricsPort" .ctx | int -}}
+{{- if gt $metricsPort 0 -}}
+{{- $annotations = merge $annotations (dict "prometheus.io/scrape" "true" "prometheus.io/port" (toString $metricsPort) "prometheus.io/path" "/metrics") -}}
+{{- end -}}
+{{- with $annotations }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{/* Rolls pods when their ConfigMap changes. */}}

@@ -28,6 +28,10 @@ class EngineSettings:
     # are this share of it (a whole-cache copy, so not every step).
     compact_hole_fraction: float = 0.5
     pad_token_id: int = 0
+    # Adaptive drafting: each step's tree (per row, under batching per forward) is the one that
+    # maximises expected accepted tokens per predicted second (common/drafting/budget.py);
+    # decoding_length / branch_length then only cap the candidates it chooses from.
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         assert self.decoding_length >= 0 and self.branch_length >= 0 and self.key_length >= 1

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from common.drafting.budget import AdaptiveDrafting
+from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree, FlatTree, chain_tree, flatten
 from common.drafting.pools import DraftSettings, DraftSource, RequestDrafter
 from common.drafting.trie import TokenTrie
@@ -28,6 +30,7 @@ from common.drafting.verification import (
     verify_sampling,
     verify_strict,
 )
+from services.decoder.engine.cache_rows import append_rows
 from services.decoder.engine.config import EngineSettings, GenerationConfig, StepResult
 from services.decoder.engine.kv_cache import cache_length, check_cache, compact, keep_accepted
 from services.decoder.engine.tree_inputs import TreeInputs, build_tree_inputs
@@ -75,12 +78,23 @@ class DecodingEngine:
     prompts, None for rows without a result that step).
     """
 
-    def __init__(self, model: torch.nn.Module, settings: EngineSettings | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, settings: EngineSettings | None = None, *, cost_model: StepCostModel | None = None
+    ) -> None:
+        """`cost_model`: predicted step cost for adaptive drafting (settings.adaptive); None
+        profiles this model briefly on first use (services/decoder/cost_profile.py)."""
         self.model = model
         self.settings = settings or EngineSettings()
         self.device = torch.device(self.settings.device) if self.settings.device else model.device
         self.dtype = model.dtype
         self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
+        self.adaptive: AdaptiveDrafting | None = None
+        if self.settings.adaptive:
+            if cost_model is None:
+                from services.decoder.cost_profile import profile_cost_model  # torch-heavy, only when needed
+
+                cost_model = profile_cost_model(model, "", max_seconds=3.0)
+            self.adaptive = AdaptiveDrafting(cost_model)
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -157,6 +171,8 @@ class DecodingEngine:
                 DraftSettings(key_length=self.settings.key_length),
                 ngram_length=self.settings.key_length + branch_length,
             )
+        if drafter is not None and self.adaptive is not None:
+            drafter = self.adaptive.wrap(drafter, pool)
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -209,8 +225,7 @@ class DecodingEngine:
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> list[StepResult]:
         """One forward pass for every active row; returns their results in row order."""
-        budget = self._row_draft_budget(len(batch.requests))
-        drafts = [self._draft(request, budget) for request in batch.requests]
+        drafts = self._draft_rows(batch)
         trees = [flatten(request.tokens[-1], draft) for request, draft in zip(batch.requests, drafts)]
         old_length = cache_length(batch.cache)
         inputs = self._tree_inputs(batch, trees, [r.context_length for r in batch.requests])
@@ -225,6 +240,18 @@ class DecodingEngine:
         return results
 
     # ------------------------------------------------------------------ step parts
+    def _draft_rows(self, batch: _Batch) -> list[DraftTree]:
+        """Every row's draft: a fixed budget each (decoding_length / branch_length, split by
+        batch_draft_tokens), or, adaptive, the trees the cost model and confidence choose
+        together for the whole batch (decoding_length / branch_length then cap candidates)."""
+        if self.adaptive is None:
+            budget = self._row_draft_budget(len(batch.requests))
+            return [self._draft(request, budget) for request in batch.requests]
+        rows = [
+            (r.drafter, r.tokens, r.decoding_length, min(r.branch_length, r.room - 1)) for r in batch.requests
+        ]
+        return self.adaptive.draft_rows(rows, cache_length(batch.cache), self.settings.batch_draft_tokens)
+
     def _row_draft_budget(self, rows: int) -> int:
         total = self.settings.batch_draft_tokens
         return total // rows if total is not None else 1 << 30
@@ -307,3 +334,59 @@ class DecodingEngine:
 
 def _or_default(value: int | None, default: int) -> int:
     return default if value is None else value
+
+
+class BatchSession:
+    """A running batch that requests join between steps and leave when done (continuous batching).
+
+    add() prefills one request alone (optionally on top of a batch-1 cache holding a prefix of its
+    prompt, from block reuse) and appends its row to the running batch (cache_rows.append_rows);
+    step() runs one shared verification forward for every row and returns (handle, result) pairs;
+    rows that finish that step are retired by the step itself. The handle is the request's state
+    object; `handle.done` says it will get no more results. Not thread-safe: one thread owns it.
+    """
+
+    def __init__(self, engine: DecodingEngine) -> None:
+        self.engine = engine
+        self.batch: _Batch | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.batch.requests) if self.batch is not None else 0
+
+    def add(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        pool: TokenTrie | None = None,
+        *,
+        past_key_values: DynamicCache | None = None,
+        draft_source: DraftSource | None = None,
+    ) -> _Request:
+        request = self.engine._new_request(0, prompt_ids, config, pool, draft_source)
+        if request.room <= 0:
+            request.done = True
+            return request
+        if past_key_values is not None:
+            check_cache(past_key_values)
+            if cache_length(past_key_values) and past_key_values.layers[0].keys.shape[0] != 1:
+                raise ValueError("past_key_values must have batch size 1")
+        joined = self.engine._prefill([request], past_key_values)
+        if not self.rows:
+            self.batch = joined
+        else:
+            self.batch.key_valid = append_rows(self.batch.cache, self.batch.key_valid, joined.cache, joined.key_valid)
+            self.batch.requests.append(request)
+        return request
+
+    def step(self) -> list[tuple[_Request, StepResult]]:
+        if not self.rows:
+            return []
+        rows = list(self.batch.requests)  # _step retires finished rows
+        return list(zip(rows, self.engine._step(self.batch)))
+
+    def remove(self, request: _Request) -> None:
+        """Drops a row before it finished (its caller went away)."""
+        if self.batch is not None and any(r is request for r in self.batch.requests):
+            request.done = True
+            self.engine._retire_finished(self.batch)

@@ -2,7 +2,7 @@
 
 Property tests over random prompts, random pools (random token sequences, and pools built
 from the greedy continuation itself, intact or mutated, so long acceptances really happen),
-random tree budgets and lookup keys, on tiny Llama and Qwen2 (fp32, CPU); single requests and
+random tree budgets and lookup keys, fixed or adaptive drafting, on tiny Llama and Qwen2 (fp32, CPU); single requests and
 batches of prompts of different lengths. The reference is a plain one-token-at-a-time loop
 over a DynamicCache (checked against transformers' generate once).
 
@@ -14,12 +14,15 @@ counts such cases (none have been observed).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
+from common.drafting.cost_model import linear_cost_model
 from common.drafting.trie import TokenTrie, TrieSettings
 from common.modeling.tiny import build_tiny_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
@@ -168,16 +171,27 @@ generation = st.fixed_dictionaries(
 )
 
 
-def engine_for(model, draw) -> DecodingEngine:
-    return DecodingEngine(
-        model,
-        EngineSettings(
-            decoding_length=draw(st.sampled_from([64, 16, 4])),
-            branch_length=draw(st.sampled_from([12, 3])),
-            key_length=draw(st.integers(1, 3)),
-            compact_hole_fraction=draw(st.sampled_from([0.05, 0.5])),
-        ),
+# Adaptive drafting's step costs: fixed-cost heavy (large trees pay) and per-token heavy (small
+# trees, often none); given, not profiled, so that the examples do not depend on timing.
+COST_MODELS = [linear_cost_model(3e-3, 1e-5), linear_cost_model(1e-3, 1e-3)]
+
+
+def engine_settings(draw) -> EngineSettings:
+    return EngineSettings(
+        decoding_length=draw(st.sampled_from([64, 16, 4])),
+        branch_length=draw(st.sampled_from([12, 3])),
+        key_length=draw(st.integers(1, 3)),
+        compact_hole_fraction=draw(st.sampled_from([0.05, 0.5])),
     )
+
+
+def engine_for(model, settings: EngineSettings, draw) -> DecodingEngine:
+    """Fixed or adaptive drafting; drawn after the example's other parts, so the fixed-budget
+    examples are the ones drawn before adaptive drafting existed."""
+    if not draw(st.booleans()):
+        return DecodingEngine(model, settings)
+    settings = replace(settings, adaptive=True, batch_draft_tokens=draw(st.sampled_from([None, 8])))
+    return DecodingEngine(model, settings, cost_model=draw(st.sampled_from(COST_MODELS)))
 
 
 def config_for(draw, continuation: list[int]) -> GenerationConfig:
@@ -193,9 +207,10 @@ def test_strict_single_request_equals_greedy(
     model, greedy, near_ties, acceptance, arch, data, prompt
 ) -> None:
     continuation, _ = greedy(prompt)
-    engine = engine_for(model, data.draw)
+    settings = engine_settings(data.draw)
     config = config_for(data.draw, continuation)
     pool = data.draw(pools(continuation, prompt))
+    engine = engine_for(model, settings, data.draw)
     steps = list(engine.generate(prompt, config, pool))
     output = [t for step in steps for t in step.token_ids]
     expected, gaps = expected_output(greedy, prompt, config)
@@ -216,13 +231,14 @@ def test_strict_single_request_equals_greedy(
 def test_strict_batch_equals_greedy_per_row(
     model, greedy, near_ties, acceptance, arch, data, batch_prompts
 ) -> None:
-    engine = engine_for(model, data.draw)
+    settings = engine_settings(data.draw)
     configs, trie_pools, expected = [], [], []
     for prompt in batch_prompts:
         continuation, _ = greedy(prompt)
         configs.append(config_for(data.draw, continuation))
         trie_pools.append(data.draw(pools(continuation, prompt)))
         expected.append(expected_output(greedy, prompt, configs[-1]))
+    engine = engine_for(model, settings, data.draw)
     outputs: list[list[int]] = [[] for _ in batch_prompts]
     for step in engine.iter_batch(batch_prompts, configs, trie_pools):
         for row, result in enumerate(step):

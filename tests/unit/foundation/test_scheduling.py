@@ -1,4 +1,10 @@
-from services.router.scheduling import ReplicaView, choose_replica
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaccel.v1 import common_pb2
+from common.blocks.routing_keys import RequestBlocks, request_blocks, routing_key
+from services.router.scheduling import AffinityWeights, Footprint, ReplicaView, affinity_score, choose_replica, held_share
 
 
 def view(address, healthy=True, queue=0, tokens=0):
@@ -22,3 +28,80 @@ def test_excluded_and_unhealthy_leave_none():
 
 def test_ties_are_deterministic():
     assert choose_replica([view("b"), view("a")]).address == "a"
+
+
+# ---------------------------------------------------------------- affinity scoring
+
+USER, ITEM = common_pb2.BLOCK_KIND_USER_HISTORY, common_pb2.BLOCK_KIND_ITEM
+
+
+def blocks(*specs):
+    return [common_pb2.PromptBlock(id=f"b{i}", kind=kind, text=text) for i, (kind, text) in enumerate(specs)]
+
+
+def held(address, keys=(), pools=(), queue=0, tokens=0):
+    return ReplicaView(address, True, queue, tokens, frozenset(keys), frozenset(pools))
+
+
+def test_routing_keys_follow_kind_and_text_not_id():
+    a = common_pb2.PromptBlock(id="item-1", kind=ITEM, text="Aurora headphones.\n")
+    b = common_pb2.PromptBlock(id="item-2", kind=ITEM, text="Aurora headphones.\n")
+    assert request_blocks([a]).weights == request_blocks([b]).weights
+    assert routing_key(ITEM, "x") != routing_key(USER, "x") != routing_key(ITEM, "y")
+    free = common_pb2.PromptBlock(id="q", kind=common_pb2.BLOCK_KIND_TEXT, text="Why?\n")
+    assert request_blocks([free]).weights == {}
+    assert 0 <= routing_key(ITEM, "x") < 2**64
+
+
+def test_affinity_picks_the_replica_holding_most_of_the_prompt():
+    request = request_blocks(blocks((USER, "u" * 300), (ITEM, "i" * 100)))
+    user_key, item_key = request.weights
+    replicas = [held("a", {item_key}), held("b", {user_key}), held("c")]
+    assert held_share(replicas[0], request) == pytest.approx(0.25)
+    assert held_share(replicas[1], request) == pytest.approx(0.75)
+    chosen = choose_replica(replicas, policy="affinity", footprint=Footprint(request))
+    assert chosen.address == "b"
+
+
+def test_load_outweighs_a_small_share_of_the_prompt():
+    request = request_blocks(blocks((USER, "u" * 900), (ITEM, "i" * 100)))
+    _, item_key = request.weights
+    busy_holder, idle = held("a", {item_key}, queue=2), held("b")
+    assert choose_replica([busy_holder, idle], policy="affinity", footprint=Footprint(request)).address == "b"
+    # ... while the whole prompt is worth more than one queued request (block_weight 2).
+    full_holder = held("a", set(request.weights), queue=1)
+    assert choose_replica([full_holder, idle], policy="affinity", footprint=Footprint(request)).address == "a"
+
+
+def test_pool_affinity_matches_parent_pools():
+    footprint = Footprint(RequestBlocks({}), "electronics/audio")
+    replicas = [held("a"), held("b", pools={"electronics"})]
+    assert affinity_score(replicas[1], footprint, AffinityWeights()) == pytest.approx(0.5)
+    assert choose_replica(replicas, policy="affinity", footprint=footprint).address == "b"
+    assert choose_replica([held("a"), held("b", pools={"electronics/video"})], policy="affinity",
+                          footprint=footprint).address == "a"
+
+
+views = st.lists(
+    st.builds(lambda i, q, t: view(f"r{i}", True, q, t), st.integers(0, 9), st.integers(0, 8),
+              st.integers(0, 20_000)),
+    min_size=1, max_size=5, unique_by=lambda v: v.address)
+
+
+@settings(max_examples=40, deadline=None)
+@given(views, st.text(min_size=1, max_size=20))
+def test_affinity_without_cache_knowledge_is_least_loaded(replicas, text):
+    footprint = Footprint(request_blocks(blocks((ITEM, text))), "some/pool")
+    assert choose_replica(replicas, policy="affinity", footprint=footprint) == choose_replica(replicas)
+
+
+def test_round_robin_cycles_over_healthy_replicas_in_address_order():
+    replicas = [view("c"), view("a", queue=5), view("b", healthy=False)]
+    picks = [choose_replica(replicas, policy="round_robin", turn=t).address for t in range(4)]
+    assert picks == ["a", "c", "a", "c"]
+    assert choose_replica(replicas, frozenset({"a"}), policy="round_robin", turn=0).address == "c"
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        choose_replica([view("a")], policy="random")

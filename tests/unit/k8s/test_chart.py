@@ -158,8 +158,8 @@ def test_ports_host_and_services_agree(rendered, values_by_case, case):
         settings = _parsed_settings(objects, name)
         assert settings.port == port
         assert settings.host not in ("127.0.0.1", "localhost", "::1")
-        [container_port] = _main_container(workload)["ports"]
-        assert container_port == {"name": "grpc", "containerPort": port, "protocol": "TCP"}
+        container_ports = {p["name"]: p for p in _main_container(workload)["ports"]}
+        assert container_ports["grpc"] == {"name": "grpc", "containerPort": port, "protocol": "TCP"}
         service = _one(objects, "Service", name)
         assert service["spec"]["type"] == "ClusterIP"
         assert service["spec"]["ports"][0]["name"] == "grpc"
@@ -211,6 +211,37 @@ def test_otlp_endpoint_switches_every_service_to_otlp(rendered):
         assert cm["data"]["ADACCEL_OTLP_ENDPOINT"].endswith(":4317")
     for cm in (o for o in rendered["dev-cpu.yaml"] if o["kind"] == "ConfigMap"):
         assert "ADACCEL_OTLP_ENDPOINT" not in cm["data"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_pod_is_scraped_on_its_metrics_port(rendered, case):
+    for workload in _workloads(rendered[case]):
+        settings = _parsed_settings(rendered[case], _component(workload))
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        metrics = [p for p in _main_container(workload)["ports"] if p["name"] == "metrics"]
+        assert settings.metrics_port > 0 and settings.metrics_port != settings.port
+        assert metrics == [{"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"}]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(settings.metrics_port)
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_metrics_port_zero_turns_scraping_off_and_pod_annotations_win(chart):
+    objects = check.render_objects(chart, {"telemetry": {"metricsPort": 0},
+                                           "router": {"podAnnotations": {"team": "ads"}}})
+    for workload in _workloads(objects):
+        assert _parsed_settings(objects, _component(workload)).metrics_port == 0
+        assert [p["name"] for p in _main_container(workload)["ports"]] == ["grpc"]
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert not any(key.startswith("prometheus.io/") for key in annotations)
+    objects = check.render_objects(chart, {"decoder": {"podAnnotations": {"prometheus.io/path": "/other"}}})
+    decoder = _one(objects, "StatefulSet", "decoder")["spec"]["template"]["metadata"]["annotations"]
+    assert decoder["prometheus.io/path"] == "/other" and decoder["prometheus.io/scrape"] == "true"
+
+
+def test_metrics_port_must_differ_from_the_grpc_port(chart):
+    with pytest.raises(helm.HelmError, match="metricsPort"):
+        check.render_objects(chart, {"telemetry": {"metricsPort": 50051}})
 
 
 # ---- probes -----------------------------------------------------------------------------------
@@ -380,6 +411,7 @@ def test_config_change_rolls_only_that_service(chart, rendered):
     {"model": {"volume": {"type": "nfs"}}},
     {"listenHost": "127.0.0.1"},
     {"grpcPort": 80},
+    {"telemetry": {"metricsPort": 80}},
     {"kafka": {"bootstrapServers": "kafka"}},
     {"router": {"extraEnv": [{"name": "ADACCEL_PORT", "value": "1"}]}},
     {"router": {"resources": {"request": {"cpu": "1"}}}},

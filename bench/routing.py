@@ -1,0 +1,230 @@
+"""Affinity scheduling against round robin and least loaded, on the real stack (CPU, small model).
+
+    python -m bench.routing [--decoders 2] [--requests 240]     (BENCH_QUICK=1: a short run)
+
+Each policy gets a fresh stack (broker, pool, kv-store, N decoders with one torch thread each,
+and a router with ADACCEL_SCHEDULING_POLICY set): cold block caches and empty pools for every
+policy, so none inherits another's warm caches. Decoders run with local block memory only (no
+kv-store lookups): a block is a hit only on the replica that computed it, which is the locality
+the router's choice decides (with the shared kv-store, a miss on one replica is often a remote
+hit, and the difference shows in latency instead).
+
+The request stream is the same for every policy (seeded): generative-recommendation prompts
+[instruction][user history][item]*k[question] built from the workload's blocks, the user drawn
+from a Zipf law over users and each candidate item from a Zipf law over items, so popular users
+and items come back often, as in production traffic. Requests are sent closed-loop by
+`concurrency` clients through the router.
+
+Figures per policy: block hit rate (prompt tokens whose KV came from a block cache / prompt
+tokens), TTFT p50/p99 seen by the client through the router, requests/s. The CPU's speed drifts:
+policies run one after the other, so with --rounds 2 the order is reversed in the second round
+and the results give each round's figures; timings are comparable within this run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from adaccel.v1 import common_pb2, router_pb2, router_pb2_grpc
+from bench.common import device_name, write_results
+from common.rpc.channels import open_channel
+from services.router.job import percentile
+from services.router.scheduling import POLICIES
+from services.stack import Stack, resolve_model
+
+KIND = {"instruction": common_pb2.BLOCK_KIND_INSTRUCTION, "user_history": common_pb2.BLOCK_KIND_USER_HISTORY,
+        "item": common_pb2.BLOCK_KIND_ITEM, "text": common_pb2.BLOCK_KIND_TEXT}
+
+
+def block(obj: dict) -> common_pb2.PromptBlock:
+    return common_pb2.PromptBlock(id=obj["id"], kind=KIND[obj["kind"]], text=obj["text"])
+
+
+def request_stream(workload: Path, *, count: int, users: int, items: int, items_per_request: int,
+                   zipf_s: float, max_new_tokens: int, seed: int = 0) -> list[common_pb2.GenerateRequest]:
+    """Generative-rec requests from the workload's blocks with Zipf-skewed users and items."""
+    user_blocks, item_blocks, frame = {}, {}, None
+    for line in workload.read_text().splitlines():
+        obj = json.loads(line)
+        if obj.get("type") != "prompt" or obj["task"] != "generative_rec":
+            continue
+        blocks = obj["blocks"]
+        frame = frame or (blocks[0], blocks[-1], obj["pool_key"])  # instruction, question
+        for b in blocks:
+            if b["kind"] == "user_history":
+                user_blocks.setdefault(b["id"], (b, obj["pool_key"]))
+            elif b["kind"] == "item":
+                item_blocks.setdefault(b["id"], b)
+    if frame is None:
+        raise SystemExit(f"{workload} has no generative_rec prompts; run `make model` first")
+    rng = np.random.default_rng(seed)
+    user_ids = rng.permutation(sorted(user_blocks))[:users]
+    item_ids = rng.permutation(sorted(item_blocks))[:items]
+
+    def zipf(n: int) -> np.ndarray:
+        weights = 1.0 / np.arange(1, n + 1) ** zipf_s
+        return weights / weights.sum()
+
+    user_p, item_p = zipf(len(user_ids)), zipf(len(item_ids))
+    instruction, question, _ = frame
+    requests = []
+    for i in range(count):
+        user_block, pool_key = user_blocks[user_ids[rng.choice(len(user_ids), p=user_p)]]
+        picks = rng.choice(len(item_ids), size=items_per_request, replace=False, p=item_p)
+        blocks = [block(instruction), block(user_block), *(block(item_blocks[item_ids[j]]) for j in picks),
+                  block(question)]
+        requests.append(common_pb2.GenerateRequest(
+            request_id=f"route-{i:05d}", pool_key=pool_key, blocks=blocks,
+            params=common_pb2.GenerationParams(max_new_tokens=max_new_tokens)))
+    return requests
+
+
+def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concurrency: int, work_dir: Path,
+               gate_store: Path) -> dict:
+    data_dir = Path(tempfile.mkdtemp(prefix=f"routing-{policy}-", dir=work_dir))
+    decoder_env = {"TORCH_THREADS": "1", "KVSTORE_ADDRS": "", "REUSE_GATE_STORE": str(gate_store)}
+    stack = Stack(data_dir=data_dir, model_path=model_path, decoders=decoders,
+                  extra_env={"decoder": decoder_env, "router": {"SCHEDULING_POLICY": policy}})
+    with stack:
+        router = router_pb2_grpc.RouterStub(open_channel(stack.address("router")))
+        info = router.Info(router_pb2.RouterInfoRequest(), timeout=5)
+        assert info.policy == policy, (info.policy, policy)
+        lock = threading.Lock()
+        outcomes: list[tuple[float, common_pb2.GenerationSummary]] = []
+        failures: list[str] = []
+        bar = tqdm(total=len(requests), desc=policy, unit="req", leave=False)
+
+        def send(request):
+            started = time.perf_counter()
+            first, summary = None, None
+            try:
+                for chunk in router.Generate(request, timeout=120):
+                    if chunk.HasField("summary"):
+                        summary = chunk.summary
+                    elif first is None:
+                        first = time.perf_counter() - started
+            except grpc.RpcError as exc:
+                with lock:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+            else:
+                with lock:
+                    outcomes.append((first, summary))
+            bar.update(1)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(send, requests))
+        wall_s = time.perf_counter() - t0
+        bar.close()
+        held = {r.address: r.held_blocks for r in router.Info(router_pb2.RouterInfoRequest(), timeout=5).replicas}
+    prompt = sum(s.stats.prompt_tokens for _, s in outcomes)
+    cached = sum(s.stats.cached_prompt_tokens for _, s in outcomes)
+    ttfts = [t for t, _ in outcomes]
+    per_decoder: dict[str, int] = {}
+    for _, s in outcomes:
+        per_decoder[s.decoder_id] = per_decoder.get(s.decoder_id, 0) + 1
+    return {
+        "block_hit_rate": cached / prompt if prompt else 0.0,
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p99_s": percentile(ttfts, 0.99),
+        "requests_per_s": len(outcomes) / wall_s,
+        "requests": len(outcomes),
+        "failed": len(failures),
+        "failures": failures[:5],
+        "requests_per_decoder": dict(sorted(per_decoder.items())),
+        "blocks_held_at_end": held,
+        "wall_s": wall_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ADACCEL_DATA_DIR", "data")))
+    parser.add_argument("--model-path", type=Path, default=None)
+    parser.add_argument("--decoders", type=int, default=2 if quick else 3, choices=[2, 3, 4])
+    parser.add_argument("--requests", type=int, default=60 if quick else 240)
+    parser.add_argument("--users", type=int, default=40 if quick else 150)
+    parser.add_argument("--items", type=int, default=120 if quick else 600)
+    parser.add_argument("--items-per-request", type=int, default=6)
+    parser.add_argument("--zipf", type=float, default=1.1, help="popularity skew exponent of users and items")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=None, help="clients in flight (default 2 per decoder)")
+    parser.add_argument("--rounds", type=int, default=1 if quick else 2)
+    args = parser.parse_args(argv)
+    data_dir = args.data_dir.resolve()
+    workload = data_dir / "workload" / "prompts.jsonl"
+    if not workload.is_file():
+        raise SystemExit(f"no workload at {workload}; run `make model` first")
+    model_path = resolve_model(data_dir, args.model_path)
+    concurrency = args.concurrency or 2 * args.decoders
+    requests = request_stream(workload, count=args.requests, users=args.users, items=args.items,
+                              items_per_request=args.items_per_request, zipf_s=args.zipf,
+                              max_new_tokens=args.max_new_tokens)
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
+    gate_store = work_dir / "block_reuse_gate.json"  # the accuracy gate runs once, not per stack
+    rounds: list[dict[str, dict]] = []
+    for round_index in range(args.rounds):
+        order = list(POLICIES) if round_index % 2 == 0 else list(reversed(POLICIES))
+        results = {}
+        for policy in order:
+            print(f"round {round_index + 1}/{args.rounds}: {policy} ({args.decoders} decoders, "
+                  f"{len(requests)} requests, {concurrency} clients) ...", flush=True)
+            results[policy] = run_policy(policy, requests, model_path=model_path, decoders=args.decoders,
+                                         concurrency=concurrency, work_dir=work_dir, gate_store=gate_store)
+        rounds.append(results)
+    policies = {policy: merge_rounds([r[policy] for r in rounds]) for policy in POLICIES}
+    print_table(policies)
+    path = write_results("routing.json", {
+        "device": device_name(),
+        "machine_note": "shared 2-core CPU; decoders run one torch thread each; timings compare within this run only",
+        "model": str(model_path),
+        "decoders": args.decoders,
+        "concurrency": concurrency,
+        "stream": {"requests": len(requests), "users": args.users, "items": args.items,
+                   "items_per_request": args.items_per_request, "zipf_s": args.zipf,
+                   "max_new_tokens": args.max_new_tokens, "task": "generative_rec"},
+        "fairness": "fresh stack per policy (cold block caches, empty pools); local block memory only",
+        "rounds": rounds,
+        "policies": policies,
+    })
+    print(f"wrote {path}")
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """The schema's figures averaged over rounds, plus their spread."""
+    merged = {key: statistics.fmean(r[key] for r in results)
+              for key in ("block_hit_rate", "ttft_p50_s", "ttft_p99_s", "requests_per_s")}
+    merged["failed"] = sum(r["failed"] for r in results)
+    merged["spread"] = {key: [r[key] for r in results] for key in ("ttft_p50_s", "requests_per_s")}
+    return merged
+
+
+def print_table(policies: dict[str, dict]) -> None:
+    table = Table(title="bench-routing: policies on the same request stream")
+    for column in ("policy", "block hit rate", "TTFT p50 (s)", "TTFT p99 (s)", "requests/s", "p50 vs round robin"):
+        table.add_column(column, justify="right" if column != "policy" else "left")
+    base = policies["round_robin"]["ttft_p50_s"]
+    for policy, r in policies.items():
+        table.add_row(policy, f"{r['block_hit_rate']:.3f}", f"{r['ttft_p50_s']:.4f}", f"{r['ttft_p99_s']:.4f}",
+                      f"{r['requests_per_s']:.2f}", f"{r['ttft_p50_s'] / base:.2f}x" if base else "-")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

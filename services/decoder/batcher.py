@@ -1,0 +1,241 @@
+"""Continuous batching: one scheduler thread owns the model; requests join between steps.
+
+Each Generate call is admitted first (KvAdmission: a KV-memory budget and a bound on admitted
+requests; over either -> RESOURCE_EXHAUSTED with a retry hint, never an unbounded queue), then
+hands its prepared request to the Batcher and reads its step results from its Ticket's queue.
+The scheduler thread, between two steps, prefills the waiting requests (up to max_batch_size
+rows) and appends them to the running batch (engine.BatchSession), drops rows whose caller went
+away, runs one shared verification forward, and routes each row's StepResult to its ticket.
+
+KV need of a request = (prompt + max_new_tokens + one draft tree) tokens x kv_bytes_per_token;
+the budget counts each request's own tokens. Rows of a batch share one padded cache, so the
+real footprint can be larger by the holes; the engine compacts once holes pass its threshold
+(EngineSettings.compact_hole_fraction), which bounds the padding to that share of the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from common.drafting.trie import TokenTrie
+from common.rpc.errors import InvalidArgument, ResourceExhausted, ServiceError
+from services.decoder.engine import DecodingEngine, GenerationConfig, StepResult
+from services.decoder.engine.engine import BatchSession
+
+log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of KV one token takes in the cache: layers x (K and V) x kv heads x head dim x dtype."""
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * model.dtype.itemsize
+
+
+class KvAdmission:
+    """Admitted requests (running + waiting) and the KV bytes they will need, both bounded."""
+
+    def __init__(self, *, budget_bytes: int, bytes_per_token: int, max_requests: int):
+        self.budget_bytes = budget_bytes
+        self.bytes_per_token = bytes_per_token
+        self.max_requests = max_requests
+        self._lock = threading.Lock()
+        self.active = 0
+        self.tokens_in_flight = 0
+        self.reserved_bytes = 0
+
+    def need_bytes(self, tokens: int) -> int:
+        return tokens * self.bytes_per_token
+
+    def enter(self, tokens: int, retry_after_ms: int) -> None:
+        need = self.need_bytes(tokens)
+        if need > self.budget_bytes:
+            raise ResourceExhausted(
+                f"request needs {need} bytes of KV ({tokens} tokens), more than this decoder's whole budget "
+                f"of {self.budget_bytes} bytes; shorten the prompt or max_new_tokens")
+        with self._lock:
+            if self.active >= self.max_requests:
+                raise ResourceExhausted(
+                    f"decoder busy: {self.active} requests admitted, limit {self.max_requests}; "
+                    f"retry after ~{retry_after_ms} ms", retry_after_ms=retry_after_ms)
+            if self.reserved_bytes + need > self.budget_bytes:
+                raise ResourceExhausted(
+                    f"decoder KV budget full: {self.reserved_bytes} of {self.budget_bytes} bytes reserved, this "
+                    f"request needs {need}; retry after ~{retry_after_ms} ms", retry_after_ms=retry_after_ms)
+            self.active += 1
+            self.tokens_in_flight += tokens
+            self.reserved_bytes += need
+
+    def leave(self, tokens: int) -> None:
+        with self._lock:
+            self.active -= 1
+            self.tokens_in_flight -= tokens
+            self.reserved_bytes -= self.need_bytes(tokens)
+
+
+_END = object()
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request as its Generate call sees it: iterate for its StepResults."""
+
+    tokens: int  # admitted KV tokens (released once, on close)
+    prompt_ids: list[int] = field(default_factory=list)
+    config: GenerationConfig | None = None
+    pool: TokenTrie | None = None
+    past_key_values: DynamicCache | None = None
+    results: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    handle: object = None  # the engine's row, once joined
+    closed: bool = False
+
+    def __iter__(self) -> Iterator[StepResult]:
+        while True:
+            item = self.results.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """The caller went away (or its deadline passed): stop decoding it and wake its reader."""
+        self.cancelled.set()
+        self.results.put(_END)
+
+
+class Batcher:
+    def __init__(self, engine: DecodingEngine, admission: KvAdmission, *, max_batch_size: int):
+        self.engine = engine
+        self.admission = admission
+        self.max_batch_size = max_batch_size
+        self.session = BatchSession(engine)
+        self._waiting: deque[Ticket] = deque()
+        self._running: dict[int, Ticket] = {}  # id(engine row) -> ticket
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._step_s = 0.05  # moving average of a step's seconds (retry hints)
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+
+    # ------------------------------------------------------------------ caller side
+    def admit(self, prompt_tokens: int, max_new_tokens: int) -> Ticket:
+        tokens = prompt_tokens + max_new_tokens + self.engine.settings.decoding_length + 1
+        self.admission.enter(tokens, self.retry_after_ms())
+        return Ticket(tokens)
+
+    def submit(self, ticket: Ticket, prompt_ids: list[int], config: GenerationConfig, pool: TokenTrie | None,
+               past_key_values: DynamicCache | None = None) -> None:
+        ticket.prompt_ids, ticket.config, ticket.pool, ticket.past_key_values = prompt_ids, config, pool, past_key_values
+        with self._wake:
+            if self._stopped:
+                raise ServiceError("decoder is shutting down")
+            self._waiting.append(ticket)
+            self._wake.notify()
+
+    def close(self, ticket: Ticket) -> None:
+        """Releases the ticket's admission (idempotent); cancels it if it is still decoding."""
+        if ticket.closed:
+            return
+        ticket.closed = True
+        ticket.cancel()
+        self.admission.leave(ticket.tokens)
+
+    def retry_after_ms(self) -> int:
+        """When capacity is likely free again: the running row closest to done, at one token per step
+        (an upper bound: drafts finish rows sooner)."""
+        rooms = [t.handle.room for t in list(self._running.values()) if t.handle is not None]
+        steps = min(rooms) if rooms else 1
+        return max(50, int(1000 * self._step_s * steps))
+
+    @property
+    def rows(self) -> int:
+        return self.session.rows
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Batcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+        for ticket in [*self._waiting, *self._running.values()]:
+            ticket.results.put(ServiceError("decoder stopped while generating"))
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self._waiting and not self.session.rows:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                joining = []
+                while self._waiting and self.session.rows + len(joining) < self.max_batch_size:
+                    joining.append(self._waiting.popleft())
+            for ticket in joining:
+                self._join(ticket)
+            self._drop_cancelled()
+            if self.session.rows:
+                self._step()
+
+    def _join(self, ticket: Ticket) -> None:
+        if ticket.cancelled.is_set():
+            return
+        try:
+            handle = self.session.add(ticket.prompt_ids, ticket.config, ticket.pool,
+                                      past_key_values=ticket.past_key_values)
+        except ValueError as exc:  # prompt ids outside the vocabulary, a cache of the wrong shape
+            ticket.results.put(InvalidArgument(f"blocks: {exc}"))
+            return
+        except Exception as exc:  # noqa: BLE001 - reported to that caller; the batch goes on
+            log.exception("prefill failed")
+            ticket.results.put(exc)
+            return
+        ticket.past_key_values = None  # the batch cache holds it now
+        if handle.done:  # nothing to generate
+            ticket.results.put(_END)
+            return
+        ticket.handle = handle
+        self._running[id(handle)] = ticket
+
+    def _drop_cancelled(self) -> None:
+        for key, ticket in list(self._running.items()):
+            if ticket.cancelled.is_set():
+                self.session.remove(ticket.handle)
+                del self._running[key]
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            results = self.session.step()
+        except Exception as exc:  # noqa: BLE001 - a broken batch fails its rows, not the decoder
+            log.exception("batch step failed", extra={"rows": self.session.rows})
+            for ticket in self._running.values():
+                ticket.results.put(exc)
+            self._running.clear()
+            self.session = BatchSession(self.engine)
+            return
+        self._step_s = 0.8 * self._step_s + 0.2 * (time.perf_counter() - started)
+        for handle, result in results:
+            ticket = self._running.get(id(handle))
+            if ticket is None:
+                continue
+            ticket.results.put(result)
+            if handle.done:
+                ticket.results.put(_END)
+                del self._running[id(handle)]

@@ -1,0 +1,115 @@
+"""Builds the decoder's block cache from its settings: kv-store shards, placement, accuracy gate.
+
+The gate (common/blocks/calibration.py) runs once per model id and knobs, and its result is stored
+under the data dir; the calibration sample is the workload's generative-rec prompts when the
+workload is on disk (<data_dir>/workload/prompts.jsonl), else seeded random-token prompts (which
+still catch a model whose re-rotation is wrong, but say less about accuracy on real prompts).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from common.blocks.calibration import CalibrationPrompt, GateSettings, gate, load_results, serving_mode
+from common.blocks.item_embedding import item_embedder
+from common.blocks.placement import AnchorBuckets, Placement
+from common.modeling.loading import LoadedModel
+from common.prompt_tokens import tokenize_blocks
+from common.rpc.channels import open_channel
+from services.decoder.block_cache import BlockCache, KvStoreClient, LocalBlockMemory, ReuseSettings
+from services.decoder.settings import DecoderSettings
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+def workload_calibration_prompts(tokenizer, path: Path, count: int, max_tokens: int) -> list[CalibrationPrompt]:
+    """The first `count` generative-rec prompts of the workload file that fit `max_tokens`."""
+    from common.workload.export import load_prompts
+
+    prompts, _ = load_prompts(path)
+    out = []
+    for prompt in prompts:
+        if prompt.task != "generative_rec":
+            continue
+        tokenized = tokenize_blocks(tokenizer, [b.text for b in prompt.blocks])
+        if len(tokenized.token_ids) > max_tokens:
+            continue
+        ids = tokenized.token_ids
+        blocks = tuple(tuple(ids[s:e]) for s, e in tokenized.spans[:-1])
+        start, _ = tokenized.spans[-1]
+        out.append(CalibrationPrompt(blocks=blocks, tail=tuple(ids[start:])))
+        if len(out) == count:
+            break
+    return out
+
+
+def random_calibration_prompts(vocab_size: int, count: int, seed: int = 0) -> list[CalibrationPrompt]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        sizes = torch.randint(16, 48, (6,), generator=g).tolist()
+        blocks = tuple(tuple(torch.randint(3, vocab_size, (n,), generator=g).tolist()) for n in sizes)
+        out.append(CalibrationPrompt(blocks=blocks, tail=tuple(torch.randint(3, vocab_size, (8,), generator=g).tolist())))
+    return out
+
+
+def gated_mode(settings: DecoderSettings, loaded: LoadedModel, model_key: str) -> str:
+    """The mode to serve: the configured one if the accuracy gate passes (or is off), else full."""
+    mode = settings.reuse_mode
+    if mode == "full" or settings.reuse_gate_prompts == 0:
+        return mode
+    gate_settings = GateSettings(mode=mode, recompute_ratio=settings.recompute_ratio,
+                                 check_layer=settings.check_layer, epic_tokens=settings.epic_tokens,
+                                 min_top1_agreement=settings.reuse_gate_min_top1)
+    store = settings.reuse_gate_store or settings.data_dir / "calibration" / "block_reuse.json"
+    workload = settings.data_dir / "workload" / "prompts.jsonl"
+    prompts: list[CalibrationPrompt] = []
+    known = load_results(store).get(model_key)
+    stored = known is not None and known.knobs == gate_settings.knobs() and known.prompts > 0
+    if not stored and workload.is_file() and not loaded.random_weights:
+        prompts = workload_calibration_prompts(loaded.tokenizer, workload, settings.reuse_gate_prompts,
+                                               settings.max_prompt_tokens)
+        source = f"workload prompts ({workload})"
+    if not prompts:
+        prompts = random_calibration_prompts(loaded.model.config.vocab_size, settings.reuse_gate_prompts)
+        source = "random-token prompts"
+    if not stored:
+        log.info("calibrating block reuse on %d %s", len(prompts), source)
+    result = gate(loaded.model, model_key, prompts, gate_settings, store_path=store)
+    return serving_mode(result, mode)
+
+
+def create_block_cache(settings: DecoderSettings, loaded: LoadedModel, *, tracer_provider=None,
+                       security=None) -> tuple[BlockCache | None, list]:
+    """The block cache (None when reuse is off) and what to close on stop."""
+    if not settings.block_reuse:
+        return None, []
+    reuse = ReuseSettings(mode=settings.reuse_mode, recompute_ratio=settings.recompute_ratio,
+                          check_layer=settings.check_layer, epic_tokens=settings.epic_tokens,
+                          min_block_tokens=settings.min_block_tokens)
+    memory = LocalBlockMemory(int(settings.block_memory_mb * MiB), int(settings.replicated_memory_mb * MiB))
+    store = None
+    closers: list = []
+    if settings.kvstore_addrs:
+        channels = {addr: open_channel(addr, tracer_provider=tracer_provider,
+                                       max_message_bytes=settings.max_message_bytes, security=security)
+                    for addr in settings.kvstore_addrs}
+        closers.extend(ch.close for ch in channels.values())
+        embed = None
+        buckets = None
+        if len(channels) > 1:
+            embed = item_embedder(settings.placement_embedder)
+            buckets = AnchorBuckets.random(embed.dim, settings.placement_anchors, seed=0)
+            log.info("item blocks placed over %d kv-store shards by %s embeddings", len(channels), embed.name)
+        store = KvStoreClient(Placement(list(channels), buckets), channels, timeout_s=settings.kvstore_timeout_s,
+                              down_backoff_s=settings.kvstore_backoff_s, embed=embed)
+    cache = BlockCache(loaded.model, loaded.tokenizer, loaded.model_id, reuse, memory, store,
+                       publish_queue=settings.publish_queue, chunk_bytes=settings.kvstore_chunk_bytes)
+    cache.mode = gated_mode(settings, loaded, cache.model_key)
+    closers.insert(0, cache.close)
+    return cache, closers
