@@ -235,6 +235,11 @@ def build_schema() -> Schema:
             "seccompProfile": _ref("seccompProfile"),
         }, required=["runAsNonRoot", "allowPrivilegeEscalation", "readOnlyRootFilesystem", "capabilities"]),
         "tmpSizeLimit": _str(),
+        "secretFiles": _obj({
+            "secretName": _str("Secret mounted into every pod (TLS files, tokens); empty = none",
+                               pattern="^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"),
+            "mountPath": _str(pattern="^/"),
+        }),
     }
     for component in COMPONENTS:
         properties[component.name] = _component(component)

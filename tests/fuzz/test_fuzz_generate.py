@@ -19,6 +19,8 @@ from tests.fuzz.conftest import FUZZ_SETTINGS
 from tests.fuzz.wire import INVALID_UTF8, Mutator, field_bytes, field_varint, raw_method
 
 MUTATED_PER_METHOD = 600
+# The in-process servers use the global random module in their threads while hypothesis draws.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 MAX_NEW_TOKENS = 3
 
 

@@ -134,13 +134,14 @@ def test_structured_inserts_and_deletes_are_validated(pool_server, model, tally)
     delete = raw_method(channel, "/adaccel.v1.Pool/DeleteItem", "unary")
     t = tally("pool.Insert+DeleteItem(structured)")
 
+    deletes = st.builds(lambda i, p: pool_pb2.DeleteItemRequest(item_id=i, pool_key=p).SerializeToString(),
+                        st.sampled_from(ITEM_IDS), st.sampled_from(POOL_KEYS))
+
     @settings(FUZZ_SETTINGS, max_examples=300)
-    @given(st.lists(st.one_of(insert_requests(), st.builds(
-        lambda i, p: pool_pb2.DeleteItemRequest(item_id=i, pool_key=p).SerializeToString(),
-        st.sampled_from(ITEM_IDS), st.sampled_from(POOL_KEYS)).map(lambda b: b"D" + b)), min_size=1, max_size=4))
+    @given(st.lists(st.one_of(insert_requests().map(lambda b: ("Insert", b)),
+                              deletes.map(lambda b: ("DeleteItem", b))), min_size=1, max_size=4))
     def run(requests):
-        for request in requests:
-            method, request = ("DeleteItem", request[1:]) if request[:1] == b"D" else ("Insert", request)
+        for method, request in requests:
             outcome = t.record(request, (delete if method == "DeleteItem" else insert)(request))
             if outcome.ok:
                 apply_accepted(model, method, request)

@@ -15,12 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adaccel.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
+from adaccel.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, router_pb2,
+                        router_pb2_grpc)
 from common.kafka_io import security_options
 from common.rpc.channels import open_channel
 from common.rpc.security import bearer_metadata, client_security, server_credentials
 from common.settings import KafkaSettings
 from common.telemetry import null_telemetry
+from services.decoder.server import create_decoder_server
+from services.decoder.settings import DecoderSettings
 from services.kvstore.server import create_kvstore_server
 from services.kvstore.settings import KvStoreSettings
 from services.router.server import create_router_server
@@ -232,3 +235,32 @@ def test_kafka_security_settings_reach_kafka_python(tmp_path):
     assert security_options(KafkaSettings()) == {}
     with pytest.raises(ValueError):
         security_options(KafkaSettings(kafka_security_protocol="SASL_PLAINTEXT"))
+
+
+def test_router_reaches_decoders_over_mutual_tls(tmp_path, pki, tiny_llama_path, one_torch_thread):
+    """Service to service: the decoder demands client certificates; the router presents its own."""
+    decoder = create_decoder_server(DecoderSettings(
+        data_dir=tmp_path, model_path=tiny_llama_path, torch_threads=1, decoder_id="decoder-tls",
+        tls_cert_file=pki["server"].cert, tls_key_file=pki["server"].key, tls_client_ca_file=pki["ca"]),
+        null_telemetry())
+    internal_client = pki["ads-ranking"]  # any certificate the CA signed will do for service calls
+    router = create_router_server(RouterSettings(
+        data_dir=tmp_path, decoder_addrs=[decoder.address], heartbeat_s=0.5,
+        tls_ca_file=pki["ca"], tls_client_cert_file=internal_client.cert, tls_client_key_file=internal_client.key),
+        null_telemetry())
+    try:
+        info = router_info(open_channel(router.address))
+        assert [r.healthy for r in info.replicas] == [True]
+        request = common_pb2.GenerateRequest(
+            blocks=[common_pb2.PromptBlock(id="item-1", kind=common_pb2.BLOCK_KIND_ITEM, text="Aurora headphones.")],
+            params=common_pb2.GenerationParams(max_new_tokens=3))
+        chunks = list(router_pb2_grpc.RouterStub(open_channel(router.address)).Generate(request, timeout=30))
+        assert chunks[-1].summary.decoder_id == "decoder-tls" and chunks[-1].summary.stats.new_tokens == 3
+        # The same decoder refuses a caller without a certificate.
+        with pytest.raises(grpc.RpcError) as err:
+            decoder_pb2_grpc.DecoderStub(tls_channel(decoder.address, pki["ca"])).Report(
+                decoder_pb2.DecoderReportRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        router.stop(0)
+        decoder.stop(0)

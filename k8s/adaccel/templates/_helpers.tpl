@@ -269,6 +269,25 @@ startupProbe:
     sizeLimit: {{ .Values.tmpSizeLimit }}
 {{- end -}}
 
+{{/* The Secret with TLS certificates, keys and bearer tokens, read-only in every pod (secretFiles.secretName);
+the tls_* and auth_* settings point at its files. Nothing when no Secret is named. */}}
+{{- define "adaccel.secretFilesMount" -}}
+{{- if .Values.secretFiles.secretName -}}
+- name: secret-files
+  mountPath: {{ .Values.secretFiles.mountPath }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{- define "adaccel.secretFilesVolume" -}}
+{{- if .Values.secretFiles.secretName -}}
+- name: secret-files
+  secret:
+    secretName: {{ .Values.secretFiles.secretName }}
+    defaultMode: 0440
+{{- end -}}
+{{- end -}}
+
 {{/* The model volume (decoder, and pool with modelTokenizer). */}}
 {{- define "adaccel.modelVolume" -}}
 {{- $v := .Values.model.volume -}}

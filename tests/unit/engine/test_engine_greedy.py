@@ -106,6 +106,17 @@ def acceptance():
     assert totals["long_steps"] >= 10, totals
 
 
+@pytest.fixture(scope="module")
+def adaptive_acceptance():
+    """The same for the adaptive-drafting examples, counted apart: adaptive drafting drafts
+    little where drafts keep failing (the random pools), by design, so its share is lower."""
+    totals = {"emitted": 0, "accepted": 0, "steps": 0, "long_steps": 0}
+    yield totals
+    print(f"\nstrict property tests, adaptive drafting: {totals}")
+    assert totals["accepted"] >= 0.05 * totals["emitted"], totals
+    assert totals["long_steps"] >= 1, totals
+
+
 def expected_output(
     greedy: Greedy, prompt: list[int], config: GenerationConfig
 ) -> tuple[list[int], list[float]]:
@@ -171,9 +182,9 @@ generation = st.fixed_dictionaries(
 )
 
 
-# Adaptive drafting's step costs: fixed-cost heavy (large trees pay) and per-token heavy (small
-# trees, often none); given, not profiled, so that the examples do not depend on timing.
-COST_MODELS = [linear_cost_model(3e-3, 1e-5), linear_cost_model(1e-3, 1e-3)]
+# Adaptive drafting's step costs: fixed-cost heavy (large trees pay) and dearer per token (smaller
+# trees, sometimes none); given, not profiled, so that the examples do not depend on timing.
+COST_MODELS = [linear_cost_model(3e-3, 1e-5), linear_cost_model(2e-3, 2e-4)]
 
 
 def engine_settings(draw) -> EngineSettings:
@@ -204,7 +215,7 @@ def config_for(draw, continuation: list[int]) -> GenerationConfig:
 @PROPERTY
 @given(data=st.data(), prompt=prompts)
 def test_strict_single_request_equals_greedy(
-    model, greedy, near_ties, acceptance, arch, data, prompt
+    model, greedy, near_ties, acceptance, adaptive_acceptance, arch, data, prompt
 ) -> None:
     continuation, _ = greedy(prompt)
     settings = engine_settings(data.draw)
@@ -220,16 +231,17 @@ def test_strict_single_request_equals_greedy(
     assert all(len(step.token_ids) <= step.accepted + 1 for step in steps)
     if not config.drafting:
         assert all(step.drafted == 0 and len(step.token_ids) == 1 for step in steps)
-    acceptance["emitted"] += len(output)
-    acceptance["accepted"] += sum(step.accepted for step in steps)
-    acceptance["steps"] += len(steps)
-    acceptance["long_steps"] += sum(step.accepted >= 5 for step in steps)
+    totals = adaptive_acceptance if engine.settings.adaptive else acceptance
+    totals["emitted"] += len(output)
+    totals["accepted"] += sum(step.accepted for step in steps)
+    totals["steps"] += len(steps)
+    totals["long_steps"] += sum(step.accepted >= 5 for step in steps)
 
 
 @PROPERTY
 @given(data=st.data(), batch_prompts=st.lists(prompts, min_size=2, max_size=4))
 def test_strict_batch_equals_greedy_per_row(
-    model, greedy, near_ties, acceptance, arch, data, batch_prompts
+    model, greedy, near_ties, acceptance, adaptive_acceptance, arch, data, batch_prompts
 ) -> None:
     settings = engine_settings(data.draw)
     configs, trie_pools, expected = [], [], []
@@ -239,15 +251,16 @@ def test_strict_batch_equals_greedy_per_row(
         trie_pools.append(data.draw(pools(continuation, prompt)))
         expected.append(expected_output(greedy, prompt, configs[-1]))
     engine = engine_for(model, settings, data.draw)
+    totals = adaptive_acceptance if engine.settings.adaptive else acceptance
     outputs: list[list[int]] = [[] for _ in batch_prompts]
     for step in engine.iter_batch(batch_prompts, configs, trie_pools):
         for row, result in enumerate(step):
             if result is not None:
                 outputs[row] += result.token_ids
-                acceptance["accepted"] += result.accepted
-                acceptance["long_steps"] += result.accepted >= 5
-        acceptance["steps"] += 1
-    acceptance["emitted"] += sum(map(len, outputs))
+                totals["accepted"] += result.accepted
+                totals["long_steps"] += result.accepted >= 5
+        totals["steps"] += 1
+    totals["emitted"] += sum(map(len, outputs))
     for row, (output, (tokens, gaps)) in enumerate(zip(outputs, expected)):
         assert_greedy(f"{arch} batch row {row}", output, tokens, gaps, near_ties)
 

@@ -37,6 +37,8 @@ def mutate(fn):
     (lambda r: setattr(r.blocks[0], "text", ""), "blocks[0].text"),
     (lambda r: setattr(r, "pool_key", "a" * 129), "pool_key"),
     (lambda r: setattr(r, "pool_key", "bad\x00key"), "pool_key"),
+    (lambda r: setattr(r, "pool_key", "shop\n"), "pool_key"),  # "$" would match before the newline
+    (lambda r: setattr(r.blocks[1], "id", "item-1\n"), "blocks[1].id"),
     (lambda r: setattr(r.params, "max_new_tokens", 0), "params.max_new_tokens"),
     (lambda r: setattr(r.params, "max_new_tokens", 65), "params.max_new_tokens"),
     (lambda r: setattr(r.params, "mode", 7), "params.mode"),

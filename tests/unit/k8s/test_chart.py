@@ -467,3 +467,17 @@ def test_settings_table_lists_every_field():
     for component in COMPONENTS:
         for field in component.fields:
             assert f"| `{env_name(field)}` |" in text
+
+
+def test_named_secret_is_mounted_read_only_in_every_pod(rendered):
+    """prod-gpu names a Secret (TLS files, the router's bearer tokens): every workload mounts it."""
+    workloads = [o for o in rendered["prod-gpu.yaml"] if o["kind"] in ("Deployment", "StatefulSet")]
+    assert len(workloads) == 4
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["secret-files"]["secret"]["secretName"] == "adaccel-secrets"
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["secret-files"]["readOnly"] and mounts["secret-files"]["mountPath"] == "/etc/adaccel/secrets"
+    for workload in (o for o in rendered["dev-cpu.yaml"] if o["kind"] in ("Deployment", "StatefulSet")):
+        assert "secret-files" not in {v["name"] for v in workload["spec"]["template"]["spec"]["volumes"]}
