@@ -132,7 +132,20 @@ class PoolUpdater:
                 else:
                     consumer.seek(tp, stored)
             return list(assigned)
+        try:
+            end_offsets = consumer.end_offsets(list(assigned))
+        except Exception as exc:  # noqa: BLE001 - as above: check again at the next poll
+            log.warning("could not read end offsets", extra={"error": repr(exc)})
+            return list(assigned)
         for tp in assigned:
+            stored, end = self.pools.store.next_offset(tp.topic, tp.partition), end_offsets.get(tp)
+            if stored is not None and end is not None and stored > end:
+                # The log ends before what was already applied: the broker lost it (an in-memory
+                # broker restarted while this service was down), and its new records start at 0.
+                log.warning("stored offset is past the log's end; reading the topic from the start",
+                            extra={"topic": tp.topic, "partition": tp.partition, "stored": stored, "end": end})
+                self.pools.store.store_offset(tp.topic, tp.partition, 0)
+                consumer.seek(tp, 0)
             read_under, now = self._partition_topic_ids.get((tp.topic, tp.partition)), ids.get(tp.topic)
             if read_under and now and read_under != now:
                 log.warning("topic was recreated; reading it from the start",

@@ -177,3 +177,36 @@ def test_inventory_removal_stops_drafts_and_bad_records_go_to_the_dead_letter_to
     letters = dead_letters(broker.bootstrap, dlq)
     reasons = sorted((letter.topic, letter.reason.split(":")[0]) for letter in letters)
     assert reasons == [(gen, "value"), (inv, "item_id"), (inv, "value")]
+
+
+def test_restart_against_a_fresh_broker_reads_its_topics_from_the_start(tmp_path):
+    """An in-memory broker that restarted while the pool service was down starts its offsets
+    again at 0: offsets stored from the old log must not hide the new records."""
+    from common.broker import EmbeddedBroker
+
+    def records(count: int, seed: int) -> list[records_pb2.GeneratedRecord]:
+        rng = random.Random(seed)
+        return [records_pb2.GeneratedRecord(pool_key="shop/0", token_ids=[rng.randrange(VOCAB) for _ in range(20)])
+                for _ in range(count)]
+
+    env = {"KAFKA_GENERATED_TOPIC": "gen-reset", "KAFKA_INVENTORY_TOPIC": "inv-reset",
+           "KAFKA_DEAD_LETTER_TOPIC": "dlq-reset", "CONSUMER_GROUP": "pool-reset",
+           "VOCAB_SIZE": str(VOCAB), "NGRAM_LENGTH": str(NGRAM), "POOL_CAPACITY": "1000000"}
+    first, second = records(12, 1), records(3, 2)
+    for batch in (first, second):
+        with EmbeddedBroker() as broker:
+            produce(broker.bootstrap, "gen-reset", [r.SerializeToString() for r in batch])
+            pool = PoolProcess(tmp_path, {**env, "KAFKA_BOOTSTRAP": broker.bootstrap})
+            try:
+                stub = pool.start()
+                wait_until(lambda: stub.Stats(pool_pb2.PoolStatsRequest(), timeout=5).records_ingested
+                           >= len(batch), 40, "the records of this broker to be applied")
+            finally:
+                pool.stop()
+    store = PoolStore(tmp_path / "pool")
+    try:
+        expected = naive_counts([r.token_ids for r in first + second])
+        assert {path: output for path, output, _ in store.rows("shop/0")} == expected
+        assert store.next_offset("gen-reset", 0) == len(second)
+    finally:
+        store.close()
