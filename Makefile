@@ -62,7 +62,7 @@ test-e2e: install
 test-faults: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --run-faults --faults-json bench/results/faults.json
 
-bench: bench-decode bench-freshness
+bench: bench-decode bench-freshness bench-prefill bench-routing bench-load
 
 bench-decode: install model
 	$(PY) -m bench.decode --data-dir $(DATA_DIR)

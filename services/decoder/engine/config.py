@@ -24,8 +24,8 @@ class EngineSettings:
     # Insert each finished output into its pool ("output" n-grams, PIA's self-learning). Off by
     # default: in the stack, pools are fed by the pool service from the Kafka topic.
     learn_from_outputs: bool = False
-    # Batched rows keep different numbers of columns per step; compact the cache once holes
-    # are this share of it (a whole-cache copy, so not every step).
+    # Batched rows keep different numbers of columns per step; compact the cache once that
+    # would free this share of it (down to its fullest row; a whole-cache copy, so rarely).
     compact_hole_fraction: float = 0.5
     pad_token_id: int = 0
     # Adaptive drafting: each step's tree (per row, under batching per forward) is the one that

@@ -296,8 +296,12 @@ class DecodingEngine:
         )
         batch.key_valid = torch.cat([batch.key_valid, new_valid], dim=1)  # [B, S + width]
         if min(kept) < width:  # new holes: check whether the cache is worth compacting
-            holes = 1.0 - batch.key_valid.float().mean().item()
-            if holes > self.settings.compact_hole_fraction:
+            # Compaction can only shrink the cache to its fullest row: rows with shorter prompts
+            # keep their padding. Judge by what it would free, not by the share of holes, or a
+            # batch of mixed prompt lengths would copy the whole cache on every step.
+            fullest = int(batch.key_valid.sum(dim=1).max())
+            freed = 1.0 - fullest / batch.key_valid.shape[1]
+            if freed > self.settings.compact_hole_fraction:
                 batch.key_valid = compact(batch.cache, batch.key_valid)
 
     def _emit(self, request: _Request, verdict: Verdict, drafted: int) -> StepResult:
