@@ -47,6 +47,8 @@ class Sample:
     ttft_s: float | None
     total_s: float
     code: str
+    request_id: str = ""
+    prompt_chars: int = 0
 
     @property
     def done_s(self) -> float:
@@ -143,7 +145,8 @@ async def one_request(stub, request: common_pb2.GenerateRequest, deadline_s: flo
         code = "OK"
     except grpc.aio.AioRpcError as exc:
         code = exc.code().name
-    return Sample(sent - t0, ttft, time.perf_counter() - sent, code)
+    return Sample(sent - t0, ttft, time.perf_counter() - sent, code, request.request_id,
+                  sum(len(b.text) for b in request.blocks))
 
 
 async def offer(stub, requests, rate: float, duration_s: float, deadline_s: float, metadata, rng: random.Random,
@@ -249,7 +252,8 @@ async def find_and_hold(args, router_address: str, requests, stack, console: Con
         sampler.cancel()
         rss_end = services_rss(stack)
         hold = WindowFigures.of(hold_rate, samples, elapsed, args.hold_s, grace_s(args))
-    return {"steps": steps, "hold": hold, "rss_start": rss_start, "rss_end": rss_end, "rss_samples": rss_samples}
+    slowest = sorted(samples, key=lambda s: s.ttft_s if s.ok and s.ttft_s is not None else s.total_s)[-20:]
+    return {"steps": steps, "hold": hold, "slowest": slowest, "rss_start": rss_start, "rss_end": rss_end, "rss_samples": rss_samples}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -314,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         # growth over its second half is what a leak would show.
         "rss_growth_second_half_mb": second_half_growth(run["rss_samples"], args.hold_s),
         "rss_total_mb_over_time": [[round(t, 1), round(mb, 1)] for t, mb in run["rss_samples"]],
+        # The hold's slowest requests (by TTFT, or total time when they failed): when and what.
+        "slowest_requests": [dataclasses.asdict(s) for s in run["slowest"]],
         "steps": [dataclasses.asdict(s) for s in run["steps"]],
         "quick": os.environ.get("BENCH_QUICK", "") not in ("", "0"),
         "note": "machine shared with other jobs during the run; absolute figures are for this machine only",
