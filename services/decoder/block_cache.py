@@ -46,6 +46,7 @@ from common.blocks.hashing import BlockHash, BlockKind, block_hash, tokenizer_fi
 from common.blocks.placement import REPLICATED_KINDS, Placement
 from common.blocks.routing_keys import routing_key
 from common.prompt_tokens import TokenizedPrompt
+from common.rpc.streams import join_header_stream
 from common.telemetry import carry_context
 
 log = logging.getLogger(__name__)
@@ -285,17 +286,12 @@ class KvStoreClient:
         try:
             chunks = self.stubs[shard].Get(kvstore_pb2.GetRequest(block_hash=hash_, model_id=model_id),
                                            timeout=self.timeout_s)
-            header, parts = None, []
-            for chunk in chunks:
-                if chunk.HasField("header"):
-                    header = chunk.header
-                else:
-                    parts.append(chunk.data)
+            header, data = join_header_stream(chunks)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:  # evicted or dropped as corrupt since Contains
                 self._failed(shard, err)
             return None
-        return (header, b"".join(parts)) if header is not None else None
+        return (header, data) if header is not None else None
 
     def put(self, block: WantedBlock, header: kvstore_pb2.KvHeader, data: bytes, chunk_bytes: int) -> int:
         """Writes to every shard the placement names that is up; returns how many stored it."""

@@ -34,6 +34,7 @@ from opentelemetry.trace import Link, SpanContext, Tracer
 from adaccel.v1 import pool_pb2, pool_pb2_grpc
 from common.drafting.pools import GLOBAL_POOL, PoolRegistry
 from common.drafting.trie import TokenTrie, TrieSettings
+from common.rpc.streams import join_header_stream
 
 log = logging.getLogger(__name__)
 
@@ -220,15 +221,9 @@ class PoolSnapshots:
     def _fetch_snapshot(self, pool_key: str, have_version: int) -> int:
         chunks = self.stub.GetSnapshot(pool_pb2.SnapshotRequest(pool_key=pool_key, have_version=have_version),
                                        timeout=self.timeout_s * 4)
-        header, parts = None, []
-        for chunk in chunks:
-            if chunk.HasField("header"):
-                header = chunk.header
-            else:
-                parts.append(chunk.data)
+        header, data = join_header_stream(chunks)
         if header is None or header.total_bytes == 0:
             return 0
-        data = b"".join(parts)
         if len(data) != header.total_bytes:
             log.warning("truncated pool snapshot ignored", extra={"pool_key": pool_key, "got": len(data),
                                                                  "expected": header.total_bytes})

@@ -22,10 +22,9 @@ from rocksdict import Options, Rdict
 from adaccel.v1 import kvstore_pb2, kvstore_pb2_grpc, pool_pb2, pool_pb2_grpc, records_pb2
 from common.rpc.channels import health_status, open_channel
 from services.kvstore.block_store import checksum, validate_block
-from services.pool.pool_store import PoolStore
 from services.stack import SERVICE_NAMES, Stack
 from tests.faults.traffic import RequestLog, SteadyStream
-from tests.fuzz.pool_model import PoolModel, stored_rows
+from tests.fuzz.pool_model import PoolModel, mismatched_pools
 from tests.reliability_report import FaultFigures
 
 DEADLINE_S = 10.0
@@ -234,12 +233,7 @@ def test_after_all_faults_pools_are_exact_and_blocks_verify(stack, stream, relia
     model = PoolModel(ngram_length=NGRAM)
     for record in records:
         model.insert(record.pool_key or "global", [list(record.token_ids)], "output", tuple(record.item_ids))
-    store = PoolStore(data_dir / "pool")
-    try:
-        keys = {info.pool_key for info in store.pools()} | set(model.pools)
-        mismatched = [k for k in sorted(keys) if stored_rows(store, k) != model.expected_rows(k)]
-    finally:
-        store.close()
+    mismatched = mismatched_pools(data_dir / "pool", model)
     reliability_report.pool_mismatches += len(mismatched)
     corrupt = verify_kv_blocks(data_dir / "kvstore" / "shard-0")
     reliability_report.corrupt_blocks += corrupt

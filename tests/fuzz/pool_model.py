@@ -75,3 +75,16 @@ class PoolModel:
 def stored_rows(store, pool_key: str) -> dict[Path, tuple[int, int]]:
     """The same view of what a PoolStore holds (nodes emptied by removals stay with count 0)."""
     return {path: (out, in_) for path, out, in_ in store.rows(pool_key) if out or in_}
+
+
+def mismatched_pools(pool_dir: Path, model: PoolModel) -> list[str]:
+    """Pool keys whose stored counts (the RocksDB directory `pool_dir`, opened after the service
+    stopped) differ from the model's; every pool either side knows is compared."""
+    from services.pool.pool_store import PoolStore
+
+    store = PoolStore(pool_dir)
+    try:
+        keys = {info.pool_key for info in store.pools()} | set(model.pools)
+        return [k for k in sorted(keys) if stored_rows(store, k) != model.expected_rows(k)]
+    finally:
+        store.close()

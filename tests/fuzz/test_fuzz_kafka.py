@@ -14,10 +14,9 @@ from common.rpc.channels import health_status, open_channel
 from common.telemetry import null_telemetry
 from services.pool.ngram_records import (InsertSequences, NoChange, RejectedRecord, RemoveItem,
                                          generated_record_mutation, inventory_event_mutation)
-from services.pool.pool_store import PoolStore
 from services.pool.server import SERVICE_NAME, create_pool_server
 from services.pool.settings import PoolSettings
-from tests.fuzz.pool_model import PoolModel, stored_rows
+from tests.fuzz.pool_model import PoolModel, mismatched_pools
 from tests.fuzz.wire import Mutator
 
 VOCAB = 200
@@ -116,12 +115,7 @@ def test_garbage_records_are_dead_lettered_and_pools_stay_exact(tmp_path, broker
     letters = [records_pb2.DeadLetter.FromString(r.value) for r in consumer]
     consumer.close()
     assert len(letters) == rejected and all(letter.reason for letter in letters)
-    store = PoolStore(tmp_path / "pool")
-    try:
-        keys = {info.pool_key for info in store.pools()} | set(model.pools)
-        mismatched = [k for k in sorted(keys) if stored_rows(store, k) != model.expected_rows(k)]
-    finally:
-        store.close()
+    mismatched = mismatched_pools(tmp_path / "pool", model)
     reliability_report.pool_mismatches += len(mismatched)
     assert not mismatched
     assert sum(bool(model.expected_rows(k)) for k in model.pools) >= 3
