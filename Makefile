@@ -45,8 +45,9 @@ run: install model
 serve: install model
 	$(PY) -m services.stack serve --data-dir $(DATA_DIR)
 
+# The whole suite, fault injection included (~1 min of it; tests/faults run only with --run-faults).
 test: install
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests --run-faults
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -57,8 +58,7 @@ test-integration: install
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
 
-# Fuzzing (also part of `make test`) and fault injection (kill -9, broker restart, stalls: only
-# here, ~1-2 min): writes bench/results/faults.json.
+# Fuzzing and fault injection alone (both also part of `make test`): writes bench/results/faults.json.
 test-faults: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --run-faults --faults-json bench/results/faults.json
 
