@@ -45,9 +45,9 @@ run: install model
 serve: install model
 	$(PY) -m services.stack serve --data-dir $(DATA_DIR)
 
-# The whole suite, fault injection included (~1 min of it; tests/faults run only with --run-faults).
+# The whole suite, fault injection included (~1 min of it).
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests --run-faults
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -60,7 +60,7 @@ test-e2e: install
 
 # Fuzzing and fault injection alone (both also part of `make test`): writes bench/results/faults.json.
 test-faults: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --run-faults --faults-json bench/results/faults.json
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --faults-json bench/results/faults.json
 
 bench: bench-decode bench-freshness bench-prefill bench-routing bench-load
 

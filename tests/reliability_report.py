@@ -66,8 +66,6 @@ class ReliabilityReport:
 def pytest_addoption(parser):
     parser.addoption("--faults-json", default=None,
                      help="write the fault/fuzz figures here at the end of the session (make test-faults)")
-    parser.addoption("--run-faults", action="store_true", default=False,
-                     help="run tests/faults (minutes: kill -9, broker restart; make test-faults passes it)")
 
 
 @pytest.fixture(scope="session")

@@ -34,9 +34,7 @@ GENERATED_TOPIC = "adaccel.generated"
 
 
 @pytest.fixture(scope="module")
-def stack(request, tmp_path_factory, tiny_llama_path):
-    if not request.config.getoption("--run-faults"):
-        pytest.skip("fault tests run with --run-faults (make test-faults)")
+def stack(tmp_path_factory, tiny_llama_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("OMP_WAIT_POLICY", "PASSIVE")
