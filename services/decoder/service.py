@@ -62,7 +62,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
                                            computed_prompt_tokens=len(prompt_ids) - prepared.cached_prompt_tokens,
                                            recomputed_prompt_tokens=prepared.recomputed_prompt_tokens)
         generated: list[int] = []
-        text_so_far = ""
+        text, text_so_far = "", ""
         finish = common_pb2.FINISH_REASON_LENGTH
         for step in ticket:
             if not generated:
@@ -85,7 +85,6 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         stats.new_tokens = len(generated)
         stats.steps = len(stats.accepted_per_step)
         stats.mean_accepted_per_step = stats.new_tokens / max(stats.steps, 1)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
         self.metrics.record(stats, verification_mode(request.params), drafting=not request.params.disable_drafting)
         summary = common_pb2.GenerationSummary(
             request_id=request_id, text=text, token_ids=generated, stats=stats, finish_reason=finish,

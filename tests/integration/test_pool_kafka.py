@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -20,19 +19,10 @@ from common.telemetry import null_telemetry
 from services.pool.pool_store import PoolStore
 from services.pool.server import create_pool_server
 from services.pool.settings import PoolSettings
+from tests.fuzz.pool_model import naive_counts
 
 VOCAB = 50
 NGRAM = 4
-
-
-def naive_counts(sequences, n=NGRAM) -> Counter:
-    """Occurrences of every n-gram of length 1..n: what each trie node must count."""
-    counts = Counter()
-    for seq in sequences:
-        for i in range(len(seq)):
-            for j in range(i + 1, min(len(seq), i + n) + 1):
-                counts[tuple(seq[i:j])] += 1
-    return counts
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
@@ -134,7 +124,7 @@ def test_kill_9_mid_stream_then_restart_counts_every_record_exactly_once(tmp_pat
     store = PoolStore(tmp_path / "pool")
     try:
         for key in ("shop/0", "shop/1", "shop/2"):
-            expected = naive_counts([r.token_ids for r in records if r.pool_key == key])
+            expected = naive_counts([r.token_ids for r in records if r.pool_key == key], NGRAM)
             stored = {path: output for path, output, _ in store.rows(key)}
             assert stored == expected, key  # no record lost, none counted twice
             assert store.pool_info(key).version == sum(r.pool_key == key for r in records)
@@ -205,7 +195,7 @@ def test_restart_against_a_fresh_broker_reads_its_topics_from_the_start(tmp_path
                 pool.stop()
     store = PoolStore(tmp_path / "pool")
     try:
-        expected = naive_counts([r.token_ids for r in first + second])
+        expected = naive_counts([r.token_ids for r in first + second], NGRAM)
         assert {path: output for path, output, _ in store.rows("shop/0")} == expected
         assert store.next_offset("gen-reset", 0) == len(second)
     finally:

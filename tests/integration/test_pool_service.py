@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import threading
-from collections import Counter
 
 import grpc
 import pytest
@@ -16,6 +15,7 @@ from common.drafting.trie import TokenTrie
 from common.telemetry import null_telemetry
 from services.pool.server import create_pool_server
 from services.pool.settings import PoolSettings
+from tests.fuzz.pool_model import naive_counts
 
 VOCAB = 100
 
@@ -57,16 +57,6 @@ def fetch_snapshot(stub, pool_key, have_version=0):
     header, data = chunks[0].header, b"".join(c.data for c in chunks[1:])
     assert header.total_bytes == len(data)
     return header, data
-
-
-def naive_counts(sequences, n) -> Counter:
-    """Occurrences of every n-gram of length 1..n: the count the trie node of that path must hold."""
-    counts = Counter()
-    for seq in sequences:
-        for i in range(len(seq)):
-            for j in range(i + 1, min(len(seq), i + n) + 1):
-                counts[tuple(seq[i:j])] += 1
-    return counts
 
 
 def test_drafts_come_from_the_pool_or_its_parents_or_the_global_pool(stub):
