@@ -285,7 +285,9 @@ def run(args) -> dict:
     eos = tokenizer.eos_token_id
 
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="freshness-pool-") as pool_dir:
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=0)
+        broker.create_topics(GENERATED, INVENTORY)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=0,
+                                 allow_auto_create_topics=False)
         # 1. the backlog: warm texts as generations, then synthetic ones in other pools
         rng = random.Random(2)
         corpus = [tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for _, text in workload.warm_texts]

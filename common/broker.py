@@ -61,6 +61,15 @@ class EmbeddedBroker:
             raise
         return self
 
+    def create_topics(self, *topics: str) -> None:
+        """Creates topics explicitly (those that exist are left alone). Clients should not
+        auto-create: Tansu, asked by several requests at once, creates a topic more than once and
+        drops the records written in between."""
+        from common.kafka_io import ensure_topics
+        from common.settings import KafkaSettings
+
+        ensure_topics(KafkaSettings(kafka_bootstrap=self.bootstrap), list(topics))
+
     def stop(self, timeout_s: float = 5.0) -> None:
         if self._process is None:
             return

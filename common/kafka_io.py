@@ -37,9 +37,15 @@ def security_options(settings: KafkaSettings) -> dict:
     return options
 
 
+# Topics are created explicitly (ensure_topics), never by using them: the embedded broker, when
+# several clients auto-create one topic at once, creates it more than once and drops the records
+# written in between (seen after a broker restart with two decoders publishing).
+NO_AUTO_CREATE = {"allow_auto_create_topics": False}
+
+
 def make_producer(settings: KafkaSettings) -> KafkaProducer:
     return KafkaProducer(
-        **security_options(settings),
+        **security_options(settings), **NO_AUTO_CREATE,
         bootstrap_servers=settings.kafka_bootstrap.split(","),
         acks="all",
         linger_ms=5,
@@ -49,28 +55,28 @@ def make_producer(settings: KafkaSettings) -> KafkaProducer:
     )
 
 
-def make_consumer(settings: KafkaSettings, group_id: str) -> KafkaConsumer:
-    """Auto-commit off: consumers store offsets themselves, atomically with their effect."""
+def make_consumer(settings: KafkaSettings) -> KafkaConsumer:
+    """No consumer group and no commits: the consumer stores offsets itself, atomically with their
+    effect, and assigns itself partitions (services/pool/updater.py says why)."""
     return KafkaConsumer(
-        **security_options(settings),
+        **security_options(settings), **NO_AUTO_CREATE,
         bootstrap_servers=settings.kafka_bootstrap.split(","),
-        group_id=group_id,
+        group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        session_timeout_ms=settings.kafka_session_timeout_ms,
-        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         max_poll_records=200,
         consumer_timeout_ms=1000,
     )
 
 
-def current_topic_ids(settings: KafkaSettings, topics: list[str]) -> dict[str, str]:
-    """Topic name -> topic id (changes when a topic is recreated); topics not found are left out."""
+def topic_layout(settings: KafkaSettings, topics: list[str]) -> dict[str, tuple[str, list[int]]]:
+    """Topic name -> (topic id, partition numbers), from the admin API (bounded by its request
+    timeout); topics not found are left out. The id changes when a topic is recreated."""
     admin = KafkaAdminClient(**security_options(settings), bootstrap_servers=settings.kafka_bootstrap.split(","),
                              request_timeout_ms=5000)
     try:
-        return {d["name"]: str(d["topic_id"]) for d in admin.describe_topics(topics)
-                if not d.get("error_code") and d.get("topic_id")}
+        return {d["name"]: (str(d["topic_id"]), sorted(p["partition_index"] for p in d.get("partitions", [])))
+                for d in admin.describe_topics(topics) if not d.get("error_code") and d.get("topic_id")}
     finally:
         admin.close()
 

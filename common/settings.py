@@ -68,9 +68,6 @@ class KafkaSettings(BaseSettings):
     kafka_generated_topic: str = Field("adaccel.generated", description="topic of finished generations")
     kafka_inventory_topic: str = Field("adaccel.inventory", description="topic of item inventory events")
     kafka_dead_letter_topic: str = Field("adaccel.deadletter", description="topic of rejected records")
-    # Local brokers: a first group join waits about half the session timeout (45 s by default).
-    kafka_session_timeout_ms: int = Field(6000, ge=1000, description="consumer group session timeout")
-    kafka_heartbeat_interval_ms: int = Field(2000, ge=100, description="consumer heartbeat interval")
     # Passed through to kafka-python (common/kafka_io.py); secrets come from files (a mounted Secret).
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka transport: TLS (SSL), SASL, both, or neither")

@@ -88,9 +88,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         "pool", PoolSettings, "adaccel.v1.Pool",
         {**COMMON_OWNED, **KAFKA_OWNED,
-         "model_path": "`model.mountPath`/`model.subPath` when `pool.modelTokenizer`, else unset",
-         "consumer_group": "`pool.consumerGroup`-<pod name> (container env): every replica reads everything"},
-        frozenset({"consumer_group"}), stateful=True,
+         "model_path": "`model.mountPath`/`model.subPath` when `pool.modelTokenizer`, else unset"},
+        frozenset(), stateful=True,
     ),
 )
 

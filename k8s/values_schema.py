@@ -175,7 +175,6 @@ def _component(component: Component) -> Schema:
     if component.name in ("kvstore", "pool"):
         props["persistence"] = _ref("persistence")
     if component.name == "pool":
-        props["consumerGroup"] = _str(minLength=1)
         props["modelTokenizer"] = _bool()
     return _obj(props, description=f"the {component.name} service")
 

@@ -1,10 +1,16 @@
 """Per-model accuracy gate for block KV reuse (LMCache #4666: re-rotation is fragile on some models).
 
 At start-up, a calibration sample of prompts is run twice: full prefill, and assembly from blocks
-cached standalone in the mode that will be served. The gate compares the next-token distribution
-after the prompt: top-1 agreement (share of prompts where both argmaxes match) and KL(full ||
-assembled) in nats. Reuse stays enabled for the model only when agreement >= the threshold;
-otherwise the caller serves full prefill, and this is logged at ERROR level, once per decision.
+cached standalone in the mode that will be served. The gate compares next-token distributions at
+the first generated position and along the greedy continuation of full prefill (teacher-forced
+through the assembled cache, `continuation_tokens` positions): top-1 agreement (share of compared
+positions whose argmaxes match) and KL(full || assembled) in nats. Counting the continuation's
+positions, not only the first token's, gives the estimate 1 + continuation_tokens times as many
+comparisons per prompt: with first tokens only, 12 prompts decided in steps of 1/12, and each build
+of the same model landed on another side of the threshold. The continuation is what a request
+generates from the reused cache, not the prompt's template text, so it does not flatter reuse.
+Reuse stays enabled for the model only when agreement >= the threshold; otherwise the caller serves
+full prefill, and this is logged at ERROR level, once per decision.
 
 Results are stored as JSON keyed by model id, so a restart can skip the measurement; a stored
 result is only used when it was measured with the same mode and knobs, and the threshold is
@@ -28,7 +34,7 @@ from common.blocks.rope import UnsupportedRopeError
 
 log = logging.getLogger(__name__)
 
-RESULTS_FORMAT_VERSION = 1
+RESULTS_FORMAT_VERSION = 2  # 2: agreement over first token + continuation
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class GateSettings:
     recompute_ratio: float = 0.15
     check_layer: int = 1
     epic_tokens: int = 16
+    continuation_tokens: int = 8  # greedy tokens after the first, compared teacher-forced
     min_top1_agreement: float = 0.9  # below this, serve full prefill
 
     def __post_init__(self) -> None:
@@ -58,6 +65,7 @@ class GateSettings:
             "recompute_ratio": self.recompute_ratio,
             "check_layer": self.check_layer,
             "epic_tokens": self.epic_tokens,
+            "continuation_tokens": self.continuation_tokens,
         }
 
 
@@ -66,18 +74,43 @@ class CalibrationResult:
     model_id: str
     knobs: dict  # GateSettings.knobs() it was measured with
     prompts: int
-    top1_agreement: float  # in [0, 1]
-    mean_kl_nats: float  # mean over prompts of KL(full || assembled), next-token distribution
+    top1_agreement: float  # in [0, 1], over every compared position (first token + continuation)
+    mean_kl_nats: float  # mean over compared positions of KL(full || assembled)
     max_kl_nats: float
+    first_token_agreement: float  # over first tokens only (one per prompt)
+    positions: int  # compared positions in all
     min_top1_agreement: float  # threshold the decision used
     enabled: bool
     reason: str  # why disabled ("" when enabled)
 
 
-def _kl_nats(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> float:
-    ref = reference_logits.float().log_softmax(-1)  # [1, V]
+def _kl_nats(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) per row of [P, V] logits -> [P]."""
+    ref = reference_logits.float().log_softmax(-1)
     other = other_logits.float().log_softmax(-1)
-    return float((ref.exp() * (ref - other)).sum(-1).mean())
+    return (ref.exp() * (ref - other)).sum(-1)
+
+
+@torch.no_grad()
+def _continuation_logits(model, cache, first_logits: torch.Tensor, start: int, tokens: int,
+                         forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the first generated position and `tokens` more: greedy from `cache` when `forced`
+    is None (one token per step), else teacher-forced with `forced` in one forward pass. Returns
+    ([1 + tokens, V] logits, [tokens] the continuation's token ids)."""
+    if tokens == 0:
+        return first_logits, first_logits.new_zeros(0, dtype=torch.int64)
+    if forced is None:
+        rows, ids, token = [first_logits], [], first_logits.argmax(-1)
+        for step in range(tokens):
+            ids.append(token)
+            out = model(input_ids=token[None], position_ids=torch.tensor([[start + step]], device=model.device),
+                        past_key_values=cache, use_cache=True)
+            rows.append(out.logits[:, -1].float())
+            token = rows[-1].argmax(-1)
+        return torch.cat(rows), torch.cat(ids)
+    positions = torch.arange(start, start + tokens, device=model.device)[None]
+    out = model(input_ids=forced[None], position_ids=positions, past_key_values=cache, use_cache=True)
+    return torch.cat([first_logits, out.logits[0].float()]), forced
 
 
 def _decide(
@@ -88,6 +121,8 @@ def _decide(
     mean_kl: float,
     max_kl: float,
     threshold: float,
+    first_agreement: float,
+    positions: int,
     unsupported: str = "",
 ) -> CalibrationResult:
     if unsupported:
@@ -103,6 +138,8 @@ def _decide(
         top1_agreement=agreement,
         mean_kl_nats=mean_kl,
         max_kl_nats=max_kl,
+        first_token_agreement=first_agreement,
+        positions=positions,
         min_top1_agreement=threshold,
         enabled=not reason,
         reason=reason,
@@ -115,11 +152,14 @@ def calibrate(
     """Measures `settings.mode` against full prefill on `prompts` and decides (no I/O, no logging)."""
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
-    agree, kls = 0, []
+    matches, firsts, kls = [], 0, []
     try:
         for prompt in prompts:
             blocks = [(ids, compute_block_kv(model, ids)) for ids in prompt.blocks]
+            start = sum(len(ids) for ids in prompt.blocks) + len(prompt.tail)
             full = assemble(model, blocks, prompt.tail, mode="full")
+            reference, continuation = _continuation_logits(
+                model, full.cache, full.last_logits, start, settings.continuation_tokens)
             blended = assemble(
                 model,
                 blocks,
@@ -129,8 +169,12 @@ def calibrate(
                 check_layer=settings.check_layer,
                 epic_tokens=settings.epic_tokens,
             )
-            agree += int(full.last_logits.argmax(-1).item() == blended.last_logits.argmax(-1).item())
-            kls.append(_kl_nats(full.last_logits, blended.last_logits))
+            assembled, _ = _continuation_logits(model, blended.cache, blended.last_logits, start,
+                                                settings.continuation_tokens, forced=continuation)
+            same = reference.argmax(-1) == assembled.argmax(-1)  # [1 + continuation_tokens]
+            matches.extend(same.tolist())
+            firsts += int(same[0])
+            kls.extend(_kl_nats(reference, assembled).tolist())
     except UnsupportedRopeError as err:
         return _decide(
             model_id,
@@ -140,16 +184,20 @@ def calibrate(
             float("nan"),
             float("nan"),
             settings.min_top1_agreement,
+            0.0,
+            0,
             unsupported=f"unsupported rope: {err}",
         )
     return _decide(
         model_id,
         settings.knobs(),
         len(prompts),
-        agree / len(prompts),
+        sum(matches) / len(matches),
         sum(kls) / len(kls),
         max(kls),
         settings.min_top1_agreement,
+        firsts / len(prompts),
+        len(matches),
     )
 
 
@@ -196,29 +244,35 @@ def gate(
             stored.mean_kl_nats,
             stored.max_kl_nats,
             settings.min_top1_agreement,
+            stored.first_token_agreement,
+            stored.positions,
         )
         source = f"stored in {store_path}"
     else:
         result = calibrate(model, model_id, prompts, settings)
-        source = f"measured on {len(prompts)} prompts"
+        source = f"measured on {len(prompts)} prompts, {result.positions} positions"
         if store_path is not None:
             save_result(store_path, result)
     if result.enabled:
         log.info(
-            "KV block reuse enabled for %s (%s, %s): top-1 agreement %.3f, mean KL %.2e nats",
+            "KV block reuse enabled for %s (%s, %s): top-1 agreement %.3f (first tokens %.3f), "
+            "mean KL %.2e nats",
             model_id,
             settings.mode,
             source,
             result.top1_agreement,
+            result.first_token_agreement,
             result.mean_kl_nats,
         )
     else:
         log.error(
-            "KV block reuse DISABLED for %s, serving FULL PREFILL (%s, %s): %s; mean KL %.2e nats",
+            "KV block reuse DISABLED for %s, serving FULL PREFILL (%s, %s): %s (first tokens %.3f); "
+            "mean KL %.2e nats",
             model_id,
             settings.mode,
             source,
             result.reason,
+            result.first_token_agreement,
             result.mean_kl_nats,
         )
     return result

@@ -2,11 +2,13 @@
 
 Every server gets the stock health service (the named service NOT_SERVING until the service
 says it is ready, and again on shutdown), server reflection, OpenTelemetry tracing, the error
-interceptor, message size limits from settings, and a graceful stop on SIGTERM/SIGINT.
+interceptor, message size limits from settings, a graceful stop on SIGTERM/SIGINT, and a dump of
+every thread's stack on SIGUSR1.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -131,6 +133,9 @@ def run_until_signalled(handle: ServerHandle, grace_s: float) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the log): how a stuck background
+    # loop is found in a running pod without a debugger.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     while not stop_requested.wait(0.5):
         pass
     handle.stop(grace_s)

@@ -115,6 +115,39 @@ class DecoderMetrics:
                                            unit="{request}",
                                            description="requests decoding together in the running batch")
 
+    def observe_block_cache(self, cache) -> None:
+        """Counters of the block cache (services/decoder/block_cache.py), read at each collection:
+        blocks by where their KV came from, blocks published (computed standalone and stored) or
+        dropped from a full publish queue, kv-store call errors, and the assembly mode in force,
+        1 on the mode the accuracy gate left (the configured one, or "full" when it said no)."""
+
+        def blocks(_options: CallbackOptions) -> Iterable[Observation]:
+            counters = cache.counters
+            return [Observation(counters.local_hits, {"source": "local"}),
+                    Observation(counters.store_hits, {"source": "kvstore"}),
+                    Observation(counters.misses, {"source": "computed"}),
+                    Observation(counters.rejected, {"source": "rejected"})]
+
+        def publishing(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(cache.publisher.published, {"outcome": "published"}),
+                    Observation(cache.publisher.dropped, {"outcome": "dropped"})]
+
+        def store_errors(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(cache.store.errors if cache.store is not None else 0)]
+
+        def mode(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(1, {"mode": cache.mode})]
+
+        self.meter.create_observable_counter("adaccel.decoder.kv_blocks", [blocks], unit="{block}",
+                                             description="prompt blocks looked up, by where their KV came from")
+        self.meter.create_observable_counter("adaccel.decoder.kv_blocks_published", [publishing], unit="{block}",
+                                             description="blocks computed standalone and stored, or dropped")
+        self.meter.create_observable_counter("adaccel.decoder.kvstore_errors", [store_errors], unit="{call}",
+                                             description="kv-store calls that failed")
+        self.meter.create_observable_gauge("adaccel.decoder.block_reuse_mode", [mode], unit="1",
+                                           description="1 on the assembly mode served (\"full\" when the "
+                                                       "accuracy gate turned reuse off)")
+
     def record(self, stats, mode: str, *, drafting: bool = True) -> None:
         attrs = {"mode": mode}
         self.requests.add(1, attrs)

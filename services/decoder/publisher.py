@@ -29,7 +29,9 @@ class GeneratedPublisher:
         self._topic = topic
         self._tracer = tracer
         # An idempotent producer whose producer id the broker lost (a restarted broker, expired
-        # producer state) fails every later send for good; it is replaced by a new one.
+        # producer state) fails every later send for good, and one whose topic is gone (a broker
+        # restarted without its log) blocks on metadata: either is replaced by a new one, made by
+        # new_producer (which creates the topic again where needed).
         self._new_producer = new_producer
         self._rebuild_after_s = rebuild_after_s
         self._broken = False
@@ -39,7 +41,7 @@ class GeneratedPublisher:
 
     def publish(self, record: records_pb2.GeneratedRecord) -> None:
         """Best effort: a broker outage must not fail the request whose text is already streamed."""
-        if self._broken:
+        if self._broken or self._producer is None:
             self._rebuild()
         if self._producer is None:
             return
@@ -51,7 +53,8 @@ class GeneratedPublisher:
             future = self._producer.send(self._topic, key=record.pool_key.encode(), value=value,
                                          headers=headers)
             future.add_callback(self._on_sent, span).add_errback(self._on_error, span)
-        except Exception as exc:  # noqa: BLE001 - KafkaTimeoutError when the buffer is full or broker gone
+        except Exception as exc:  # noqa: BLE001 - KafkaTimeoutError: no metadata for the topic, or buffer full
+            self._broken = True
             self._on_error(span, exc)
 
     def _start_span(self, record: records_pb2.GeneratedRecord, size: int) -> Span:

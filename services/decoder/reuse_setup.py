@@ -65,6 +65,7 @@ def gated_mode(settings: DecoderSettings, loaded: LoadedModel, model_key: str) -
         return mode
     gate_settings = GateSettings(mode=mode, recompute_ratio=settings.recompute_ratio,
                                  check_layer=settings.check_layer, epic_tokens=settings.epic_tokens,
+                                 continuation_tokens=settings.reuse_gate_continuation_tokens,
                                  min_top1_agreement=settings.reuse_gate_min_top1)
     store = settings.reuse_gate_store or settings.data_dir / "calibration" / "block_reuse.json"
     workload = settings.data_dir / "workload" / "prompts.jsonl"

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from adaccel.v1 import decoder_pb2, decoder_pb2_grpc, pool_pb2_grpc
-from common.kafka_io import make_producer
+from common.kafka_io import ensure_topics, make_producer
 from common.drafting.pools import PoolRegistry
 from common.modeling.loading import load_model
 from common.requests import RequestLimits
@@ -37,15 +37,20 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
     if loaded.random_weights:
         log.warning("model has RANDOM weights (a stand-in): outputs and acceptance figures mean nothing",
                     extra={"model_id": loaded.model_id})
+    def connect_producer():
+        ensure_topics(settings, [settings.kafka_generated_topic])
+        return make_producer(settings)
+
     producer = None
     if settings.kafka_bootstrap:
         try:
-            producer = make_producer(settings)
-        except Exception as exc:  # noqa: BLE001 - NoBrokersAvailable: serve anyway, publishing off
-            log.warning("kafka unreachable; generations will not be published", extra={"error": repr(exc)})
+            producer = connect_producer()
+        except Exception as exc:  # noqa: BLE001 - NoBrokersAvailable: serve anyway, publishing retried
+            log.warning("kafka unreachable; generations are not published until it is back",
+                        extra={"error": repr(exc)})
     tracer = telemetry.tracer("adaccel.decoder")
     publisher = GeneratedPublisher(producer, settings.kafka_generated_topic, tracer=tracer,
-                                   new_producer=(lambda: make_producer(settings)) if settings.kafka_bootstrap else None)
+                                   new_producer=connect_producer if settings.kafka_bootstrap else None)
     limits = RequestLimits(max_blocks=settings.max_blocks, max_new_tokens=settings.max_new_tokens)
     adaptive = settings.adaptive_drafting
     engine = DecodingEngine(loaded.model, EngineSettings(
@@ -78,6 +83,8 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
     )
     decoder.metrics.observe_load(queue_depth=lambda: admission.active,
                                  tokens_in_flight=lambda: admission.tokens_in_flight, batch_size=lambda: batcher.rows)
+    if block_cache is not None:
+        decoder.metrics.observe_block_cache(block_cache)
     handle = create_server(settings, telemetry, [(decoder_pb2_grpc.add_DecoderServicer_to_server, decoder)],
                            [SERVICE_NAME])
     if not decoder.decoder_id:

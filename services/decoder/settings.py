@@ -51,8 +51,9 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     placement_embedder: Literal["auto", "minilm", "category"] = Field(
         "auto", description="item embeddings for shard placement (used with 2+ shards): MiniLM if installed, else category features")
     placement_anchors: int = Field(64, ge=1, description="similarity buckets hashed onto the shard ring")
-    reuse_gate_min_top1: float = Field(0.9, ge=0, le=1, description="accuracy gate: reuse only if first-token top-1 agreement with full prefill reaches this")
-    reuse_gate_prompts: int = Field(12, ge=0, description="accuracy gate: calibration prompts (0 = no gate)")
+    reuse_gate_min_top1: float = Field(0.9, ge=0, le=1, description="accuracy gate: reuse only if top-1 agreement with full prefill (first token + continuation) reaches this")
+    reuse_gate_prompts: int = Field(24, ge=0, description="accuracy gate: calibration prompts (0 = no gate)")
+    reuse_gate_continuation_tokens: int = Field(8, ge=0, le=64, description="accuracy gate: greedy tokens after the first compared per prompt")
     reuse_gate_store: Path | None = Field(None, description="gate results by model id (default <data_dir>/calibration/block_reuse.json)")
 
     @field_validator("kvstore_addrs", mode="before")

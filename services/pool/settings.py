@@ -13,7 +13,6 @@ class PoolSettings(ServiceSettings, KafkaSettings):
     ngram_length: int = Field(10, ge=2, le=64,
                               description="tokens per stored n-gram (key_length 2 + the decoders' branch_length 8)")
     max_tokens_per_insert: int = Field(65_536, ge=1, description="tokens one Insert (or one record) may carry")
-    consumer_group: str = Field("adaccel-pool", description="Kafka consumer group of the updater")
     pool_capacity: int = Field(1 << 17, ge=16,
                                description="trie nodes per pool; above it the pool decays (halves counts, prunes)")
     max_pools: int = Field(64, ge=1,

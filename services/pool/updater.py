@@ -2,9 +2,12 @@
 the pools, store the offset atomically.
 
 Exactly-once effect with at-least-once delivery: a record's mutation and the next offset share one
-RocksDB WriteBatch (PoolManager.apply); on partition assignment the consumer seeks to the stored
-offset, and a redelivered record below it is skipped. Auto-commit is off and nothing is committed
-to Kafka: RocksDB holds the offsets. Not covered: a producer that sends the same generation twice
+RocksDB WriteBatch (PoolManager.apply); the consumer reads each partition from the stored offset,
+and a redelivered record below it is skipped. Auto-commit is off and nothing is committed to Kafka:
+RocksDB holds the offsets. So the consumer joins no group: every pool replica is a full copy and
+reads every partition, which it assigns itself (topic metadata from the admin API, rechecked every
+few seconds). A group would add joins and rebalances and nothing else, and a JoinGroup could hold
+a restarted replica's poll for minutes, waiting on the member it replaced. Not covered: a producer that sends the same generation twice
 (two records) counts it twice. Malformed records go to the dead-letter topic with the reason and
 their offset moves on; the consumer never stops for them.
 
@@ -20,13 +23,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from kafka import ConsumerRebalanceListener, KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from adaccel.v1 import records_pb2
-from common.kafka_io import current_topic_ids, ensure_topics, make_consumer, make_producer, trace_context, trace_headers
+from common.kafka_io import ensure_topics, make_consumer, make_producer, topic_layout, trace_context, trace_headers
 from services.pool.metrics import PoolMetrics
 from services.pool.ngram_records import InsertSequences, Mutation, RejectedRecord
 from services.pool.pool_manager import PoolManager
@@ -37,26 +40,10 @@ log = logging.getLogger(__name__)
 Transform = Callable[[bytes | None], Mutation]
 
 
-class _SeekToStoredOffsets(ConsumerRebalanceListener):
-    def __init__(self, consumer, pools: PoolManager):
-        self.consumer = consumer
-        self.pools = pools
-        self.unchecked: list = []
-
-    def on_partitions_revoked(self, revoked):
-        pass
-
-    def on_partitions_assigned(self, assigned):
-        for tp in assigned:
-            stored = self.pools.store.next_offset(tp.topic, tp.partition)
-            if stored is not None:
-                self.consumer.seek(tp, stored)
-        # Checked for recreated topics after the poll (no broker calls inside this callback).
-        self.unchecked.extend(assigned)
-
-
-
 class PoolUpdater:
+    TOPICS_CHECK_S = 5.0  # between checks of the topics' layout (new partitions, recreated topics)
+    BROKER_CALL_TIMEOUT_MS = 5000  # for the calls the loop makes besides poll
+
     def __init__(self, pools: PoolManager, settings: PoolSettings, transforms: dict[str, Transform],
                  on_health: Callable[[bool], None], *, tracer: Tracer | None = None,
                  metrics: PoolMetrics | None = None):
@@ -71,7 +58,7 @@ class PoolUpdater:
         self.tokens_ingested = 0
         self.inventory_events = 0
         self.last_lag_s = 0.0
-        self._partition_topic_ids: dict[tuple[str, int], str] = {}  # (topic, partition) -> id read under
+        self._topic_ids: dict[TopicPartition, str] = {}  # partition -> topic id it is read under
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pool-updater", daemon=True)
 
@@ -95,74 +82,98 @@ class PoolUpdater:
         settings = self.settings
         topics = list(self.transforms)
         ensure_topics(settings, [*topics, settings.kafka_dead_letter_topic])
-        consumer = make_consumer(settings, settings.consumer_group)
+        consumer = make_consumer(settings)
         dead_letters = make_producer(settings)
         try:
-            listener = _SeekToStoredOffsets(consumer, self.pools)
-            consumer.subscribe(topics, listener=listener)
+            self._sync_assignment(consumer, topics)
             self.on_health(True)
+            next_sync = time.monotonic() + self.TOPICS_CHECK_S
             while not self._stop.is_set():
-                polled = consumer.poll(timeout_ms=500)
-                if listener.unchecked:
-                    listener.unchecked = self._restart_recreated_topics(consumer, listener.unchecked)
-                    # Records of partitions not checked yet wait for the check (they were seeked back).
-                    polled = {tp: rs for tp, rs in polled.items() if tp not in listener.unchecked}
-                for records in polled.values():
+                if not consumer.assignment():
+                    self._stop.wait(0.5)
+                    polled = {}
+                else:
+                    polled = consumer.poll(timeout_ms=500)
+                suspect = False
+                for tp, records in polled.items():
                     for record in records:
-                        self.apply(record, dead_letters)
+                        if self.apply(record, dead_letters) == "redelivered":
+                            # After the seek to the stored offset a record below it is rare: it
+                            # is what a broker that lost its log sends once it takes records again.
+                            # The rest of the batch is read again after the check.
+                            self._seek_stored(consumer, tp)
+                            suspect = True
+                            break
+                if suspect or time.monotonic() >= next_sync:
+                    next_sync = time.monotonic() + self.TOPICS_CHECK_S
+                    self._sync_assignment(consumer, topics)
         finally:
-            consumer.close(autocommit=False)
+            consumer.close(autocommit=False, timeout_ms=self.BROKER_CALL_TIMEOUT_MS)
             dead_letters.close(timeout=5)
 
-    def _restart_recreated_topics(self, consumer, assigned: list) -> list:
-        """A partition read under one topic id whose topic now has another was recreated (or its
-        broker kept no durable log and restarted): its offsets start again, so the stored one means
-        nothing and it is read from its start; otherwise every new record below the old offset
-        would pass for a redelivery and be lost. Returns the partitions still to check (all of
-        them when the ids could not be read; they are seeked back to their stored offsets).
-        Ids are remembered in memory: a recreation while this process was down goes unseen."""
+    def _sync_assignment(self, consumer, topics: list[str]) -> None:
+        """Assigns every partition of `topics`, each read from its stored offset, and catches the
+        broker losing its log: a topic gone (created again here: no client auto-creates, see
+        common/kafka_io.py), a topic id changed (recreated, or a broker without a durable log
+        restarted), or a stored offset past the log's end (the same, while this process was down).
+        In those cases the stored offset means nothing, the partition is read from its start;
+        otherwise every new record below the old offset would pass for a redelivery and be lost.
+        When the broker cannot be asked, the assignment stays and the next sync tries again."""
         try:
-            ids = current_topic_ids(self.settings, sorted({tp.topic for tp in assigned}))
-        except Exception as exc:  # noqa: BLE001 - broker still coming back: check at the next poll
-            log.warning("could not read topic ids", extra={"error": repr(exc)})
-            for tp in assigned:
-                stored = self.pools.store.next_offset(tp.topic, tp.partition)
-                if stored is None:
-                    consumer.seek_to_beginning(tp)
-                else:
-                    consumer.seek(tp, stored)
-            return list(assigned)
+            layout = topic_layout(self.settings, topics)
+            lost = [t for t in topics if t not in layout]
+            if lost:
+                log.warning("subscribed topics are gone from the broker; creating them", extra={"topics": lost})
+                ensure_topics(self.settings, lost)
+                layout = topic_layout(self.settings, topics)
+        except Exception as exc:  # noqa: BLE001 - broker away: keep reading what is assigned
+            log.warning("could not read the topics' layout", extra={"error": repr(exc)})
+            return
+        wanted = {TopicPartition(t, p): topic_id for t, (topic_id, parts) in layout.items() for p in parts}
+        assigned = consumer.assignment()
+        fresh = [tp for tp, topic_id in wanted.items() if self._topic_ids.get(tp) != topic_id or tp not in assigned]
+        if not fresh:
+            return
         try:
-            end_offsets = consumer.end_offsets(list(assigned))
-        except Exception as exc:  # noqa: BLE001 - as above: check again at the next poll
+            # Bounded: kafka-python's default waits request_timeout_ms (5 minutes) for a partition
+            # the broker does not know, and pools would go stale that long.
+            end_offsets = consumer.end_offsets(fresh, timeout_ms=self.BROKER_CALL_TIMEOUT_MS)
+        except Exception as exc:  # noqa: BLE001 - as above
             log.warning("could not read end offsets", extra={"error": repr(exc)})
-            return list(assigned)
-        for tp in assigned:
+            return
+        consumer.assign(list(wanted))
+        for tp in fresh:
             stored, end = self.pools.store.next_offset(tp.topic, tp.partition), end_offsets.get(tp)
-            if stored is not None and end is not None and stored > end:
-                # The log ends before what was already applied: the broker lost it (an in-memory
-                # broker restarted while this service was down), and its new records start at 0.
-                log.warning("stored offset is past the log's end; reading the topic from the start",
-                            extra={"topic": tp.topic, "partition": tp.partition, "stored": stored, "end": end})
-                self.pools.store.store_offset(tp.topic, tp.partition, 0)
-                consumer.seek(tp, 0)
-            read_under, now = self._partition_topic_ids.get((tp.topic, tp.partition)), ids.get(tp.topic)
-            if read_under and now and read_under != now:
+            read_under = self._topic_ids.get(tp)  # kept across reconnects, not across restarts
+            if stored is not None and read_under is not None and read_under != wanted[tp]:
                 log.warning("topic was recreated; reading it from the start",
                             extra={"topic": tp.topic, "partition": tp.partition})
+                stored = 0
+            elif stored is not None and end is not None and stored > end:
+                log.warning("stored offset is past the log's end; reading the topic from the start",
+                            extra={"topic": tp.topic, "partition": tp.partition, "stored": stored, "end": end})
+                stored = 0
+            if stored == 0:
                 self.pools.store.store_offset(tp.topic, tp.partition, 0)
-                consumer.seek(tp, 0)
-            if now:
-                self._partition_topic_ids[(tp.topic, tp.partition)] = now
-        return []
+            self._seek_stored(consumer, tp)
+            self._topic_ids[tp] = wanted[tp]
+        for tp in wanted:
+            if tp not in fresh:  # kept from before: continues from its stored offset
+                self._seek_stored(consumer, tp)
 
-    def apply(self, record, dead_letters: KafkaProducer) -> None:
-        """One record, traced as a CONSUMER span continuing the producer's trace."""
+    def _seek_stored(self, consumer, tp: TopicPartition) -> None:
+        stored = self.pools.store.next_offset(tp.topic, tp.partition)
+        if stored is None:
+            consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, stored)
+
+    def apply(self, record, dead_letters: KafkaProducer) -> str:
+        """One record, traced as a CONSUMER span continuing the producer's trace; returns the outcome."""
         attributes = {
             "messaging.system": "kafka", "messaging.operation.type": "process",
             "messaging.operation.name": "process", "messaging.destination.name": record.topic,
             "messaging.destination.partition.id": str(record.partition), "messaging.kafka.offset": record.offset,
-            "messaging.consumer.group.name": self.settings.consumer_group,
         }
         if record.key is not None:
             attributes["messaging.kafka.message.key"] = record.key.decode(errors="replace")
@@ -172,6 +183,7 @@ class PoolUpdater:
             outcome = self._apply(record, dead_letters, span)
             span.set_attribute("adaccel.outcome", outcome)
         self.metrics.records.add(1, {"messaging.destination.name": record.topic, "outcome": outcome})
+        return outcome
 
     def _apply(self, record, dead_letters: KafkaProducer, span: Span) -> str:
         """Skip a redelivery, else transform and apply with its next offset; returns the outcome."""

@@ -40,8 +40,6 @@ def stack(tmp_path_factory, tiny_llama_path):
         mp.setenv("OMP_WAIT_POLICY", "PASSIVE")
         s = Stack(data_dir=tmp_path_factory.mktemp("faults"), model_path=tiny_llama_path, decoders=2, extra_env={
             "decoder": {"TORCH_THREADS": "1"},
-            # A restarted consumer rejoins once the killed one's session expired: keep that short.
-            "pool": {"KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500"},
             "kvstore": {"MEMORY_BUDGET_BYTES": str(KV_MEMORY_BUDGET)},
         })
         with s:
@@ -65,7 +63,7 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 60) -> list[record
     """Every record of every partition (call it while nothing is produced; else what came in timeout_s)."""
     from kafka import TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, allow_auto_create_topics=False)
     deadline = time.monotonic() + timeout_s
     try:
         partitions = None
@@ -118,7 +116,18 @@ def wait_pool_caught_up(stack: Stack, records: int, timeout_s: float = 60) -> No
             channel.close()
             raise AssertionError(f"the pool applied {applied} records, the broker carried {records}: {stats}")
         time.sleep(0.2)
-    raise AssertionError(f"the pool applied {applied} of {records} records")
+    raise AssertionError(f"the pool applied {applied} of {records} records; its threads:\n{thread_dump(stack, 'pool')}")
+
+
+def thread_dump(stack: Stack, name: str) -> str:
+    """Every thread's stack of a service (SIGUSR1, common/rpc/server.py), from the end of its log."""
+    log_path = stack.data_dir / "logs" / f"{name}.log"
+    size = log_path.stat().st_size
+    os.kill(stack.process(name).process.pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    with open(log_path, errors="replace") as f:
+        f.seek(size)
+        return f.read()[-6000:]
 
 
 def survive(stack: Stack, stream: SteadyStream, reliability_report, name: str, inject, *, recover=None,

@@ -72,7 +72,9 @@ def replay(model: PoolModel, transform, values: list[bytes]) -> int:
 def test_garbage_records_are_dead_lettered_and_pools_stay_exact(tmp_path, broker, rng, tally, reliability_report):
     topics = {"generated": "fz-generated", "inventory": "fz-inventory", "dead": "fz-dead"}
     values = {"generated": generated_values(rng), "inventory": inventory_values(rng)}
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
+    broker.create_topics(*topics.values())
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5,
+                             allow_auto_create_topics=False)
     for kind in ("generated", "inventory"):
         for value in values[kind]:
             producer.send(topics[kind], key=b"k", value=value)
@@ -90,7 +92,7 @@ def test_garbage_records_are_dead_lettered_and_pools_stay_exact(tmp_path, broker
 
     settings = PoolSettings(data_dir=tmp_path, kafka_bootstrap=broker.bootstrap,
                             kafka_generated_topic=topics["generated"], kafka_inventory_topic=topics["inventory"],
-                            kafka_dead_letter_topic=topics["dead"], consumer_group="fz-pool", vocab_size=VOCAB,
+                            kafka_dead_letter_topic=topics["dead"], vocab_size=VOCAB,
                             ngram_length=NGRAM, max_tokens_per_insert=MAX_TOKENS, pool_capacity=10**8)
     handle = create_pool_server(settings, null_telemetry())
     t = tally("kafka.records")
@@ -111,7 +113,7 @@ def test_garbage_records_are_dead_lettered_and_pools_stay_exact(tmp_path, broker
     finally:
         handle.stop(0)
     consumer = KafkaConsumer(topics["dead"], bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=3000)
+                             allow_auto_create_topics=False, consumer_timeout_ms=3000)
     letters = [records_pb2.DeadLetter.FromString(r.value) for r in consumer]
     consumer.close()
     assert len(letters) == rejected and all(letter.reason for letter in letters)

@@ -57,7 +57,7 @@ class Services:
         kafka = dict(kafka_bootstrap=bootstrap, kafka_generated_topic=self.topic,
                      kafka_dead_letter_topic=f"{self.topic}-dlq")
         self.pool = self._start("pool", create_pool_server, PoolSettings(
-            **common, **kafka, consumer_group=f"pool-{self.topic}", ngram_length=4), POOL_SERVICE)
+            **common, **kafka, ngram_length=4), POOL_SERVICE)
         self.kvstore = self._start("kvstore", create_kvstore_server, KvStoreSettings(**common), KV_SERVICE)
         self.decoder = self._start("decoder", create_decoder_server, DecoderSettings(
             **common, **kafka, model_path=model_path, pool_addr=self.pool.address, pool_refresh_s=0.1,
@@ -200,9 +200,14 @@ def test_the_metric_set_has_units_and_a_prometheus_endpoint(services, channel_to
         "adaccel.decoder.queue_depth": "{request}", "adaccel.decoder.batch_size": "{request}",
         "adaccel.decoder.requests": "{request}",
         "adaccel.decoder.draft_tokens": "{token}", "adaccel.decoder.accepted_draft_tokens": "{token}",
-        "rpc.server.call.duration": "s",
+        "rpc.server.call.duration": "s", "adaccel.decoder.kv_blocks": "{block}",
+        "adaccel.decoder.kv_blocks_published": "{block}", "adaccel.decoder.block_reuse_mode": "1",
     }
     assert {name: decoder[name][0] for name in expected if name in decoder} == expected
+    [served] = decoder["adaccel.decoder.block_reuse_mode"][1]
+    assert served.value == 1 and served.attributes["mode"] in ("full", "reuse", "cacheblend", "epic")
+    assert {p.attributes["source"] for p in decoder["adaccel.decoder.kv_blocks"][1]} == {
+        "local", "kvstore", "computed", "rejected"}
     [requests] = decoder["adaccel.decoder.requests"][1]
     assert requests.value == 2 and requests.attributes["mode"] == "strict"
     hits = {p.attributes["mode"]: p for p in decoder["adaccel.decoder.pool_hit_rate"][1]}

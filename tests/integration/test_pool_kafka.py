@@ -26,7 +26,12 @@ NGRAM = 4
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    """Into a topic that exists (made here if not): no client auto-creates (common/broker.py)."""
+    from common.kafka_io import ensure_topics
+    from common.settings import KafkaSettings
+
+    ensure_topics(KafkaSettings(kafka_bootstrap=bootstrap), [topic])
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, allow_auto_create_topics=False)
     for value in values:
         producer.send(topic, key=b"k", value=value)
     producer.flush(30)
@@ -35,7 +40,7 @@ def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 def dead_letters(bootstrap: str, topic: str) -> list[records_pb2.DeadLetter]:
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=3000)
+                             allow_auto_create_topics=False, consumer_timeout_ms=3000)
     letters = [records_pb2.DeadLetter.FromString(r.value) for r in consumer]
     consumer.close()
     return letters
@@ -100,10 +105,8 @@ def test_kill_9_mid_stream_then_restart_counts_every_record_exactly_once(tmp_pat
     pool = PoolProcess(tmp_path, {
         "KAFKA_BOOTSTRAP": broker.bootstrap, "KAFKA_GENERATED_TOPIC": "gen-kill",
         "KAFKA_INVENTORY_TOPIC": "inv-kill", "KAFKA_DEAD_LETTER_TOPIC": "dlq-kill",
-        "CONSUMER_GROUP": "pool-kill", "VOCAB_SIZE": str(VOCAB), "NGRAM_LENGTH": str(NGRAM),
-        "POOL_CAPACITY": "1000000",
-        # The restarted consumer rejoins once the killed one's session expired.
-        "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500"})
+        "VOCAB_SIZE": str(VOCAB), "NGRAM_LENGTH": str(NGRAM),
+        "POOL_CAPACITY": "1000000"})
     try:
         stub = pool.start()
         stats = wait_until(lambda: (s := stub.Stats(pool_pb2.PoolStatsRequest(), timeout=5)).records_ingested >= 100
@@ -146,7 +149,7 @@ def test_inventory_removal_stops_drafts_and_bad_records_go_to_the_dead_letter_to
               records_pb2.InventoryEvent(item_id="", action=removed)]
     produce(broker.bootstrap, inv, [e.SerializeToString() for e in events] + [b"\xff\xff"])
     settings = PoolSettings(data_dir=tmp_path, kafka_bootstrap=broker.bootstrap, kafka_generated_topic=gen,
-                            kafka_inventory_topic=inv, kafka_dead_letter_topic=dlq, consumer_group="pool-inv",
+                            kafka_inventory_topic=inv, kafka_dead_letter_topic=dlq,
                             vocab_size=VOCAB, ngram_length=NGRAM)
     handle = create_pool_server(settings, null_telemetry())
     try:
@@ -169,20 +172,32 @@ def test_inventory_removal_stops_drafts_and_bad_records_go_to_the_dead_letter_to
     assert reasons == [(gen, "value"), (inv, "item_id"), (inv, "value")]
 
 
+def random_records(count: int, seed: int) -> list[records_pb2.GeneratedRecord]:
+    rng = random.Random(seed)
+    return [records_pb2.GeneratedRecord(pool_key="shop/0", token_ids=[rng.randrange(VOCAB) for _ in range(20)])
+            for _ in range(count)]
+
+
+def assert_pool_holds(data_dir: Path, records: list[records_pb2.GeneratedRecord], topic: str, next_offset: int):
+    """The pool on disk counts every record's n-grams once, and the topic's stored offset is as given."""
+    store = PoolStore(data_dir / "pool")
+    try:
+        expected = naive_counts([r.token_ids for r in records], NGRAM)
+        assert {path: output for path, output, _ in store.rows("shop/0")} == expected
+        assert store.next_offset(topic, 0) == next_offset
+    finally:
+        store.close()
+
+
 def test_restart_against_a_fresh_broker_reads_its_topics_from_the_start(tmp_path):
     """An in-memory broker that restarted while the pool service was down starts its offsets
     again at 0: offsets stored from the old log must not hide the new records."""
     from common.broker import EmbeddedBroker
 
-    def records(count: int, seed: int) -> list[records_pb2.GeneratedRecord]:
-        rng = random.Random(seed)
-        return [records_pb2.GeneratedRecord(pool_key="shop/0", token_ids=[rng.randrange(VOCAB) for _ in range(20)])
-                for _ in range(count)]
-
     env = {"KAFKA_GENERATED_TOPIC": "gen-reset", "KAFKA_INVENTORY_TOPIC": "inv-reset",
-           "KAFKA_DEAD_LETTER_TOPIC": "dlq-reset", "CONSUMER_GROUP": "pool-reset",
+           "KAFKA_DEAD_LETTER_TOPIC": "dlq-reset",
            "VOCAB_SIZE": str(VOCAB), "NGRAM_LENGTH": str(NGRAM), "POOL_CAPACITY": "1000000"}
-    first, second = records(12, 1), records(3, 2)
+    first, second = random_records(12, 1), random_records(3, 2)
     for batch in (first, second):
         with EmbeddedBroker() as broker:
             produce(broker.bootstrap, "gen-reset", [r.SerializeToString() for r in batch])
@@ -193,10 +208,33 @@ def test_restart_against_a_fresh_broker_reads_its_topics_from_the_start(tmp_path
                            >= len(batch), 40, "the records of this broker to be applied")
             finally:
                 pool.stop()
-    store = PoolStore(tmp_path / "pool")
+    assert_pool_holds(tmp_path, first + second, "gen-reset", len(second))
+
+
+def test_broker_restart_under_a_running_pool_service_loses_no_record(tmp_path):
+    """The pool service stays up while its in-memory broker restarts (same port, empty log): the
+    new log's offsets start below the stored one, and its records must be applied, not skipped as
+    redeliveries, whoever recreates the topic (the pool service here, as no client auto-creates)."""
+    from common.broker import EmbeddedBroker
+
+    first, second = random_records(12, 7), random_records(3, 8)
+    broker = EmbeddedBroker().start()
+    env = {"KAFKA_BOOTSTRAP": broker.bootstrap, "KAFKA_GENERATED_TOPIC": "gen-live", "KAFKA_INVENTORY_TOPIC":
+           "inv-live", "KAFKA_DEAD_LETTER_TOPIC": "dlq-live",
+           "VOCAB_SIZE": str(VOCAB), "NGRAM_LENGTH": str(NGRAM), "POOL_CAPACITY": "1000000"}
+    pool = PoolProcess(tmp_path, env)
     try:
-        expected = naive_counts([r.token_ids for r in first + second], NGRAM)
-        assert {path: output for path, output, _ in store.rows("shop/0")} == expected
-        assert store.next_offset("gen-reset", 0) == len(second)
+        stub = pool.start()
+        produce(broker.bootstrap, "gen-live", [r.SerializeToString() for r in first])
+        ingested = lambda: stub.Stats(pool_pb2.PoolStatsRequest(), timeout=5).records_ingested  # noqa: E731
+        wait_until(lambda: ingested() >= len(first), 40, "the first log's records")
+        broker.stop()
+        time.sleep(2.0)
+        broker.start()
+        time.sleep(4.0)  # the consumer finds the new broker before anything is produced
+        produce(broker.bootstrap, "gen-live", [r.SerializeToString() for r in second])
+        wait_until(lambda: ingested() >= len(first) + len(second), 40, "the restarted log's records")
     finally:
-        store.close()
+        pool.stop()
+        broker.stop()
+    assert_pool_holds(tmp_path, first + second, "gen-live", len(second))

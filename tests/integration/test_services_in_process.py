@@ -93,8 +93,9 @@ def test_pool_without_a_broker_reports_not_serving_and_keeps_running(tmp_path, c
 def test_pool_updater_applies_records_once_and_dead_letters_garbage(tmp_path, broker, channel_to):
     settings = PoolSettings(data_dir=tmp_path, kafka_bootstrap=broker.bootstrap, vocab_size=100,
                             kafka_generated_topic="gen-t1", kafka_dead_letter_topic="dlq-t1",
-                            consumer_group="pool-t1", ngram_length=3)
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+                            ngram_length=3)
+    broker.create_topics("gen-t1", "dlq-t1")
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", allow_auto_create_topics=False)
     good = records_pb2.GeneratedRecord(pool_key="a/b", token_ids=[1, 2, 3, 1, 2])
     for value in (good.SerializeToString(), b"\x08\xff garbage",
                   records_pb2.GeneratedRecord(pool_key="a/b", token_ids=[500]).SerializeToString(),
@@ -131,7 +132,7 @@ def test_pool_updater_applies_records_once_and_dead_letters_garbage(tmp_path, br
     store.close()
 
     consumer = KafkaConsumer("dlq-t1", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=5000)
+                             allow_auto_create_topics=False, consumer_timeout_ms=5000)
     reasons = [records_pb2.DeadLetter.FromString(r.value).reason for r in consumer]
     consumer.close()
     assert len(reasons) == 2

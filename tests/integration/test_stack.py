@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import grpc
@@ -125,7 +126,11 @@ def test_client_cli_streams_one_answer(stack):
          "--pool-key", "electronics/audio", "--block", "item:item-42:Aurora headphones.", "--max-new-tokens", "8"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "8 tokens in 8 steps" in result.stderr
+    # Steps depend on what the pool has learned from earlier requests on this stack (an accepted
+    # draft saves a step), so only their range is fixed.
+    summary = re.search(r"(\d+) tokens in (\d+) steps", result.stderr)
+    assert summary, result.stderr
+    assert int(summary.group(1)) == 8 and 1 <= int(summary.group(2)) <= 8
 
 
 def test_client_cli_reports_bad_input(stack):

@@ -2,8 +2,7 @@
 Each service's ConfigMap data: the ADACCEL_* settings of its pydantic settings class
 (services/<name>/settings.py). Chart-owned fields come from values; the rest from
 <service>.settings. tests/unit/k8s checks every key against the settings classes.
-Not here: per-pod values set as container env (ADACCEL_SHARD, ADACCEL_DECODER_ID,
-ADACCEL_CONSUMER_GROUP).
+Not here: per-pod values set as container env (ADACCEL_SHARD, ADACCEL_DECODER_ID).
 */}}
 
 {{- define "adaccel.router.config" -}}

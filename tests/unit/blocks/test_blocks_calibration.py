@@ -49,6 +49,30 @@ def test_cacheblend_at_full_ratio_agrees_everywhere(model):
     settings = GateSettings(mode="cacheblend", recompute_ratio=1.0, min_top1_agreement=1.0)
     result = calibrate(model, "tiny", sample_prompts(2), settings)
     assert result.enabled and result.top1_agreement == 1.0 and result.max_kl_nats < 1e-6
+    assert result.positions == 2 * (1 + settings.continuation_tokens) and result.first_token_agreement == 1.0
+
+
+def test_continuation_is_teacher_forced_greedy_of_full_prefill(model):
+    """The forced pass through the same cache must give the greedy steps' logits (else the
+    continuation's agreement would measure the harness, not the reuse)."""
+    from transformers import DynamicCache
+
+    from common.blocks.calibration import _continuation_logits
+
+    ids = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+
+    def prefill():
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return out.past_key_values, out.logits[:, -1].float()
+
+    cache, first = prefill()
+    greedy, continuation = _continuation_logits(model, cache, first, 20, 5)
+    cache, first = prefill()
+    forced, _ = _continuation_logits(model, cache, first, 20, 5, forced=continuation)
+    assert greedy.shape == forced.shape == (6, model.config.vocab_size) and continuation.shape == (5,)
+    assert torch.allclose(greedy, forced, atol=1e-4)
+    assert torch.equal(greedy[:-1].argmax(-1), continuation)
 
 
 def test_stored_result_is_keyed_by_model_and_knobs(model, tmp_path):

@@ -28,7 +28,7 @@ REQUIRED = {
     "decoder": {"host", "port", "data_dir", "model_path", "device", "pool_addr", "kafka_bootstrap",
                 "kafka_generated_topic", "decoder_id"},
     "kvstore": {"host", "port", "data_dir", "shard"},
-    "pool": {"host", "port", "data_dir", "kafka_bootstrap", "kafka_generated_topic", "consumer_group"},
+    "pool": {"host", "port", "data_dir", "kafka_bootstrap", "kafka_generated_topic"},
 }
 SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
 
@@ -191,12 +191,6 @@ def test_kvstore_shard_is_the_statefulset_ordinal(rendered, ordinal):
     settings = _parsed_settings(objects, "kvstore", ordinal)
     assert settings.shard == ordinal
     assert settings.data_dir.as_posix() == "/data"
-
-
-def test_pool_replicas_each_read_every_partition(rendered):
-    objects = rendered["prod-gpu.yaml"]
-    groups = {_parsed_settings(objects, "pool", i).consumer_group for i in range(3)}
-    assert len(groups) == 3
 
 
 def test_large_integers_render_as_integers(rendered):
