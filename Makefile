@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode bench-freshness bench-routing bench-prefill bench-load test-faults k8s-check clean
+.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode bench-freshness bench-routing bench-prefill bench-placement bench-load test-faults k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -38,6 +38,7 @@ install: $(VENV)/.installed protos
 
 model: install
 	$(PY) -m common.modeling.build --data-dir $(DATA_DIR)
+	$(PY) -m services.decoder.anchors --data-dir $(DATA_DIR)
 
 run: install model
 	$(PY) -m services.stack job --data-dir $(DATA_DIR)
@@ -62,7 +63,7 @@ test-e2e: install
 test-faults: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --faults-json bench/results/faults.json
 
-bench: bench-decode bench-freshness bench-prefill bench-routing bench-load
+bench: bench-decode bench-freshness bench-prefill bench-routing bench-placement bench-load
 
 bench-decode: install model
 	$(PY) -m bench.decode --data-dir $(DATA_DIR)
@@ -76,6 +77,10 @@ bench-prefill: install model
 # Affinity vs round-robin vs least-loaded scheduling on 2-4 decoders (BENCH_QUICK=1: a short run).
 bench-routing: install model
 	$(PY) -m bench.routing --data-dir $(DATA_DIR)
+
+# Item placement over kv-store shards: random vs learned similarity anchors (no timing).
+bench-placement: install model
+	$(PY) -m bench.placement --data-dir $(DATA_DIR)
 
 # Open-loop load on the router: find the rate whose p99 TTFT keeps the target, hold it 5 min
 # (BENCH_QUICK=1: 30 s); writes bench/results/load.json.

@@ -16,7 +16,13 @@ and items come back often, as in production traffic. Requests are sent closed-lo
 `concurrency` clients through the router.
 
 Figures per policy: block hit rate (prompt tokens whose KV came from a block cache / prompt
-tokens), TTFT p50/p99 seen by the client through the router, requests/s. The CPU's speed drifts:
+tokens), TTFT p50/p99 seen by the client through the router, requests/s, and locality by block
+kind: the share of a request's user-history (item) blocks that the replica it was sent to had
+already served in an earlier request. Locality is what the routing decides, whatever the replica's
+memory and publishing lag then make of it; the hit rate is what the caches made of it. The
+stream's locality ceiling (every request on one replica) bounds what any routing can reach.
+`--affinity-weights` runs the affinity policy once per block weight (how many queued requests a
+fully held prompt is worth against load) and plots locality and TTFT against it. The CPU's speed drifts:
 policies run one after the other, so with --rounds 2 the order is reversed in the second round
 and the results give each round's figures; timings are comparable within this run only.
 """
@@ -40,7 +46,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from adaccel.v1 import common_pb2, router_pb2, router_pb2_grpc
-from bench.common import device_name, write_results
+from bench.common import RESULTS_DIR, device_name, write_results
 from common.rpc.channels import open_channel
 from services.router.job import percentile
 from services.router.scheduling import POLICIES
@@ -93,12 +99,35 @@ def request_stream(workload: Path, *, count: int, users: int, items: int, items_
     return requests
 
 
+def locality(requests, served_by: dict[str, str]) -> dict[str, float]:
+    """Per block kind: share of the blocks of served requests (in sending order) that their
+    replica had served before."""
+    seen: dict[str, set[str]] = {}
+    hits = {"user_history": [0, 0], "item": [0, 0]}
+    kinds = {common_pb2.BLOCK_KIND_USER_HISTORY: "user_history", common_pb2.BLOCK_KIND_ITEM: "item"}
+    for request in requests:
+        replica = served_by.get(request.request_id)
+        if replica is None:
+            continue
+        held = seen.setdefault(replica, set())
+        for b in request.blocks:
+            kind = kinds.get(b.kind)
+            if kind is not None:
+                hits[kind][0] += b.id in held
+                hits[kind][1] += 1
+                held.add(b.id)
+    return {kind: h / n if n else 0.0 for kind, (h, n) in hits.items()}
+
+
 def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concurrency: int, work_dir: Path,
-               gate_store: Path) -> dict:
+               gate_store: Path, block_weight: float | None = None) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix=f"routing-{policy}-", dir=work_dir))
     decoder_env = {"TORCH_THREADS": "1", "KVSTORE_ADDRS": "", "REUSE_GATE_STORE": str(gate_store)}
+    router_env = {"SCHEDULING_POLICY": policy}
+    if block_weight is not None:
+        router_env["AFFINITY_BLOCK_WEIGHT"] = str(block_weight)
     stack = Stack(data_dir=data_dir, model_path=model_path, decoders=decoders,
-                  extra_env={"decoder": decoder_env, "router": {"SCHEDULING_POLICY": policy}})
+                  extra_env={"decoder": decoder_env, "router": router_env})
     with stack:
         router = router_pb2_grpc.RouterStub(open_channel(stack.address("router")))
         info = router.Info(router_pb2.RouterInfoRequest(), timeout=5)
@@ -139,6 +168,7 @@ def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concur
         per_decoder[s.decoder_id] = per_decoder.get(s.decoder_id, 0) + 1
     return {
         "block_hit_rate": cached / prompt if prompt else 0.0,
+        "locality": locality(requests, {s.request_id: s.decoder_id for _, s in outcomes}),
         "ttft_p50_s": percentile(ttfts, 0.5),
         "ttft_p99_s": percentile(ttfts, 0.99),
         "requests_per_s": len(outcomes) / wall_s,
@@ -166,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=None, help="clients in flight (default 2 per decoder)")
     parser.add_argument("--rounds", type=int, default=1 if quick else 2)
+    parser.add_argument("--affinity-weights", default="" if quick else "0.5,2,8,32",
+                        help="block weights for a sweep of the affinity policy after the rounds ('' = none)")
     args = parser.parse_args(argv)
     data_dir = args.data_dir.resolve()
     workload = data_dir / "workload" / "prompts.jsonl"
@@ -190,6 +222,20 @@ def main(argv: list[str] | None = None) -> None:
         rounds.append(results)
     policies = {policy: merge_rounds([r[policy] for r in rounds]) for policy in POLICIES}
     print_table(policies)
+    # Every request on one replica: the locality no routing can exceed on this stream (a block's
+    # first request is a miss wherever it goes).
+    ceiling = locality(requests, {r.request_id: "all" for r in requests})
+    print(f"locality ceiling of this stream: user history {ceiling['user_history']:.3f}, "
+          f"item {ceiling['item']:.3f}")
+    sweep = {}
+    for weight in [float(w) for w in args.affinity_weights.split(",") if w.strip()]:
+        print(f"affinity with block weight {weight:g} ...", flush=True)
+        sweep[f"{weight:g}"] = run_policy("affinity", requests, model_path=model_path, decoders=args.decoders,
+                                          concurrency=concurrency, work_dir=work_dir, gate_store=gate_store,
+                                          block_weight=weight)
+    if sweep:
+        print_sweep(sweep, policies["round_robin"])
+        plot_sweep(sweep, policies["round_robin"])
     path = write_results("routing.json", {
         "device": device_name(),
         "machine_note": "shared 2-core CPU; decoders run one torch thread each; timings compare within this run only",
@@ -202,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         "fairness": "fresh stack per policy (cold block caches, empty pools); local block memory only",
         "rounds": rounds,
         "policies": policies,
+        "affinity_block_weight_sweep": sweep,
+        "locality_ceiling": ceiling,
     })
     print(f"wrote {path}")
 
@@ -211,19 +259,68 @@ def merge_rounds(results: list[dict]) -> dict:
     merged = {key: statistics.fmean(r[key] for r in results)
               for key in ("block_hit_rate", "ttft_p50_s", "ttft_p99_s", "requests_per_s")}
     merged["failed"] = sum(r["failed"] for r in results)
+    merged["locality"] = {kind: statistics.fmean(r["locality"][kind] for r in results)
+                          for kind in results[0]["locality"]}
     merged["spread"] = {key: [r[key] for r in results] for key in ("ttft_p50_s", "requests_per_s")}
     return merged
 
 
 def print_table(policies: dict[str, dict]) -> None:
     table = Table(title="bench-routing: policies on the same request stream")
-    for column in ("policy", "block hit rate", "TTFT p50 (s)", "TTFT p99 (s)", "requests/s", "p50 vs round robin"):
+    for column in ("policy", "block hit rate", "user locality", "item locality", "TTFT p50 (s)", "TTFT p99 (s)",
+                   "requests/s", "p50 vs round robin"):
         table.add_column(column, justify="right" if column != "policy" else "left")
     base = policies["round_robin"]["ttft_p50_s"]
     for policy, r in policies.items():
-        table.add_row(policy, f"{r['block_hit_rate']:.3f}", f"{r['ttft_p50_s']:.4f}", f"{r['ttft_p99_s']:.4f}",
-                      f"{r['requests_per_s']:.2f}", f"{r['ttft_p50_s'] / base:.2f}x" if base else "-")
-    Console().print(table)
+        table.add_row(policy, *row_figures(r, base))
+    Console(width=160).print(table)
+
+
+def row_figures(r: dict, base_p50: float) -> list[str]:
+    return [f"{r['block_hit_rate']:.3f}", f"{r['locality']['user_history']:.3f}", f"{r['locality']['item']:.3f}",
+            f"{r['ttft_p50_s']:.4f}", f"{r['ttft_p99_s']:.4f}", f"{r['requests_per_s']:.2f}",
+            f"{r['ttft_p50_s'] / base_p50:.2f}x" if base_p50 else "-"]
+
+
+def print_sweep(sweep: dict[str, dict], round_robin: dict) -> None:
+    table = Table(title="bench-routing: affinity by block weight (one run each)")
+    for column in ("block weight", "block hit rate", "user locality", "item locality", "TTFT p50 (s)",
+                   "TTFT p99 (s)", "requests/s", "p50 vs round robin"):
+        table.add_column(column, justify="right")
+    for weight, r in sweep.items():
+        table.add_row(weight, *row_figures(r, round_robin["ttft_p50_s"]))
+    Console(width=160).print(table)
+
+
+def plot_sweep(sweep: dict[str, dict], round_robin: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    weights = [float(w) for w in sweep]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, style in (("user_history", "o-"), ("item", "s-")):
+        left.plot(weights, [r["locality"][kind] for r in sweep.values()], style, label=f"{kind} locality")
+        left.axhline(round_robin["locality"][kind], linestyle=":", color="grey")
+    left.plot(weights, [r["block_hit_rate"] for r in sweep.values()], "^-", label="block hit rate")
+    left.set_xscale("log")
+    left.set_xlabel("affinity block weight (queued requests a held prompt is worth)")
+    left.set_ylabel("share")
+    left.legend()
+    right.plot(weights, [r["ttft_p50_s"] * 1000 for r in sweep.values()], "o-", label="p50")
+    right.plot(weights, [r["ttft_p99_s"] * 1000 for r in sweep.values()], "s-", label="p99")
+    right.axhline(round_robin["ttft_p50_s"] * 1000, linestyle=":", color="grey", label="round robin p50")
+    right.set_xscale("log")
+    right.set_xlabel("affinity block weight")
+    right.set_ylabel("TTFT (ms)")
+    right.legend()
+    fig.suptitle("Affinity routing: locality and TTFT by block weight (dotted: round robin)")
+    fig.tight_layout()
+    path = RESULTS_DIR / "routing_affinity_weight.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

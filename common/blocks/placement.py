@@ -99,6 +99,19 @@ class AnchorBuckets:
             centers /= np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
         return cls(centers)
 
+    def save(self, path) -> None:
+        """As a .npy [K, dim] float32 array (what `load` and every decoder read)."""
+        np.save(path, self.anchors)
+
+    @classmethod
+    def load(cls, path, dim: int | None = None) -> AnchorBuckets:
+        """Anchors saved by `save`; `dim`, when given, must match (else ValueError): anchors
+        learned on one embedder's vectors mean nothing for another's."""
+        buckets = cls(np.load(path, allow_pickle=False))
+        if dim is not None and buckets.dim != dim:
+            raise ValueError(f"anchors in {path} have {buckets.dim} dims, the embedder gives {dim}")
+        return buckets
+
     def bucket(self, embedding: np.ndarray) -> int:
         e = np.asarray(embedding, dtype=np.float32).reshape(-1)
         if e.shape[0] != self.dim:

@@ -15,10 +15,11 @@ import torch
 
 from common.blocks.calibration import CalibrationPrompt, GateSettings, gate, load_results, serving_mode
 from common.blocks.item_embedding import item_embedder
-from common.blocks.placement import AnchorBuckets, Placement
+from common.blocks.placement import Placement
 from common.modeling.loading import LoadedModel
 from common.prompt_tokens import tokenize_blocks
 from common.rpc.channels import open_channel
+from services.decoder.anchors import placement_buckets
 from services.decoder.block_cache import BlockCache, KvStoreClient, LocalBlockMemory, ReuseSettings
 from services.decoder.settings import DecoderSettings
 
@@ -105,8 +106,9 @@ def create_block_cache(settings: DecoderSettings, loaded: LoadedModel, *, tracer
         buckets = None
         if len(channels) > 1:
             embed = item_embedder(settings.placement_embedder)
-            buckets = AnchorBuckets.random(embed.dim, settings.placement_anchors, seed=0)
-            log.info("item blocks placed over %d kv-store shards by %s embeddings", len(channels), embed.name)
+            buckets, anchors = placement_buckets(settings, embed.name, embed.dim)
+            log.info("item blocks placed over %d kv-store shards by %s embeddings, %s",
+                     len(channels), embed.name, anchors)
         store = KvStoreClient(Placement(list(channels), buckets), channels, timeout_s=settings.kvstore_timeout_s,
                               down_backoff_s=settings.kvstore_backoff_s, embed=embed)
     cache = BlockCache(loaded.model, loaded.tokenizer, loaded.model_id, reuse, memory, store,

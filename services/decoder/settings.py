@@ -51,6 +51,7 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     placement_embedder: Literal["auto", "minilm", "category"] = Field(
         "auto", description="item embeddings for shard placement (used with 2+ shards): MiniLM if installed, else category features")
     placement_anchors: int = Field(64, ge=1, description="similarity buckets hashed onto the shard ring")
+    placement_anchors_file: Path | None = Field(None, description="learned similarity anchors (.npy [K, dim]), the same file for every decoder; default <model_path>/placement_anchors.<embedder>.npy when present, else seeded random anchors")
     reuse_gate_min_top1: float = Field(0.9, ge=0, le=1, description="accuracy gate: reuse only if top-1 agreement with full prefill (first token + continuation) reaches this")
     reuse_gate_prompts: int = Field(24, ge=0, description="accuracy gate: calibration prompts (0 = no gate)")
     reuse_gate_continuation_tokens: int = Field(8, ge=0, le=64, description="accuracy gate: greedy tokens after the first compared per prompt")

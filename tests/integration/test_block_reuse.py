@@ -28,25 +28,31 @@ ITEMS = [f"Item I{n:06d}: Sample {n} widget, colour {c}.\n" for n, c in enumerat
 QUESTION = "Question: which fit best?\nAnswer:\n"
 
 
-@pytest.fixture
-def kvstore(tmp_path):
-    """A real kv-store server whose BlockStore the test can reach (to corrupt a stored block)."""
-    settings = KvStoreSettings(data_dir=tmp_path, chunk_bytes=4096)
-    store = BlockStore(tmp_path / "kvstore", settings.memory_budget_bytes, settings.max_block_bytes)
+def start_kvstore(path, shard: int = 0):
+    """A real kv-store server and its BlockStore (which the test may reach, to corrupt a block)."""
+    settings = KvStoreSettings(data_dir=path, chunk_bytes=4096, shard=shard)
+    store = BlockStore(path / "kvstore", settings.memory_budget_bytes, settings.max_block_bytes)
     handle = create_server(settings, null_telemetry(),
                            [(kvstore_pb2_grpc.add_KvStoreServicer_to_server,
-                             KvStoreService(store, chunk_bytes=settings.chunk_bytes, shard=0))], [KV_SERVICE])
+                             KvStoreService(store, chunk_bytes=settings.chunk_bytes, shard=shard))], [KV_SERVICE])
     handle.on_stop.append(store.close)
     handle.set_serving(True)
+    return handle, store
+
+
+@pytest.fixture
+def kvstore(tmp_path):
+    handle, store = start_kvstore(tmp_path)
     yield handle, store
     handle.stop(0)
 
 
-def start_decoder(tmp_path, model_path, kv_address: str, name: str):
+def start_decoder(tmp_path, model_path, kv_address: str | list[str], name: str, **settings):
     settings = DecoderSettings(
-        data_dir=tmp_path / name, model_path=model_path, decoder_id=name, kvstore_addrs=[kv_address],
+        data_dir=tmp_path / name, model_path=model_path, decoder_id=name,
+        kvstore_addrs=[kv_address] if isinstance(kv_address, str) else kv_address,
         reuse_mode="cacheblend", recompute_ratio=1.0, reuse_gate_prompts=2, kvstore_timeout_s=0.5,
-        torch_threads=1, telemetry_exporter="none",
+        torch_threads=1, telemetry_exporter="none", **settings,
     )
     return create_decoder_server(settings, null_telemetry())
 
@@ -135,3 +141,72 @@ def test_blocks_are_reused_across_positions_replicas_corruption_and_a_dead_store
         first.stop(0)
         if second is not None:
             second.stop(0)
+
+
+def test_items_are_sharded_by_learned_anchors_and_replicas_read_them_back(tmp_path, tiny_llama_path, channel_to):
+    """Two kv-store shards: the instruction (a replicated kind) is on both, each item on exactly
+    the shard the placement function names for it (anchors learned from these items, read by both
+    decoders from one file), and a replica with empty memory gets every block from the shards."""
+    import numpy as np
+
+    from common.blocks.item_embedding import item_embedder
+    from common.blocks.placement import AnchorBuckets, Placement
+
+    items = [f"Item S{n:03d}: {kind} for {use}, {colour}.\n" for n, (kind, use, colour) in enumerate([
+        ("Running shoes", "trail runs", "red"), ("Wool socks", "hiking", "grey"), ("Espresso maker", "kitchens", "steel"),
+        ("Tea kettle", "kitchens", "white"), ("Trail backpack", "hiking", "green"), ("Coffee grinder", "kitchens", "black")])]
+    embed = item_embedder("category")
+    anchors_file = tmp_path / "anchors.npy"
+    AnchorBuckets.from_sample(np.stack([embed(t) for t in items]), 3, seed=0).save(anchors_file)
+    shards = [start_kvstore(tmp_path / f"shard-{i}", shard=i) for i in range(2)]
+    addresses = [handle.address for handle, _ in shards]
+    placement = Placement(addresses, AnchorBuckets.load(anchors_file, embed.dim))
+    loaded = load_model(tiny_llama_path)
+    model_key = f"{loaded.model_id}:float32"
+    fp = tokenizer_fingerprint(loaded.tokenizer)
+
+    def key_of(kind, text, special=False):
+        ids = loaded.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return block_hash(model_id=model_key, tokenizer_fp=fp, kind=kind, token_ids=ids), len(ids)
+
+    def sharded_request(order, reuse=True):
+        blocks = [common_pb2.PromptBlock(id="instr", kind=common_pb2.BLOCK_KIND_INSTRUCTION, text=INSTRUCTION)]
+        blocks += [common_pb2.PromptBlock(id=f"S{i}", kind=common_pb2.BLOCK_KIND_ITEM, text=items[i]) for i in order]
+        blocks.append(common_pb2.PromptBlock(id="q", kind=common_pb2.BLOCK_KIND_TEXT, text=QUESTION))
+        return common_pb2.GenerateRequest(request_id="s", blocks=blocks, params=common_pb2.GenerationParams(
+            max_new_tokens=8, disable_drafting=True, disable_block_reuse=not reuse))
+
+    decoders = []
+    try:
+        decoders.append(start_decoder(tmp_path, tiny_llama_path, addresses, "s1", placement_embedder="category",
+                                      placement_anchors_file=anchors_file))
+        d1 = decoder_pb2_grpc.DecoderStub(channel_to(decoders[0].address))
+        generate(d1, sharded_request(range(6)))
+        stubs = [kvstore_pb2_grpc.KvStoreStub(channel_to(a)) for a in addresses]
+
+        def present(stub, hash_):
+            return stub.Contains(kvstore_pb2.ContainsRequest(block_hashes=[hash_], model_id=model_key),
+                                 timeout=5).present == [True]
+
+        instr_hash, instr_tokens = key_of(BlockKind.INSTRUCTION, INSTRUCTION, special=True)
+        wait_for(lambda: all(present(stub, instr_hash) for stub in stubs), "the instruction on every shard")
+        item_tokens = 0
+        for text in items:
+            hash_, n = key_of(BlockKind.ITEM, text)
+            item_tokens += n
+            [home] = placement.shards_for(BlockKind.ITEM, hash_, embed(text))
+            wait_for(lambda: present(stubs[addresses.index(home)], hash_), f"{text.strip()} on {home}")
+            assert not present(stubs[1 - addresses.index(home)], hash_), f"{text.strip()} on both shards"
+
+        decoders.append(start_decoder(tmp_path, tiny_llama_path, addresses, "s2", placement_embedder="category",
+                                      placement_anchors_file=anchors_file))
+        d2 = decoder_pb2_grpc.DecoderStub(channel_to(decoders[1].address))
+        shuffled = [4, 0, 5, 2, 1, 3]
+        replica = generate(d2, sharded_request(shuffled))
+        assert replica.stats.cached_prompt_tokens == instr_tokens + item_tokens
+        assert replica.token_ids == generate(d2, sharded_request(shuffled, reuse=False)).token_ids
+    finally:
+        for handle in decoders:
+            handle.stop(0)
+        for handle, _ in shards:
+            handle.stop(0)

@@ -4,6 +4,7 @@ replicated kinds on every shard."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from common.blocks.hashing import BlockKind
 from common.blocks.item_embedding import category_features
@@ -60,3 +61,33 @@ def test_category_features_group_items_of_one_category():
     b = category_features("Item I2: Acme Run. Brand Acme. Category sneakers (fashion). Specs: y.")
     c = category_features("Item I3: Kora Knife. Brand Kora. Category kitchen knives (home). Specs: z.")
     assert np.allclose(a, b) and float(a @ c) < 0.9
+
+
+def test_learned_anchors_round_trip_and_refuse_another_embedders_vectors(tmp_path):
+    rng = np.random.default_rng(4)
+    buckets = AnchorBuckets.from_sample(rng.standard_normal((50, 8)), 5, seed=1)
+    path = tmp_path / "anchors.npy"
+    buckets.save(path)
+    again = AnchorBuckets.load(path, dim=8)
+    assert np.array_equal(again.anchors, buckets.anchors)
+    probe = rng.standard_normal(8)
+    assert again.bucket(probe) == buckets.bucket(probe)
+    with pytest.raises(ValueError, match="dims"):
+        AnchorBuckets.load(path, dim=384)
+
+
+def test_decoders_use_the_anchors_beside_the_model_else_random_ones(tmp_path):
+    from services.decoder.anchors import anchors_path, placement_buckets
+    from services.decoder.settings import DecoderSettings
+
+    settings = DecoderSettings(data_dir=tmp_path, model_path=tmp_path, placement_anchors=7)
+    buckets, note = placement_buckets(settings, "category", 16)
+    assert len(buckets.anchors) == 7 and "random" in note
+    learned = AnchorBuckets.from_sample(np.random.default_rng(0).standard_normal((40, 16)), 4)
+    learned.save(anchors_path(tmp_path, "category"))
+    buckets, note = placement_buckets(settings, "category", 16)
+    assert np.array_equal(buckets.anchors, learned.anchors) and "learned" in note
+    # A configured file must exist: decoders that fell back to other anchors would place apart.
+    missing = DecoderSettings(data_dir=tmp_path, model_path=tmp_path, placement_anchors_file=tmp_path / "none.npy")
+    with pytest.raises(FileNotFoundError):
+        placement_buckets(missing, "category", 16)

@@ -105,3 +105,20 @@ def test_round_robin_cycles_over_healthy_replicas_in_address_order():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         choose_replica([view("a")], policy="random")
+
+
+def test_bench_locality_counts_blocks_a_replica_served_before():
+    from adaccel.v1 import common_pb2
+    from bench.routing import locality
+
+    def request(i: int, user: str, items: list[str]) -> common_pb2.GenerateRequest:
+        blocks = [common_pb2.PromptBlock(id=user, kind=common_pb2.BLOCK_KIND_USER_HISTORY)]
+        blocks += [common_pb2.PromptBlock(id=x, kind=common_pb2.BLOCK_KIND_ITEM) for x in items]
+        return common_pb2.GenerateRequest(request_id=str(i), blocks=blocks)
+
+    requests = [request(0, "u1", ["a", "b"]), request(1, "u1", ["a", "c"]), request(2, "u1", ["a"]),
+                request(3, "u2", ["a"])]
+    # Request 3 failed (not served): it counts nowhere.
+    figures = locality(requests, {"0": "d0", "1": "d0", "2": "d1"})
+    assert figures == {"user_history": 1 / 3, "item": 1 / 5}
+    assert locality(requests, {}) == {"user_history": 0.0, "item": 0.0}
