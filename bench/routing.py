@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=None, help="clients in flight (default 2 per decoder)")
     parser.add_argument("--rounds", type=int, default=1 if quick else 2)
+    parser.add_argument("--output", default="routing.json", help="results file name under bench/results/")
     parser.add_argument("--affinity-weights", default="" if quick else "0.5,2,8,32",
                         help="block weights for a sweep of the affinity policy after the rounds ('' = none)")
     args = parser.parse_args(argv)
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
                                           block_weight=weight)
     if sweep:
         print_sweep(sweep, policies["round_robin"])
-        plot_sweep(sweep, policies["round_robin"])
-    path = write_results("routing.json", {
+        plot_sweep(sweep, policies["round_robin"], ceiling, Path(args.output).stem)
+    path = write_results(args.output, {
         "device": device_name(),
         "machine_note": "shared 2-core CPU; decoders run one torch thread each; timings compare within this run only",
         "model": str(model_path),
@@ -292,7 +293,7 @@ def print_sweep(sweep: dict[str, dict], round_robin: dict) -> None:
     Console(width=160).print(table)
 
 
-def plot_sweep(sweep: dict[str, dict], round_robin: dict) -> None:
+def plot_sweep(sweep: dict[str, dict], round_robin: dict, ceiling: dict[str, float], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,10 +301,12 @@ def plot_sweep(sweep: dict[str, dict], round_robin: dict) -> None:
 
     weights = [float(w) for w in sweep]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, style in (("user_history", "o-"), ("item", "s-")):
-        left.plot(weights, [r["locality"][kind] for r in sweep.values()], style, label=f"{kind} locality")
-        left.axhline(round_robin["locality"][kind], linestyle=":", color="grey")
-    left.plot(weights, [r["block_hit_rate"] for r in sweep.values()], "^-", label="block hit rate")
+    for kind, style, colour in (("user_history", "o-", "tab:blue"), ("item", "s-", "tab:orange")):
+        left.plot(weights, [r["locality"][kind] for r in sweep.values()], style, color=colour,
+                  label=f"{kind} locality")
+        left.axhline(round_robin["locality"][kind], linestyle=":", color=colour)
+        left.axhline(ceiling[kind], linestyle="--", color=colour, linewidth=0.8)
+    left.plot(weights, [r["block_hit_rate"] for r in sweep.values()], "^-", color="tab:green", label="block hit rate")
     left.set_xscale("log")
     left.set_xlabel("affinity block weight (queued requests a held prompt is worth)")
     left.set_ylabel("share")
@@ -315,9 +318,9 @@ def plot_sweep(sweep: dict[str, dict], round_robin: dict) -> None:
     right.set_xlabel("affinity block weight")
     right.set_ylabel("TTFT (ms)")
     right.legend()
-    fig.suptitle("Affinity routing: locality and TTFT by block weight (dotted: round robin)")
+    fig.suptitle("Affinity routing by block weight (dotted: round robin; dashed: the stream's locality ceiling)")
     fig.tight_layout()
-    path = RESULTS_DIR / "routing_affinity_weight.png"
+    path = RESULTS_DIR / f"{name}_affinity_weight.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
