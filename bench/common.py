@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -11,6 +12,11 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def quick_run() -> bool:
+    """BENCH_QUICK set (and not 0): a short run, for a first look or a smoke test."""
+    return os.environ.get("BENCH_QUICK", "") not in ("", "0")
 
 
 def device_name() -> str:

@@ -24,7 +24,6 @@ split "heldout" are decoded, type "warmup" lines warm the pool of their pool_key
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from bench.common import RESULTS_DIR, device_name, spread, write_results
+from bench.common import RESULTS_DIR, device_name, quick_run, spread, write_results
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import PoolRegistry
@@ -771,7 +770,7 @@ def print_table(console: Console, report: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("data"))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import tempfile
 import threading
@@ -44,7 +43,7 @@ import torch
 from kafka import KafkaProducer
 
 from adaccel.v1 import pool_pb2, pool_pb2_grpc, records_pb2
-from bench.common import RESULTS_DIR, device_name, write_results
+from bench.common import RESULTS_DIR, device_name, quick_run, write_results
 from common.broker import EmbeddedBroker
 from common.modeling.loading import load_model
 from common.prompt_tokens import tokenize_blocks
@@ -55,7 +54,7 @@ from services.decoder.pool_snapshots import PoolSnapshots, wait_for_version
 from services.pool.server import create_pool_server
 from services.pool.settings import PoolSettings
 
-QUICK = os.environ.get("BENCH_QUICK") == "1"
+QUICK = quick_run()
 GENERATED, INVENTORY = "adaccel.generated", "adaccel.inventory"
 ADDED, CHANGED, REMOVED = (records_pb2.INVENTORY_ACTION_ADDED, records_pb2.INVENTORY_ACTION_CHANGED,
                            records_pb2.INVENTORY_ACTION_REMOVED)

@@ -32,7 +32,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from adaccel.v1 import common_pb2, router_pb2_grpc
-from bench.common import device_name, write_results
+from bench.common import device_name, quick_run, write_results
 from common.rpc.security import bearer_metadata
 
 MAX_ERROR_RATE = 0.001
@@ -257,7 +257,7 @@ async def find_and_hold(args, router_address: str, requests, stack, console: Con
 
 
 def main(argv: list[str] | None = None) -> None:
-    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ADACCEL_DATA_DIR", "data")))
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         # The hold's slowest requests (by TTFT, or total time when they failed): when and what.
         "slowest_requests": [dataclasses.asdict(s) for s in run["slowest"]],
         "steps": [dataclasses.asdict(s) for s in run["steps"]],
-        "quick": os.environ.get("BENCH_QUICK", "") not in ("", "0"),
+        "quick": quick_run(),
         "note": "machine shared with other jobs during the run; absolute figures are for this machine only",
     }
     path = write_results("load.json", results) if args.out is None else _write(args.out, results)

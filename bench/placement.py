@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from bench.common import device_name, write_results
+from bench.common import device_name, quick_run, write_results
 from common.blocks.hashing import BlockKind
 from common.blocks.item_embedding import item_embedder
 from common.blocks.placement import AnchorBuckets, Placement
@@ -82,7 +82,7 @@ def figures(buckets: AnchorBuckets, shard_count: int, vectors: np.ndarray, categ
 
 
 def main(argv: list[str] | None = None) -> None:
-    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.placement", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ADACCEL_DATA_DIR", "data")))

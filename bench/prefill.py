@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from adaccel.v1 import common_pb2
-from bench.common import RESULTS_DIR, device_name, spread, write_results
+from bench.common import RESULTS_DIR, device_name, quick_run, spread, write_results
 from common.modeling.loading import LoadedModel, load_model
 from common.prompt_tokens import TokenizedPrompt, tokenize_blocks
 from common.workload.export import load_prompts
@@ -316,7 +315,7 @@ def print_table(console: Console, report: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("data"))

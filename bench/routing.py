@@ -46,7 +46,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from adaccel.v1 import common_pb2, router_pb2, router_pb2_grpc
-from bench.common import RESULTS_DIR, device_name, write_results
+from bench.common import RESULTS_DIR, device_name, quick_run, write_results
 from common.rpc.channels import open_channel
 from services.router.job import percentile
 from services.router.scheduling import POLICIES
@@ -182,7 +182,7 @@ def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concur
 
 
 def main(argv: list[str] | None = None) -> None:
-    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("ADACCEL_DATA_DIR", "data")))

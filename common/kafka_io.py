@@ -69,30 +69,35 @@ def make_consumer(settings: KafkaSettings) -> KafkaConsumer:
     )
 
 
-def topic_layout(settings: KafkaSettings, topics: list[str]) -> dict[str, tuple[str, list[int]]]:
-    """Topic name -> (topic id, partition numbers), from the admin API (bounded by its request
-    timeout); topics not found are left out. The id changes when a topic is recreated."""
-    admin = KafkaAdminClient(**security_options(settings), bootstrap_servers=settings.kafka_bootstrap.split(","),
-                             request_timeout_ms=5000)
-    try:
-        return {d["name"]: (str(d["topic_id"]), sorted(p["partition_index"] for p in d.get("partitions", [])))
-                for d in admin.describe_topics(topics) if not d.get("error_code") and d.get("topic_id")}
-    finally:
-        admin.close()
+def make_admin(settings: KafkaSettings) -> KafkaAdminClient:
+    """An admin client whose calls are bounded (5 s) and which reconnects by itself."""
+    return KafkaAdminClient(**security_options(settings), bootstrap_servers=settings.kafka_bootstrap.split(","),
+                            request_timeout_ms=5000)
+
+
+def topic_layout(admin: KafkaAdminClient, topics: list[str]) -> dict[str, tuple[str, list[int]]]:
+    """Topic name -> (topic id, partition numbers); topics not found are left out. The id
+    changes when a topic is recreated."""
+    return {d["name"]: (str(d["topic_id"]), sorted(p["partition_index"] for p in d.get("partitions", [])))
+            for d in admin.describe_topics(topics) if not d.get("error_code") and d.get("topic_id")}
+
+
+def create_missing_topics(admin: KafkaAdminClient, topics: list[str], partitions: int = 1) -> None:
+    existing = set(admin.list_topics())
+    missing = [t for t in topics if t not in existing]
+    if missing:
+        try:
+            admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing])
+        except TopicAlreadyExistsError:
+            pass
+        log.info("created topics", extra={"topics": missing})
 
 
 def ensure_topics(settings: KafkaSettings, topics: list[str], partitions: int = 1) -> None:
-    admin = KafkaAdminClient(**security_options(settings), bootstrap_servers=settings.kafka_bootstrap.split(","),
-                             request_timeout_ms=5000)
+    """Creates the topics that do not exist, with a short-lived admin client."""
+    admin = make_admin(settings)
     try:
-        existing = set(admin.list_topics())
-        missing = [t for t in topics if t not in existing]
-        if missing:
-            try:
-                admin.create_topics([NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing])
-            except TopicAlreadyExistsError:
-                pass
-            log.info("created topics", extra={"topics": missing})
+        create_missing_topics(admin, topics, partitions)
     finally:
         admin.close()
 

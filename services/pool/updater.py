@@ -29,7 +29,15 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from adaccel.v1 import records_pb2
-from common.kafka_io import ensure_topics, make_consumer, make_producer, topic_layout, trace_context, trace_headers
+from common.kafka_io import (
+    create_missing_topics,
+    make_admin,
+    make_consumer,
+    make_producer,
+    topic_layout,
+    trace_context,
+    trace_headers,
+)
 from services.pool.metrics import PoolMetrics
 from services.pool.ngram_records import InsertSequences, Mutation, RejectedRecord
 from services.pool.pool_manager import PoolManager
@@ -81,11 +89,16 @@ class PoolUpdater:
     def _consume(self) -> None:
         settings = self.settings
         topics = list(self.transforms)
-        ensure_topics(settings, [*topics, settings.kafka_dead_letter_topic])
+        admin = make_admin(settings)  # one per connection: the layout is asked every few seconds
+        try:
+            create_missing_topics(admin, [*topics, settings.kafka_dead_letter_topic])
+        except Exception:
+            admin.close()
+            raise
         consumer = make_consumer(settings)
         dead_letters = make_producer(settings)
         try:
-            self._sync_assignment(consumer, topics)
+            self._sync_assignment(consumer, admin, topics)
             self.on_health(True)
             next_sync = time.monotonic() + self.TOPICS_CHECK_S
             while not self._stop.is_set():
@@ -106,12 +119,13 @@ class PoolUpdater:
                             break
                 if suspect or time.monotonic() >= next_sync:
                     next_sync = time.monotonic() + self.TOPICS_CHECK_S
-                    self._sync_assignment(consumer, topics)
+                    self._sync_assignment(consumer, admin, topics)
         finally:
             consumer.close(autocommit=False, timeout_ms=self.BROKER_CALL_TIMEOUT_MS)
             dead_letters.close(timeout=5)
+            admin.close()
 
-    def _sync_assignment(self, consumer, topics: list[str]) -> None:
+    def _sync_assignment(self, consumer, admin, topics: list[str]) -> None:
         """Assigns every partition of `topics`, each read from its stored offset, and catches the
         broker losing its log: a topic gone (created again here: no client auto-creates, see
         common/kafka_io.py), a topic id changed (recreated, or a broker without a durable log
@@ -120,12 +134,12 @@ class PoolUpdater:
         otherwise every new record below the old offset would pass for a redelivery and be lost.
         When the broker cannot be asked, the assignment stays and the next sync tries again."""
         try:
-            layout = topic_layout(self.settings, topics)
+            layout = topic_layout(admin, topics)
             lost = [t for t in topics if t not in layout]
             if lost:
                 log.warning("subscribed topics are gone from the broker; creating them", extra={"topics": lost})
-                ensure_topics(self.settings, lost)
-                layout = topic_layout(self.settings, topics)
+                create_missing_topics(admin, lost)
+                layout = topic_layout(admin, topics)
         except Exception as exc:  # noqa: BLE001 - broker away: keep reading what is assigned
             log.warning("could not read the topics' layout", extra={"error": repr(exc)})
             return

@@ -112,9 +112,7 @@ class DecodingEngine:
         the pool + request-overlay drafter (benchmarks: an oracle)."""
         request = self._new_request(0, prompt_ids, config, pool, draft_source)
         if past_key_values is not None:
-            check_cache(past_key_values)
-            if cache_length(past_key_values) and past_key_values.layers[0].keys.shape[0] != 1:
-                raise ValueError("past_key_values must have batch size 1")
+            check_prefix_cache(past_key_values)
         return self._single_steps(request, past_key_values)
 
     def generate_batch(
@@ -336,6 +334,13 @@ class DecodingEngine:
         request.drafter = None  # the request-local overlay is dropped here
 
 
+def check_prefix_cache(cache: DynamicCache) -> None:
+    """A caller's prefix cache must be a well-formed DynamicCache of batch size 1."""
+    check_cache(cache)
+    if cache_length(cache) and cache.layers[0].keys.shape[0] != 1:
+        raise ValueError("past_key_values must have batch size 1")
+
+
 def _or_default(value: int | None, default: int) -> int:
     return default if value is None else value
 
@@ -372,9 +377,7 @@ class BatchSession:
             request.done = True
             return request
         if past_key_values is not None:
-            check_cache(past_key_values)
-            if cache_length(past_key_values) and past_key_values.layers[0].keys.shape[0] != 1:
-                raise ValueError("past_key_values must have batch size 1")
+            check_prefix_cache(past_key_values)
         joined = self.engine._prefill([request], past_key_values)
         if not self.rows:
             self.batch = joined
