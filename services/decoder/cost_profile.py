@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from common.drafting.cost_model import StepCostModel, StepTiming, linear_cost_model
 from common.drafting.draft_tree import chain_tree
 from common.drafting.verification import verify_strict
+from services.decoder.engine.lean_forward import LeanForward
 from services.decoder.engine.tree_inputs import build_tree_inputs
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,13 @@ QUICK_CACHE_LENGTHS = (64, 512)
 
 
 def device_string(model: torch.nn.Module) -> str:
+    """Where and how steps run: the device, and "+lean" when tree steps take the lean forward
+    (a profile of the plain forward would overstate their cost)."""
     device = next(model.parameters()).device
+    forward = "+lean" if LeanForward.for_model(model) is not None else ""
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{torch.get_num_threads()}t"
+        return f"cuda:{torch.cuda.get_device_name(device)}{forward}"
+    return f"cpu:{torch.get_num_threads()}t{forward}"
 
 
 def _sync(device: torch.device) -> None:
@@ -60,6 +64,7 @@ def profile_step_costs(
     device = next(model.parameters()).device
     vocab = model.config.get_text_config(decoder=True).vocab_size
     generator = torch.Generator().manual_seed(seed)
+    forward = _step_forward(model)
     started = time.perf_counter()
     timings: list[StepTiming] = []
     max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
@@ -77,7 +82,8 @@ def profile_step_costs(
             for round_ in range(repeats + 1):
                 order = list(widths[round_ % len(widths):]) + list(widths[:round_ % len(widths)])
                 for width in order:
-                    seconds = _probe(model, cache, key_valid, width, batch, cache_length, vocab, generator, device)
+                    seconds = _probe(forward, model.dtype, cache, key_valid, width, batch, cache_length, vocab,
+                                     generator, device)
                     if round_:
                         samples[width].append(seconds)
                 if max_seconds is not None and time.perf_counter() - started > max_seconds and round_:
@@ -90,14 +96,26 @@ def profile_step_costs(
     return timings
 
 
-def _probe(model, cache, key_valid, width, batch, cache_length, vocab, generator, device) -> float:
+def _step_forward(model: torch.nn.Module):
+    """The forward the engine's tree steps take (lean when the model allows it)."""
+    lean = LeanForward.for_model(model)
+    if lean is not None:
+        return lean
+
+    def plain(input_ids, position_ids, attention_mask, cache):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=cache, use_cache=True).logits
+
+    return plain
+
+
+def _probe(forward, dtype, cache, key_valid, width, batch, cache_length, vocab, generator, device) -> float:
     tokens = torch.randint(0, vocab, (width,), generator=generator).tolist()
     trees = [chain_tree(tokens)] * batch
     _sync(device)
     t0 = time.perf_counter()
-    inputs = build_tree_inputs(trees, [cache_length] * batch, key_valid, dtype=model.dtype)
-    logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                   position_ids=inputs.position_ids, past_key_values=cache, use_cache=True).logits
+    inputs = build_tree_inputs(trees, [cache_length] * batch, key_valid, dtype=dtype)
+    logits = forward(inputs.input_ids, inputs.position_ids, inputs.attention_mask, cache)
     for row in range(batch):
         verify_strict(logits[row], trees[row])
     cache.crop(-width)  # transformers 5.x: a negative count removes that many columns

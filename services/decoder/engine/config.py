@@ -32,6 +32,9 @@ class EngineSettings:
     # maximises expected accepted tokens per predicted second (common/drafting/budget.py);
     # decoding_length / branch_length then only cap the candidates it chooses from.
     adaptive: bool = False
+    # Tree steps skip transformers' per-call plumbing (services/decoder/engine/lean_forward.py:
+    # same logits, ~0.8 ms less per step on the default CPU model); off: the model's forward.
+    lean_forward: bool = True
 
     def __post_init__(self) -> None:
         assert self.decoding_length >= 0 and self.branch_length >= 0 and self.key_length >= 1

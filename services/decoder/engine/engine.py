@@ -32,6 +32,7 @@ from common.drafting.verification import (
 )
 from services.decoder.engine.cache_rows import append_rows
 from services.decoder.engine.config import EngineSettings, GenerationConfig, StepResult
+from services.decoder.engine.lean_forward import LeanForward
 from services.decoder.engine.kv_cache import cache_length, check_cache, compact, keep_accepted
 from services.decoder.engine.tree_inputs import TreeInputs, build_tree_inputs
 
@@ -89,6 +90,9 @@ class DecodingEngine:
         self.dtype = model.dtype
         self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
         self.adaptive: AdaptiveDrafting | None = None
+        # Tree steps through the model's own parts minus transformers' per-call plumbing (same
+        # logits, checked at construction; None: the plain forward).
+        self.lean_forward = LeanForward.for_model(model) if self.settings.lean_forward else None
         if self.settings.adaptive:
             if cost_model is None:
                 from services.decoder.cost_profile import profile_cost_model  # torch-heavy, only when needed
@@ -278,6 +282,8 @@ class DecodingEngine:
         )
 
     def _forward(self, inputs: TreeInputs, cache: DynamicCache, *, logits_to_keep: int = 0) -> torch.Tensor:
+        if self.lean_forward is not None and logits_to_keep == 0:
+            return self.lean_forward(inputs.input_ids, inputs.position_ids, inputs.attention_mask, cache)
         output = self.model(
             input_ids=inputs.input_ids,
             attention_mask=inputs.attention_mask,
