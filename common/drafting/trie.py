@@ -168,6 +168,38 @@ class TokenTrie:
             self._sources.setdefault(source, []).append(record)
         self.enforce_capacity()
 
+    def build(self, tokens: Sequence[int], kind: Kind = "output") -> None:
+        """`insert(tokens, kind)` into an empty trie, vectorized: a request's overlay holds its
+        whole prompt (thousands of tokens x ngram_length nodes), which node-by-node insertion
+        took ~10% of a request's time to add. Level d's nodes are the distinct (level d-1 node,
+        token) pairs over all start positions (np.unique); each one's count is how many start
+        positions reach it, exactly what inserting one path per start position counts."""
+        assert kind in KINDS and len(self) == 0 and not self._sources, "build() fills an empty trie"
+        sequence = np.asarray(tokens, dtype=np.int64)
+        assert sequence.size == 0 or (sequence.min() >= 0 and sequence.max() < _TOKEN_SPACE)
+        token_levels, parent_levels, count_levels = [np.array([NO_NODE], np.int64)], [np.array([NO_NODE], np.int64)], []
+        count_levels.append(np.zeros(1, np.int64))
+        prefix_node = np.zeros(len(sequence), np.int64)  # node of tokens[i : i + depth], per start i
+        next_id = 1
+        for depth in range(1, min(self.settings.ngram_length, len(sequence)) + 1):
+            starts = len(sequence) - depth + 1
+            keys = prefix_node[:starts] * _TOKEN_SPACE + sequence[depth - 1 : depth - 1 + starts]
+            unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+            parent_levels.append(unique // _TOKEN_SPACE)
+            token_levels.append(unique % _TOKEN_SPACE)
+            count_levels.append(counts.astype(np.int64))
+            prefix_node = next_id + inverse.reshape(-1).astype(np.int64)
+            next_id += len(unique)
+        counts = np.concatenate(count_levels)
+        zeros = np.zeros_like(counts)
+        self._reset_nodes(
+            np.concatenate(token_levels).astype(np.int32),
+            np.concatenate(parent_levels).astype(np.int32),
+            counts if kind == "output" else zeros,
+            zeros if kind == "output" else counts,
+        )
+        self.enforce_capacity()
+
     def add_path(self, path: Sequence[int], kind: Kind = "output", count: int = 1, skip: int = 0) -> None:
         """Adds `count` to every node of `path` below depth `skip` (creating nodes as needed).
 
@@ -495,6 +527,9 @@ class StreamingInserter:
         n = self.trie.settings.ngram_length
         old_length = len(self._tokens)
         self._tokens.extend(new_tokens)
+        if old_length == 0 and len(self.trie) == 0 and not self.trie.sources:
+            self.trie.build(self._tokens, kind)  # a fresh overlay and its prompt: all at once
+            return
         for start in range(max(0, old_length - n + 1), len(self._tokens)):
             already = max(0, min(n, old_length - start))
             self.trie.add_path(self._tokens[start : start + n], kind, skip=already)

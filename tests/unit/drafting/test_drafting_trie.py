@@ -72,6 +72,41 @@ def test_streaming_insert_counts_each_start_once(chunks: list[list[int]], n: int
     assert all_counts(streamed) == all_counts(whole)
 
 
+@FAST
+@given(sequences, st.lists(st.integers(0, 6), max_size=8), st.integers(1, 5), st.sampled_from(["input", "output"]),
+       st.integers(3, 60))
+def test_vectorized_build_equals_node_by_node_insertion(seq, more, n, kind, capacity) -> None:
+    """An overlay's prompt goes in with build(); counts, retrieval and later streaming are as if
+    every n-gram had been added one by one (capacity squeezes included)."""
+    settings_ = TrieSettings(ngram_length=n, capacity=capacity)
+    built, stepwise = TokenTrie(settings_), TokenTrie(settings_)
+    built.build(seq, kind)
+    for path in extract_ngrams(seq, n):
+        stepwise.add_path(path, kind)
+    stepwise.enforce_capacity()
+    assert len(built) == len(stepwise)
+    assert all_counts(built, kind) == all_counts(stepwise, kind)
+    for key in {tuple(seq[i : i + k]) for i in range(len(seq)) for k in (1, 2)}:
+        a = built.retrieve(list(key), decoding_length=12, branch_length=4)
+        b = stepwise.retrieve(list(key), decoding_length=12, branch_length=4)
+        assert (a.tokens, a.parents, a.scores) == (b.tokens, b.parents, b.scores)
+    # Streaming on from a built prefix counts each start position once, as before.
+    streamed, whole = TokenTrie(TrieSettings(ngram_length=n)), TokenTrie(TrieSettings(ngram_length=n))
+    writer = StreamingInserter(streamed)
+    writer.extend(seq, kind)
+    writer.extend(more, kind)
+    for path in extract_ngrams(seq + more, n):
+        whole.add_path(path, kind)
+    assert all_counts(streamed, kind) == all_counts(whole, kind)
+
+
+def test_build_refuses_a_trie_that_holds_something() -> None:
+    trie = TokenTrie(TrieSettings(ngram_length=3))
+    trie.insert([1, 2, 3])
+    with pytest.raises(AssertionError):
+        trie.build([4, 5])
+
+
 def brute_force_top_weights(trie_seqs, key, n, budget, depth) -> list[int]:
     counts: dict[tuple[int, ...], int] = {}
     for seq in trie_seqs:
