@@ -16,7 +16,12 @@ Also (same run, same prompts, interleaved with greedy prompt by prompt):
   batched        4 and 16 concurrent requests through generate_batch: fixed budget vs adaptive
   step profile   where a step's time goes: drafting, inputs, forward, verification, KV, emit
 
-Pools are warmed with the workload's warm-split texts and evaluated on held-out prompts.
+Pools are warmed with the workload's warm-split texts, then (--served-per-pool) with the model's
+own answers to some warm-split prompts: what a running deployment's pools hold, since decoders
+publish every answer and the pool updater inserts it. Evaluation is on held-out prompts (items
+and users the pools never saw); strict tokens/step is reported for both pool states.
+"tokens_per_s" is end to end (prefill included, as a caller sees it); "decode_tokens_per_s"
+counts what follows each call's first output, the part drafting changes.
 Workload file: JSONL as documented in common/workload/export.py (type "prompt" lines with
 split "heldout" are decoded, type "warmup" lines warm the pool of their pool_key).
 """
@@ -28,6 +33,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -59,6 +65,19 @@ class MethodStats:
     # tokens/s of each repeat, for the spread
     repeat_tokens: list[int] = field(default_factory=list)
     repeat_wall_s: list[float] = field(default_factory=list)
+    # the part after each call's first output (decode phase), and that first output's latency
+    first_s: float = 0.0
+    decode_tokens: int = 0
+    decode_wall_s: float = 0.0
+    calls: int = 0
+
+    def add_generation(self, repeat: int, generation: Generation, wall_s: float) -> None:
+        self.add(repeat, len(generation.tokens), generation.steps, wall_s)
+        self.calls += 1
+        self.first_s += generation.first_s
+        if generation.first_tokens:
+            self.decode_tokens += len(generation.tokens) - generation.first_tokens
+            self.decode_wall_s += wall_s - generation.first_s
 
     def add(self, repeat: int, tokens: int, steps: int, wall_s: float) -> None:
         while len(self.repeat_tokens) <= repeat:
@@ -79,6 +98,10 @@ class MethodStats:
             "steps": self.steps,
             "new_tokens": self.new_tokens,
             "wall_s": self.wall_s,
+            # after the first token: prefill is the same work for every method and dilutes the
+            # end-to-end ratios on long prompts; this is what drafting changes
+            "decode_tokens_per_s": self.decode_tokens / self.decode_wall_s if self.decode_wall_s > 0 else None,
+            "mean_time_to_first_token_s": self.first_s / self.calls if self.calls else None,
         }
 
 
@@ -98,35 +121,54 @@ class OracleDraft:
         pass
 
 
+class Generation(NamedTuple):
+    tokens: list[int]
+    steps: int  # forward passes after prefill
+    first_s: float  # from the call to its first output (prefill + first step): time to first token
+    first_tokens: int  # tokens that first output held
+
+
 class CountSteps(StoppingCriteria):
-    """Counts generate()'s loop iterations (one per forward pass of the target model)."""
+    """Counts generate()'s loop iterations (one per forward pass of the target model) and
+    notes when the first one ended (the first token: prefill + one step)."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self.first_at = 0.0
+        self.first_length = 0  # sequence length after the first step (prompt lookup may add several tokens)
 
     def __call__(self, input_ids, scores, **kwargs):
+        if self.calls == 0:
+            self.first_at = time.perf_counter()
+            self.first_length = input_ids.shape[1]
         self.calls += 1
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def hf_generate(loaded: LoadedModel, prompt: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], int]:
+def hf_generate(loaded: LoadedModel, prompt: list[int], max_new_tokens: int, **kwargs) -> Generation:
     counter = CountSteps()
     ids = torch.tensor([prompt])
+    start = time.perf_counter()
     with torch.inference_mode():
         out = loaded.model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=loaded.tokenizer.eos_token_id, pad_token_id=loaded.tokenizer.pad_token_id or 0,
             stopping_criteria=StoppingCriteriaList([counter]), **kwargs)
-    return out[0, len(prompt):].tolist(), counter.calls
+    tokens = out[0, len(prompt):].tolist()
+    first_tokens = min(len(tokens), max(0, counter.first_length - len(prompt)))
+    return Generation(tokens, counter.calls, counter.first_at - start if counter.calls else 0.0, first_tokens)
 
 
 def engine_generate(engine: DecodingEngine, prompt: list[int], config: GenerationConfig, pool=None,
-                    draft_source=None) -> tuple[list[int], int]:
-    tokens, steps = [], 0
+                    draft_source=None) -> Generation:
+    tokens, steps, first_s, first_tokens = [], 0, 0.0, 0
+    start = time.perf_counter()
     for step in engine.generate(prompt, config, pool, draft_source=draft_source):
+        if not steps:
+            first_s, first_tokens = time.perf_counter() - start, len(step.token_ids)
         tokens.extend(step.token_ids)
         steps += 1
-    return tokens, steps
+    return Generation(tokens, steps, first_s, first_tokens)
 
 
 @torch.inference_mode()
@@ -154,6 +196,50 @@ def warm_pools(loaded: LoadedModel, warmups, settings: EngineSettings, max_branc
         ids = loaded.tokenizer(warmup.text, add_special_tokens=False)["input_ids"]
         pools.get_or_create(warmup.pool_key).insert(ids + [loaded.tokenizer.eos_token_id], "output")
     return pools
+
+
+def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_pool: int, max_new_tokens: int,
+                     batch_size: int = 16) -> dict:
+    """What a running deployment's pools hold besides the corpus: the model's own answers to
+    earlier requests, which the decoders publish and the pool updater inserts (Kafka loop).
+    Here: greedy answers to up to `per_pool` warm-split prompts of every pool key, decoded in
+    batches, each inserted into its pool when it finishes. Held-out prompts never enter."""
+    by_key: dict[str, list] = {}
+    for prompt in prompts:
+        if prompt.split != "heldout":
+            by_key.setdefault(prompt.pool_key, []).append(prompt)
+    served = [p for key in sorted(by_key) for p in by_key[key][:per_pool]]
+    if not served:
+        return {"per_pool": per_pool, "outputs": 0, "wall_s": 0.0}
+    learner = DecodingEngine(loaded.model, EngineSettings(learn_from_outputs=True))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=loaded.tokenizer.eos_token_id)
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    with tqdm(total=len(served), desc="serving warm prompts into pools", unit="prompt") as bar:
+        for first in range(0, len(served), batch_size):
+            chunk = served[first:first + batch_size]
+            ids = [tokenize_blocks(loaded.tokenizer, [b.text for b in p.blocks]).token_ids for p in chunk]
+            learner.generate_batch(ids, [config] * len(chunk), [pools.resolve(p.pool_key) for p in chunk])
+            bar.update(len(chunk))
+    return {"per_pool": per_pool, "outputs": len(served), "pool_keys": len(by_key),
+            "wall_s": time.perf_counter() - start}
+
+
+def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen, tokenized, max_new_tokens: int,
+                            eos: int) -> dict[str, float]:
+    """Strict mode's accepted tokens per step on the chosen prompts, by task (deterministic, untimed)."""
+    counts: dict[str, list[int]] = {}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos)
+    for prompt, ids in zip(chosen, tokenized):
+        generation = engine_generate(engine, ids, config, pools.resolve(prompt.pool_key))
+        tokens_steps = counts.setdefault(prompt.task, [0, 0])
+        tokens_steps[0] += len(generation.tokens)
+        tokens_steps[1] += generation.steps
+    by_task = {task: t / s for task, (t, s) in sorted(counts.items()) if s}
+    total_tokens, total_steps = (sum(v[i] for v in counts.values()) for i in (0, 1))
+    by_task["all"] = total_tokens / total_steps if total_steps else 0.0
+    return by_task
 
 
 def pick_prompts(prompts, count: int) -> list:
@@ -189,6 +275,13 @@ def run(args) -> dict:
     chosen = pick_prompts(prompts, args.prompts)
     eos = loaded.tokenizer.eos_token_id
     tokenized = [tokenize_blocks(loaded.tokenizer, [b.text for b in p.blocks]).token_ids for p in chosen]
+    pool_state = {"corpus_texts": len(warmups),
+                  "tokens_per_step_corpus_only": tokens_per_step_by_task(
+                      engine, pools, chosen, tokenized, args.max_new_tokens, eos)}
+    pool_state["served"] = serve_into_pools(loaded, pools, prompts, args.served_per_pool, args.max_new_tokens)
+    if pool_state["served"]["outputs"]:
+        pool_state["tokens_per_step_with_served"] = tokens_per_step_by_task(
+            engine, pools, chosen, tokenized, args.max_new_tokens, eos)
     base = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos)
     configs = {
         "engine_greedy": GenerationConfig(**base, drafting=False),
@@ -205,9 +298,9 @@ def run(args) -> dict:
     paired: dict[str, list[float]] = {m: [] for m in METHODS}
     outputs: dict[str, list[list[int]]] = {m: [[] for _ in chosen] for m in METHODS}
     # The greedy reference (for identity checks and the oracle) is computed once, untimed.
-    references = [hf_generate(loaded, ids, args.max_new_tokens)[0] for ids in tokenized]
+    references = [hf_generate(loaded, ids, args.max_new_tokens).tokens for ids in tokenized]
 
-    def call(method: str, i: int) -> tuple[list[int], int]:
+    def call(method: str, i: int) -> Generation:
         ids, prompt = tokenized[i], chosen[i]
         if method == "greedy":
             return hf_generate(loaded, ids, args.max_new_tokens)
@@ -231,11 +324,11 @@ def run(args) -> dict:
                 rates = {}
                 for method in order:
                     t0 = time.perf_counter()
-                    tokens, steps = call(method, i)
+                    generation = call(method, i)
                     wall = time.perf_counter() - t0
-                    stats[method].add(repeat, len(tokens), steps, wall)
-                    outputs[method][i] = tokens
-                    rates[method] = len(tokens) / wall if wall > 0 else 0.0
+                    stats[method].add_generation(repeat, generation, wall)
+                    outputs[method][i] = generation.tokens
+                    rates[method] = len(generation.tokens) / wall if wall > 0 else 0.0
                 for method in METHODS:
                     if rates["greedy"] > 0:
                         paired[method].append(rates[method] / rates["greedy"])
@@ -245,6 +338,8 @@ def run(args) -> dict:
     greedy_tps = results["greedy"]["tokens_per_s"]
     for m in METHODS:
         results[m]["speedup_vs_greedy"] = results[m]["tokens_per_s"] / greedy_tps if greedy_tps else 0.0
+        greedy_decode, decode = results["greedy"]["decode_tokens_per_s"], results[m]["decode_tokens_per_s"]
+        results[m]["decode_speedup_vs_greedy"] = decode / greedy_decode if decode and greedy_decode else None
         ratios = sorted(paired[m])
         results[m]["paired_speedup_median"] = statistics.median(ratios) if ratios else 0.0
         results[m]["paired_speedup_iqr"] = ([ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]
@@ -284,6 +379,7 @@ def run(args) -> dict:
         "decoding_length": args.decoding_length,
         "branch_length": args.branch_length,
         "methods": results,
+        "pools": pool_state,
         "relaxed_sweep": sweep,
         "budget_sweep": budget,
         "batched": batched,
@@ -314,7 +410,7 @@ def relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, args) ->
         wall = agreement = 0.0
         for prompt, ids, ref in zip(chosen, tokenized, references):
             t0 = time.perf_counter()
-            out, n = engine_generate(engine, ids, config, pools.resolve(prompt.pool_key))
+            out, n, _, _ = engine_generate(engine, ids, config, pools.resolve(prompt.pool_key))
             wall += time.perf_counter() - t0
             tokens += len(out)
             steps += n
@@ -421,11 +517,11 @@ def budget_sweep(loaded, pools, chosen, tokenized, references, grid, adaptive_en
                 for label in order:
                     t0 = time.perf_counter()
                     if label == "greedy":
-                        tokens, steps = hf_generate(loaded, tokenized[i], args.max_new_tokens)
+                        tokens, steps, _, _ = hf_generate(loaded, tokenized[i], args.max_new_tokens)
                     elif label == "adaptive":
-                        tokens, steps = engine_generate(adaptive_engine, tokenized[i], adaptive_config, pool)
+                        tokens, steps, _, _ = engine_generate(adaptive_engine, tokenized[i], adaptive_config, pool)
                     else:
-                        tokens, steps = engine_generate(fixed_engine, tokenized[i], configs[label], pool)
+                        tokens, steps, _, _ = engine_generate(fixed_engine, tokenized[i], configs[label], pool)
                     wall = time.perf_counter() - t0
                     stats[label].add(repeat, len(tokens), steps, wall)
                     rates[label] = len(tokens) / wall if wall > 0 else 0.0
@@ -694,8 +790,8 @@ def plot_sweep(points: list[dict], greedy_tps: float, path: Path) -> None:
 def print_table(console: Console, report: dict) -> None:
     table = Table(title=f"decode benchmark: {report['model']} on {report['device']}, {report['prompts']} prompts "
                         f"x {report['repeats']} repeats, {report['max_new_tokens']} new tokens")
-    for column in ("method", "tokens/s", "spread (min-max)", "x greedy", "x greedy paired (IQR)", "tokens/step",
-                   "steps", "notes"):
+    for column in ("method", "tokens/s", "spread (min-max)", "x greedy", "x greedy paired (IQR)",
+                   "decode x greedy", "TTFT ms", "tokens/step", "steps", "notes"):
         table.add_column(column, justify="left" if column in ("method", "notes") else "right")
     for name, m in report["methods"].items():
         notes = []
@@ -709,9 +805,19 @@ def print_table(console: Console, report: dict) -> None:
         table.add_row(name, f"{m['tokens_per_s']:.1f}", f"{s['min']:.1f}-{s['max']:.1f}",
                       f"{m['speedup_vs_greedy']:.2f}",
                       f"{m['paired_speedup_median']:.2f} ({m['paired_speedup_iqr'][0]:.2f}-{m['paired_speedup_iqr'][1]:.2f})",
+                      _optional(m.get("decode_speedup_vs_greedy"), "{:.2f}"),
+                      _optional(m.get("mean_time_to_first_token_s"), "{:.0f}", 1e3),
                       f"{m['mean_accepted_per_step']:.2f}", str(m["steps"]),
                       ", ".join(notes))
     console.print(table)
+    pools = report.get("pools", {})
+    if pools:
+        served = pools.get("served", {})
+        console.print(f"pools: {pools['corpus_texts']} corpus texts + {served.get('outputs', 0)} served answers "
+                      f"({served.get('per_pool', 0)} per pool key, {served.get('wall_s', 0):.0f} s); strict tokens/step "
+                      f"corpus only {_by_task(pools['tokens_per_step_corpus_only'])}"
+                      + (f"; with served answers {_by_task(pools['tokens_per_step_with_served'])}"
+                         if "tokens_per_step_with_served" in pools else ""))
     if report["random_weights"]:
         console.print("[bold red]model has RANDOM weights: acceptance figures mean nothing[/]")
     for p in report["relaxed_sweep"]:
@@ -769,6 +875,14 @@ def print_table(console: Console, report: dict) -> None:
         console.print(table)
 
 
+def _optional(value: float | None, form: str, scale: float = 1.0) -> str:
+    return "-" if value is None else form.format(value * scale)
+
+
+def _by_task(by_task: dict[str, float]) -> str:
+    return ", ".join(f"{task} {value:.2f}" for task, value in by_task.items())
+
+
 def parse_args(argv: list[str] | None = None):
     quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
@@ -784,6 +898,10 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--relaxed-top-k", type=int, default=2)
     parser.add_argument("--relaxed-min-prob", type=float, default=0.1)
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    parser.add_argument("--served-per-pool", type=int, default=4 if quick else 20,
+                        help="before timing, decode this many warm-split prompts per pool key and insert the "
+                             "answers into their pools, as a running deployment's Kafka loop does (0 = corpus "
+                             "texts only)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
     parser.add_argument("--no-budget-sweep", dest="budget_sweep", action="store_false")
