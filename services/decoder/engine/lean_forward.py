@@ -55,8 +55,11 @@ class LeanForward:
         """A checked LeanForward for `model`, or None where the plain forward must be used."""
         reason = _unsupported(model)
         if reason is None:
-            lean = cls(model)
-            reason = lean._differs_from_model()
+            try:
+                lean = cls(model)
+                reason = lean._differs_from_model()
+            except (AttributeError, TypeError, ValueError, RuntimeError) as exc:  # a layout it misread
+                reason = f"its check failed: {exc!r}"
             if reason is None:
                 return lean
         log.info("tree steps use the model's own forward (%s)", reason)

@@ -100,3 +100,14 @@ def test_a_model_whose_parts_do_something_else_is_refused(monkeypatch):
 def test_engine_uses_it_by_default_and_can_be_told_not_to(model):
     assert DecodingEngine(model, EngineSettings()).lean_forward is not None
     assert DecodingEngine(model, EngineSettings(lean_forward=False)).lean_forward is None
+
+
+def test_a_layout_it_cannot_read_falls_back_instead_of_failing(monkeypatch):
+    model, _ = build_tiny_model("qwen2", seed=6)
+    import services.decoder.engine.lean_forward as lean_module
+
+    def broken(self, model):
+        raise AttributeError("no apply_rotary_pos_emb in this modeling module")
+
+    monkeypatch.setattr(lean_module.LeanForward, "__init__", broken)
+    assert LeanForward.for_model(model) is None
