@@ -16,7 +16,7 @@ Also (same run, same prompts, interleaved with greedy prompt by prompt):
   batched        4 and 16 concurrent requests through generate_batch: fixed budget vs adaptive
   step profile   where a step's time goes: drafting, inputs, forward, verification, KV, emit
 
-Pools are warmed with the workload's warm-split texts, then (--served-per-pool) with the model's
+Pools are warmed with the workload's warm-split texts, then (--served-per-segment) with the model's
 own answers to some warm-split prompts: what a running deployment's pools hold, since decoders
 publish every answer and the pool updater inserts it. Evaluation is on held-out prompts (items
 and users the pools never saw); strict tokens/step is reported for both pool states.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -51,6 +52,7 @@ from common.prompt_tokens import tokenize_blocks
 from common.workload.export import load_prompts
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
+from services.decoder.engine.engine import BatchSession
 
 METHODS = ("greedy", "prompt_lookup", "engine_greedy", "strict", "relaxed", "oracle", "adaptive")
 FULL_SWEEP = [(dl, bl) for dl in (4, 8, 12, 16, 24, 32, 64) for bl in (4, 8, 12, 16) if bl <= dl]
@@ -198,32 +200,48 @@ def warm_pools(loaded: LoadedModel, warmups, settings: EngineSettings, max_branc
     return pools
 
 
-def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_pool: int, max_new_tokens: int,
-                     batch_size: int = 16) -> dict:
+def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segment: int, max_new_tokens: int,
+                     rows: int = 16) -> dict:
     """What a running deployment's pools hold besides the corpus: the model's own answers to
     earlier requests, which the decoders publish and the pool updater inserts (Kafka loop).
-    Here: greedy answers to up to `per_pool` warm-split prompts of every pool key, decoded in
-    batches, each inserted into its pool when it finishes. Held-out prompts never enter."""
-    by_key: dict[str, list] = {}
+    Here: greedy answers to up to `per_segment` warm-split prompts of every (pool key, task) -
+    traffic of every task, as all of it flows back - decoded with continuous batching, each
+    inserted into its pool as it finishes. Held-out prompts never enter."""
+    by_segment: dict[tuple[str, str], list] = {}
     for prompt in prompts:
         if prompt.split != "heldout":
-            by_key.setdefault(prompt.pool_key, []).append(prompt)
-    served = [p for key in sorted(by_key) for p in by_key[key][:per_pool]]
+            by_segment.setdefault((prompt.pool_key, prompt.task), []).append(prompt)
+    served = [p for key in sorted(by_segment) for p in by_segment[key][:per_segment]]
+    tasks = Counter(p.task for p in served)
     if not served:
-        return {"per_pool": per_pool, "outputs": 0, "wall_s": 0.0}
-    learner = DecodingEngine(loaded.model, EngineSettings(learn_from_outputs=True))
+        return {"per_segment": per_segment, "outputs": 0, "wall_s": 0.0}
+    learner = DecodingEngine(loaded.model, EngineSettings(decoding_length=16, branch_length=8, learn_from_outputs=True))
+    session = BatchSession(learner)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=loaded.tokenizer.eos_token_id)
+    # Similar lengths share a batch: a row's cache is as wide as the batch's longest prompt.
+    tokenized = sorted(((tokenize_blocks(loaded.tokenizer, [b.text for b in p.blocks]).token_ids, p.pool_key)
+                        for p in served), key=lambda item: len(item[0]))
+    waiting = iter(tokenized)
     from tqdm import tqdm
 
     start = time.perf_counter()
     with tqdm(total=len(served), desc="serving warm prompts into pools", unit="prompt") as bar:
-        for first in range(0, len(served), batch_size):
-            chunk = served[first:first + batch_size]
-            ids = [tokenize_blocks(loaded.tokenizer, [b.text for b in p.blocks]).token_ids for p in chunk]
-            learner.generate_batch(ids, [config] * len(chunk), [pools.resolve(p.pool_key) for p in chunk])
-            bar.update(len(chunk))
-    return {"per_pool": per_pool, "outputs": len(served), "pool_keys": len(by_key),
-            "wall_s": time.perf_counter() - start}
+
+        def fill() -> None:
+            while session.rows < rows:
+                item = next(waiting, None)
+                if item is None:
+                    return
+                ids, pool_key = item
+                if session.add(ids, config, pools.resolve(pool_key)).done:
+                    bar.update(1)
+
+        fill()
+        while session.rows:
+            bar.update(sum(1 for handle, _ in session.step() if handle.done))
+            fill()
+    return {"per_segment": per_segment, "outputs": len(served), "by_task": dict(sorted(tasks.items())),
+            "segments": len(by_segment), "wall_s": time.perf_counter() - start}
 
 
 def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen, tokenized, max_new_tokens: int,
@@ -278,7 +296,7 @@ def run(args) -> dict:
     pool_state = {"corpus_texts": len(warmups),
                   "tokens_per_step_corpus_only": tokens_per_step_by_task(
                       engine, pools, chosen, tokenized, args.max_new_tokens, eos)}
-    pool_state["served"] = serve_into_pools(loaded, pools, prompts, args.served_per_pool, args.max_new_tokens)
+    pool_state["served"] = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens)
     if pool_state["served"]["outputs"]:
         pool_state["tokens_per_step_with_served"] = tokens_per_step_by_task(
             engine, pools, chosen, tokenized, args.max_new_tokens, eos)
@@ -814,7 +832,8 @@ def print_table(console: Console, report: dict) -> None:
     if pools:
         served = pools.get("served", {})
         console.print(f"pools: {pools['corpus_texts']} corpus texts + {served.get('outputs', 0)} served answers "
-                      f"({served.get('per_pool', 0)} per pool key, {served.get('wall_s', 0):.0f} s); strict tokens/step "
+                      f"({served.get('per_segment', 0)} per pool key and task: {served.get('by_task', {})}, "
+                      f"{served.get('wall_s', 0):.0f} s); strict tokens/step "
                       f"corpus only {_by_task(pools['tokens_per_step_corpus_only'])}"
                       + (f"; with served answers {_by_task(pools['tokens_per_step_with_served'])}"
                          if "tokens_per_step_with_served" in pools else ""))
@@ -898,9 +917,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--relaxed-top-k", type=int, default=2)
     parser.add_argument("--relaxed-min-prob", type=float, default=0.1)
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
-    parser.add_argument("--served-per-pool", type=int, default=4 if quick else 20,
-                        help="before timing, decode this many warm-split prompts per pool key and insert the "
-                             "answers into their pools, as a running deployment's Kafka loop does (0 = corpus "
+    parser.add_argument("--served-per-segment", type=int, default=1 if quick else 10,
+                        help="before timing, decode this many warm-split prompts per pool key and task and insert "
+                             "the answers into their pools, as a running deployment's Kafka loop does (0 = corpus "
                              "texts only)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
