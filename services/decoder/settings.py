@@ -28,6 +28,7 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     adaptive_max_tokens: int = Field(32, ge=1, description="adaptive drafting: candidate draft tokens per request and step at most")
     adaptive_max_depth: int = Field(12, ge=1, description="adaptive drafting: deepest candidate branch")
     cost_profile_s: float = Field(5.0, ge=0, description="adaptive drafting: start-up step-cost profiling time limit when no stored profile matches model and device (0 = never profile: stored or built-in estimate)")
+    lean_forward: bool = Field(True, description="verification steps run the model's own parts without transformers' per-call plumbing (bit-identical logits, checked at start-up; other architectures fall back by themselves); false = always the model's plain forward")
     pool_addr: str = Field("", description="retrieval-pool service host:port (empty = prompt overlay only)")
     pool_refresh_s: float = Field(2.0, gt=0, description="seconds between pool version checks (snapshots fetched when moved)")
     pool_cache_pools: int = Field(16, ge=1, description="pool snapshots held (LRU; the global pool not counted)")
