@@ -32,7 +32,7 @@ come from its ConfigMap `<fullname>-<service>` (e.g. `adaccel-decoder`):
 - **tunable** rows are set under `<service>.settings.<field>` in the values (for example
   `decoder.settings.max_queue: 64`); `values.schema.json` refuses unknown fields and wrong types.
 
-Per-pod values (decoder id, kvstore shard, pool consumer group) are container env, not ConfigMap keys.
+Per-pod values (decoder id, kvstore shard) are container env, not ConfigMap keys.
 """
 
 
