@@ -201,17 +201,18 @@ def warm_pools(loaded: LoadedModel, warmups, settings: EngineSettings, max_branc
 
 
 def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segment: int, max_new_tokens: int,
-                     rows: int = 16) -> dict:
+                     rows: int = 16, *, already: int = 0) -> dict:
     """What a running deployment's pools hold besides the corpus: the model's own answers to
     earlier requests, which the decoders publish and the pool updater inserts (Kafka loop).
     Here: greedy answers to up to `per_segment` warm-split prompts of every (pool key, task) -
     traffic of every task, as all of it flows back - decoded with continuous batching, each
-    inserted into its pool as it finishes. Held-out prompts never enter."""
+    inserted into its pool as it finishes. Held-out prompts never enter. `already`: that many
+    per segment were served before (a growing pool takes the next ones)."""
     by_segment: dict[tuple[str, str], list] = {}
     for prompt in prompts:
         if prompt.split != "heldout":
             by_segment.setdefault((prompt.pool_key, prompt.task), []).append(prompt)
-    served = [p for key in sorted(by_segment) for p in by_segment[key][:per_segment]]
+    served = [p for key in sorted(by_segment) for p in by_segment[key][already:per_segment]]
     tasks = Counter(p.task for p in served)
     if not served:
         return {"per_segment": per_segment, "outputs": 0, "wall_s": 0.0}
