@@ -80,7 +80,9 @@ def plot(points: list[dict], path: Path, model: str) -> None:
     for task in points[0]["tokens_per_step"]:
         ax.plot(answers, [p["tokens_per_step"][task] for p in points], marker="o",
                 linewidth=2.5 if task == "all" else 1.2, label=task)
-    ax.set_xscale("symlog", linthresh=max(1, answers[1] if len(answers) > 1 else 1))
+    ax.set_xscale("symlog", linthresh=max(1, min((a for a in answers if a > 0), default=1)))
+    ax.set_xticks(answers, [str(a) for a in answers])
+    ax.minorticks_off()
     ax.set_xlabel("served answers in the pools (cumulative)")
     ax.set_ylabel("accepted tokens per step (strict)")
     ax.set_title(f"pools learning from traffic: {model}", fontsize=9)
