@@ -68,7 +68,7 @@ bench: bench-decode bench-projection bench-pool-growth bench-freshness bench-pre
 bench-decode: install model
 	$(PY) -m bench.decode --data-dir $(DATA_DIR)
 
-bench-projection: install model
+bench-projection: install
 	$(PY) -m bench.projection
 
 bench-pool-growth: install model
