@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -38,6 +39,45 @@ def spread(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": 0.0, "min": 0.0, "max": 0.0}
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-dir, --model-path and --workload, as the benches that decode workload prompts take them."""
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/default")
+    parser.add_argument("--workload", type=Path, default=None, help="default: <data-dir>/workload/prompts.jsonl")
+
+
+def resolve_model_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills --model-path and --workload from --data-dir where they were not given."""
+    args.model_path = args.model_path or args.data_dir / "models" / "default"
+    args.workload = args.workload or args.data_dir / "workload" / "prompts.jsonl"
+    return args
+
+
+def prompt_token_ids(tokenizer, prompt) -> list[int]:
+    """A workload prompt's token ids: its blocks tokenized one by one, as the decoder does."""
+    from common.prompt_tokens import tokenize_blocks
+
+    return tokenize_blocks(tokenizer, [block.text for block in prompt.blocks]).token_ids
+
+
+def figure(rows: int = 1, columns: int = 1, *, size: tuple[float, float] = (6.4, 4.0)):
+    """(fig, axes) for a results plot, on the file-only backend (these machines have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, columns, figsize=size)
+
+
+def save_figure(fig, path: Path, *, dpi: int = 120) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def write_results(name: str, results: dict, results_dir: Path = RESULTS_DIR) -> Path:

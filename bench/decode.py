@@ -32,7 +32,7 @@ import argparse
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from pathlib import Path
@@ -42,13 +42,23 @@ from rich.console import Console
 from rich.table import Table
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from bench.common import RESULTS_DIR, device_name, quick_run, spread, write_results
+from bench.common import (
+    RESULTS_DIR,
+    add_model_arguments,
+    device_name,
+    figure,
+    prompt_token_ids,
+    quick_run,
+    resolve_model_arguments,
+    save_figure,
+    spread,
+    write_results,
+)
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import PoolRegistry
 from common.drafting.trie import TrieSettings
 from common.modeling.loading import LoadedModel, load_model
-from common.prompt_tokens import tokenize_blocks
 from common.workload.export import load_prompts
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
@@ -220,8 +230,7 @@ def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segm
     session = BatchSession(learner)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=loaded.tokenizer.eos_token_id)
     # Similar lengths share a batch: a row's cache is as wide as the batch's longest prompt.
-    tokenized = sorted(((tokenize_blocks(loaded.tokenizer, [b.text for b in p.blocks]).token_ids, p.pool_key)
-                        for p in served), key=lambda item: len(item[0]))
+    tokenized = sorted(((prompt_token_ids(loaded.tokenizer, p), p.pool_key) for p in served), key=lambda item: len(item[0]))
     waiting = iter(tokenized)
     from tqdm import tqdm
 
@@ -293,7 +302,7 @@ def run(args) -> dict:
         cost_model=cost_model)
     chosen = pick_prompts(prompts, args.prompts)
     eos = loaded.tokenizer.eos_token_id
-    tokenized = [tokenize_blocks(loaded.tokenizer, [b.text for b in p.blocks]).token_ids for p in chosen]
+    tokenized = [prompt_token_ids(loaded.tokenizer, p) for p in chosen]
     pool_state = {"corpus_texts": len(warmups),
                   "tokens_per_step_corpus_only": tokens_per_step_by_task(
                       engine, pools, chosen, tokenized, args.max_new_tokens, eos)}
@@ -755,12 +764,7 @@ def step_profile(loaded, pools, chosen, tokenized, cost_model, args) -> dict:
 
 
 def plot_budget(budget: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = figure(1, 2, size=(11, 4))
     by_bl: dict[int, list[dict]] = {}
     for row in budget["settings"]:
         by_bl.setdefault(row["branch_length"], []).append(row)
@@ -779,18 +783,11 @@ def plot_budget(budget: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Strict mode: fixed draft budgets vs adaptive (same prompts, interleaved)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_sweep(points: list[dict], greedy_tps: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(size=(6, 4))
     xs = [p["token_agreement"] for p in points]
     ys = [p["tokens_per_s"] / greedy_tps for p in points]
     ax.plot(xs, ys, "o-")
@@ -801,9 +798,7 @@ def plot_sweep(points: list[dict], greedy_tps: float, path: Path) -> None:
     ax.set_ylabel("speedup vs greedy generate")
     ax.set_title("Relaxed verification: speed against drift")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def print_table(console: Console, report: dict) -> None:
@@ -907,9 +902,7 @@ def parse_args(argv: list[str] | None = None):
     quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/default")
-    parser.add_argument("--workload", type=Path, default=None, help="default: <data-dir>/workload/prompts.jsonl")
+    add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=12 if quick else 40)
     parser.add_argument("--max-new-tokens", type=int, default=64 if quick else 96)
     parser.add_argument("--repeats", type=int, default=1 if quick else 3)
@@ -938,8 +931,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--no-step-profile", dest="step_profile", action="store_false")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    args.model_path = args.model_path or args.data_dir / "models" / "default"
-    args.workload = args.workload or args.data_dir / "workload" / "prompts.jsonl"
+    resolve_model_arguments(args)
     if args.budget_grid is None:
         args.budget_grid = ",".join(f"{dl}:{bl}" for dl, bl in (QUICK_SWEEP if quick else FULL_SWEEP))
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]

@@ -43,7 +43,7 @@ import torch
 from kafka import KafkaProducer
 
 from adaccel.v1 import pool_pb2, pool_pb2_grpc, records_pb2
-from bench.common import RESULTS_DIR, device_name, quick_run, write_results
+from bench.common import RESULTS_DIR, device_name, prompt_token_ids, quick_run, write_results
 from common.broker import EmbeddedBroker
 from common.modeling.loading import load_model
 from common.prompt_tokens import tokenize_blocks
@@ -116,8 +116,8 @@ def workload_from_files(directory: Path, tokenizer, count: int) -> Workload | No
         item_id = prompt.item_ids[0]
         others = [p for p in by_item[item_id] if p is not prompt]
         item_text = next(b.text for b in prompt.blocks if b.kind == "item")
-        first = tokenize_blocks(tokenizer, [b.text for b in prompt.blocks]).token_ids
-        evaluated = (tokenize_blocks(tokenizer, [b.text for b in others[0].blocks]).token_ids if others else first)
+        first = prompt_token_ids(tokenizer, prompt)
+        evaluated = prompt_token_ids(tokenizer, others[0]) if others else first
         cases.append(Case(item_id, prompt.pool_key, item_text, first, evaluated))
     new_items = {c.item_id for c in cases}
     inventory = [e for e in _inventory_events(directory / "inventory.jsonl") if e.item_id not in new_items]

@@ -19,10 +19,19 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import RESULTS_DIR, device_name, quick_run, write_results
+from bench.common import (
+    RESULTS_DIR,
+    add_model_arguments,
+    device_name,
+    figure,
+    prompt_token_ids,
+    quick_run,
+    resolve_model_arguments,
+    save_figure,
+    write_results,
+)
 from bench.decode import pick_prompts, serve_into_pools, tokens_per_step_by_task, warm_pools
 from common.modeling.loading import load_model
-from common.prompt_tokens import tokenize_blocks
 from common.workload.export import load_prompts
 from services.decoder.engine import DecodingEngine, EngineSettings
 
@@ -37,7 +46,7 @@ def run(args) -> dict:
     engine = DecodingEngine(loaded.model, settings)
     pools = warm_pools(loaded, warmups, settings, args.branch_length)
     chosen = pick_prompts(prompts, args.prompts)
-    tokenized = [tokenize_blocks(loaded.tokenizer, [b.text for b in p.blocks]).token_ids for p in chosen]
+    tokenized = [prompt_token_ids(loaded.tokenizer, p) for p in chosen]
     eos = loaded.tokenizer.eos_token_id
     points, served_so_far, outputs = [], 0, 0
     for per_segment in args.steps:
@@ -70,12 +79,7 @@ def print_table(console: Console, report: dict) -> None:
 
 
 def plot(points: list[dict], path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = figure()
     answers = [p["served_answers"] for p in points]
     for task in points[0]["tokens_per_step"]:
         ax.plot(answers, [p["tokens_per_step"][task] for p in points], marker="o",
@@ -88,18 +92,14 @@ def plot(points: list[dict], path: Path, model: str) -> None:
     ax.set_title(f"pools learning from traffic: {model}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None):
     quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.pool_growth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/default")
-    parser.add_argument("--workload", type=Path, default=None, help="default: <data-dir>/workload/prompts.jsonl")
+    add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=12 if quick else 24)
     parser.add_argument("--max-new-tokens", type=int, default=64 if quick else 96)
     parser.add_argument("--steps", default="0,1,3" if quick else "0,1,3,10,30",
@@ -109,8 +109,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    args.model_path = args.model_path or args.data_dir / "models" / "default"
-    args.workload = args.workload or args.data_dir / "workload" / "prompts.jsonl"
+    resolve_model_arguments(args)
     args.steps = sorted({int(v) for v in args.steps.split(",") if v.strip()})
     return args
 

@@ -40,7 +40,15 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from adaccel.v1 import common_pb2
-from bench.common import RESULTS_DIR, device_name, quick_run, spread, write_results
+from bench.common import (
+    RESULTS_DIR,
+    add_model_arguments,
+    device_name,
+    quick_run,
+    resolve_model_arguments,
+    spread,
+    write_results,
+)
 from common.modeling.loading import LoadedModel, load_model
 from common.prompt_tokens import TokenizedPrompt, tokenize_blocks
 from common.workload.export import load_prompts
@@ -318,9 +326,7 @@ def parse_args(argv: list[str] | None = None):
     quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/default")
-    parser.add_argument("--workload", type=Path, default=None, help="default: <data-dir>/workload/prompts.jsonl")
+    add_model_arguments(parser)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--prompts", type=int, default=2 if quick else 8, help="prompts per size")
     parser.add_argument("--repeats", type=int, default=1 if quick else 3)
@@ -331,8 +337,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    args.model_path = args.model_path or args.data_dir / "models" / "default"
-    args.workload = args.workload or args.data_dir / "workload" / "prompts.jsonl"
+    resolve_model_arguments(args)
     return args
 
 

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from bench.common import RESULTS_DIR, device_name, quick_run, write_results
+from bench.common import RESULTS_DIR, device_name, figure, quick_run, save_figure, write_results
 from services.decoder.cost_profile import profile_step_costs
 
 # Shapes of public checkpoints (no weights: random initialisation, nothing downloaded).
@@ -120,23 +120,16 @@ def print_table(console: Console, report: dict) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     widths = [int(w) for w in report["cost_ms_by_width"]]
     costs = list(report["cost_ms_by_width"].values())
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = figure()
     ax.plot(widths, [c / costs[0] for c in costs], marker="o")
     ax.set_xlabel("tokens verified in one step (root + draft)")
     ax.set_ylabel("step cost / greedy step")
     ax.set_title(f"verification cost, {report['config']} random weights ({report['dtype']}), "
                  f"{report['cache_length']} cached tokens", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None):

@@ -46,7 +46,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from adaccel.v1 import common_pb2, router_pb2, router_pb2_grpc
-from bench.common import RESULTS_DIR, device_name, quick_run, write_results
+from bench.common import RESULTS_DIR, device_name, figure, quick_run, save_figure, write_results
 from common.rpc.channels import open_channel
 from services.router.job import percentile
 from services.router.scheduling import POLICIES
@@ -294,13 +294,8 @@ def print_sweep(sweep: dict[str, dict], round_robin: dict) -> None:
 
 
 def plot_sweep(sweep: dict[str, dict], round_robin: dict, ceiling: dict[str, float], name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     weights = [float(w) for w in sweep]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = figure(1, 2, size=(10, 4))
     for kind, style, colour in (("user_history", "o-", "tab:blue"), ("item", "s-", "tab:orange")):
         left.plot(weights, [r["locality"][kind] for r in sweep.values()], style, color=colour,
                   label=f"{kind} locality")
@@ -319,10 +314,8 @@ def plot_sweep(sweep: dict[str, dict], round_robin: dict, ceiling: dict[str, flo
     right.set_ylabel("TTFT (ms)")
     right.legend()
     fig.suptitle("Affinity routing by block weight (dotted: round robin; dashed: the stream's locality ceiling)")
-    fig.tight_layout()
     path = RESULTS_DIR / f"{name}_affinity_weight.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     print(f"wrote {path}")
 
 

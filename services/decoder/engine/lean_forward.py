@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -52,7 +53,19 @@ class LeanForward:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> LeanForward | None:
-        """A checked LeanForward for `model`, or None where the plain forward must be used."""
+        """A checked LeanForward for `model`, or None where the plain forward must be used.
+        Decided once per model object and attention implementation: the engine, the step-cost
+        profile and its device string all ask, and the check runs two forwards."""
+        implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        known = _DECIDED.get(model)
+        if known is not None and known[0] == implementation:
+            return known[1]
+        decided = cls._decide(model)
+        _DECIDED[model] = (implementation, decided)
+        return decided
+
+    @classmethod
+    def _decide(cls, model: torch.nn.Module) -> LeanForward | None:
         reason = _unsupported(model)
         if reason is None:
             try:
@@ -121,6 +134,10 @@ class LeanForward:
     def _model_logits(self, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
         return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                           past_key_values=cache, use_cache=True).logits
+
+
+# model -> (attention implementation it was checked under, the LeanForward or None)
+_DECIDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
