@@ -131,6 +131,7 @@ class TokenTrie:
         assert self.settings.ngram_length >= 1 and self.settings.capacity >= 1
         self._squeezes = 0
         self._sources: dict[str, list[_SourceRecord]] = {}
+        self.generation = 0  # bumped whenever node ids change (build, squeeze, prune, load)
         self._reset_nodes(
             token=np.array([NO_NODE], np.int32),
             parent=np.array([NO_NODE], np.int32),
@@ -200,12 +201,13 @@ class TokenTrie:
         )
         self.enforce_capacity()
 
-    def add_path(self, path: Sequence[int], kind: Kind = "output", count: int = 1, skip: int = 0) -> None:
-        """Adds `count` to every node of `path` below depth `skip` (creating nodes as needed).
+    def add_path(self, path: Sequence[int], kind: Kind = "output", count: int = 1, skip: int = 0) -> int:
+        """Adds `count` to every node of `path` below depth `skip` (creating nodes as needed)
+        and returns the path's last node (NO_NODE when a decrement found it missing).
 
-        `skip` lets a streaming writer extend a path it inserted earlier without counting its
-        prefix twice (see `StreamingInserter`). Negative `count` decrements, floored at 0.
-        Does not enforce capacity: callers batch that (`enforce_capacity`).
+        `skip` lets a caller walk to a path it inserted earlier without counting it twice.
+        Negative `count` decrements, floored at 0. Node ids stay valid until `generation`
+        changes. Does not enforce capacity: callers batch that (`enforce_capacity`).
         """
         counts = self._output if kind == "output" else self._input
         edges, unsorted = self._edges, self._unsorted
@@ -214,12 +216,23 @@ class TokenTrie:
             child = edges.get(node * _TOKEN_SPACE + token)
             if child is None:
                 if count < 0:
-                    return  # nothing to decrement below a missing node
+                    return NO_NODE  # nothing to decrement below a missing node
                 child = self._new_node(node, token)
             if depth >= skip:
                 counts[child] = max(0, counts[child] + count)
                 unsorted[node] = 1  # node's children may have changed order
             node = child
+        return node
+
+    def add_child(self, node: int, token: int, kind: Kind = "output") -> int:
+        """Counts one more occurrence of `node`'s path followed by `token` (creating the child)
+        and returns the child: one step of add_path, for a writer that keeps its open paths."""
+        child = self._edges.get(node * _TOKEN_SPACE + token)
+        if child is None:
+            child = self._new_node(node, token)
+        (self._output if kind == "output" else self._input)[child] += 1
+        self._unsorted[node] = 1
+        return child
 
     def _new_node(self, parent: int, token: int) -> int:
         assert 0 <= token < _TOKEN_SPACE, token
@@ -331,6 +344,7 @@ class TokenTrie:
         keys = child_parents * _TOKEN_SPACE + token[1:].astype(np.int64)
         self._edges = dict(zip(keys.tolist(), range(1, size)))
         self._unsorted = bytearray(size)  # 1: the node's sibling list needs re-sorting
+        self.generation += 1
 
     # ------------------------------------------------------------------ retrieval
     def _find(self, path: Sequence[int]) -> int:
@@ -514,26 +528,43 @@ class StreamingInserter:
     """Feeds a growing token sequence into a trie, counting each start position's n-gram once.
 
     Partial n-grams near the tail are inserted immediately (so the newest text is draftable at
-    once) and extended as tokens arrive, via `add_path(skip=...)`.
+    once) and extended as tokens arrive. The writer keeps the trie node where each still-open
+    n-gram ends (the last ngram_length - 1 start positions), so a new token costs one child
+    step per open n-gram instead of a walk from the root for each: ngram_length steps rather
+    than ngram_length^2 / 2 (a decode step's emitted tokens go through here every step). When
+    node ids change under it (a squeeze), it walks to its open paths again.
     """
 
     def __init__(self, trie: TokenTrie) -> None:
         self.trie = trie
         self._tokens: list[int] = []
+        self._open: list[int] = []  # nodes ending the open n-grams, oldest start first
+        self._generation = -1  # trie generation `_open` belongs to
 
     def extend(self, new_tokens: Sequence[int], kind: Kind = "output") -> None:
         if not new_tokens:
             return
-        n = self.trie.settings.ngram_length
+        trie = self.trie
+        n = trie.settings.ngram_length
         old_length = len(self._tokens)
         self._tokens.extend(new_tokens)
-        if old_length == 0 and len(self.trie) == 0 and not self.trie.sources:
-            self.trie.build(self._tokens, kind)  # a fresh overlay and its prompt: all at once
+        if old_length == 0 and len(trie) == 0 and not trie.sources:
+            trie.build(self._tokens, kind)  # a fresh overlay and its prompt: all at once
             return
-        for start in range(max(0, old_length - n + 1), len(self._tokens)):
-            already = max(0, min(n, old_length - start))
-            self.trie.add_path(self._tokens[start : start + n], kind, skip=already)
-        self.trie.enforce_capacity()
+        if self._generation != trie.generation:
+            starts = range(max(0, old_length - n + 1), old_length)
+            self._open = [trie.add_path(self._tokens[s:old_length], kind, skip=n) for s in starts]
+        open_nodes = self._open
+        for token in new_tokens:
+            open_nodes = [trie.add_child(node, token, kind) for node in open_nodes]
+            open_nodes.append(trie.add_child(ROOT, token, kind))
+            if len(open_nodes) >= n:  # the oldest has reached ngram_length tokens: complete
+                del open_nodes[: len(open_nodes) - n + 1]
+        self._open = open_nodes
+        self._generation = trie.generation
+        trie.enforce_capacity()
+        if trie.generation != self._generation:
+            self._generation = -1  # a squeeze renumbered the nodes
 
 
 def _as_numpy(values: array, dtype: type) -> np.ndarray:

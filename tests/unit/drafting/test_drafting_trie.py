@@ -73,6 +73,30 @@ def test_streaming_insert_counts_each_start_once(chunks: list[list[int]], n: int
 
 
 @FAST
+@given(st.lists(st.lists(st.integers(0, 6), max_size=7), max_size=8), st.integers(1, 6), st.integers(3, 40))
+def test_streaming_insert_equals_walking_every_open_ngram(chunks, n, capacity) -> None:
+    """The writer's kept open paths give the counts and drafts of walking each open n-gram from
+    the root on every extend, squeezes (node renumbering) in between included."""
+    settings_ = TrieSettings(ngram_length=n, capacity=capacity)
+    streamed, walked = TokenTrie(settings_), TokenTrie(settings_)
+    writer = StreamingInserter(streamed)
+    tokens: list[int] = []
+    for chunk in [[0]] + [c for c in chunks if c]:  # a first chunk: later ones stream, not build
+        writer.extend(chunk)
+        old_length = len(tokens)
+        tokens.extend(chunk)
+        for start in range(max(0, old_length - n + 1), len(tokens)):
+            walked.add_path(tokens[start : start + n], skip=max(0, min(n, old_length - start)))
+        walked.enforce_capacity()
+        assert streamed.squeeze_count == walked.squeeze_count
+        assert all_counts(streamed) == all_counts(walked)
+    for key in {tuple(tokens[i : i + k]) for i in range(len(tokens)) for k in (1, 2)}:
+        a = streamed.retrieve(list(key), decoding_length=12, branch_length=n)
+        b = walked.retrieve(list(key), decoding_length=12, branch_length=n)
+        assert (a.tokens, a.parents, a.scores) == (b.tokens, b.parents, b.scores)
+
+
+@FAST
 @given(sequences, st.lists(st.integers(0, 6), max_size=8), st.integers(1, 5), st.sampled_from(["input", "output"]),
        st.integers(3, 60))
 def test_vectorized_build_equals_node_by_node_insertion(seq, more, n, kind, capacity) -> None:
