@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-freshness bench-routing bench-prefill bench-placement bench-load test-faults k8s-check clean
+.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load test-faults k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -63,7 +63,7 @@ test-e2e: install
 test-faults: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --faults-json bench/results/faults.json
 
-bench: bench-decode bench-projection bench-pool-growth bench-freshness bench-prefill bench-routing bench-placement bench-load
+bench: bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-prefill bench-routing bench-placement bench-load
 
 bench-decode: install model
 	$(PY) -m bench.decode --data-dir $(DATA_DIR)
@@ -73,6 +73,9 @@ bench-projection: install
 
 bench-pool-growth: install model
 	$(PY) -m bench.pool_growth --data-dir $(DATA_DIR)
+
+bench-draft-replay: install model
+	$(PY) -m bench.draft_replay --data-dir $(DATA_DIR) --fit
 
 bench-freshness: install model
 	$(PY) -m bench.freshness --data-dir $(DATA_DIR)

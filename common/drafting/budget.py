@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 import weakref
 from collections import Counter
@@ -75,23 +76,32 @@ def plan_budget(
     usable = []
     for row in gains:
         assert all(a >= b for a, b in zip(row, row[1:])), "gains must be sorted best first"
-        usable.append([g for g in row if g >= fill_min_gain and g > 0])
-    cap = max_total if max_total is not None else sum(map(len, usable))
+        kept = 0
+        while kept < len(row) and row[kept] >= fill_min_gain and row[kept] > 0:
+            kept += 1
+        usable.append(row[:kept])
+    total = sum(map(len, usable))
+    cap = max_total if max_total is not None else total
     longest = max(map(len, usable), default=0)
     prefix = [list(itertools.accumulate(row, initial=0.0)) for row in usable]
-    best: BudgetPlan | None = None
+    # Runs every step: plain floats per width, one BudgetPlan at the end. Without a binding
+    # token cap every row simply fills up to the width.
+    competing = cap < total
+    best_value, best = -math.inf, (1, None, float(rows), cost_by_width[0] + overhead_s)
     for width in range(1, min(len(cost_by_width), longest + 1) + 1):
-        counts = _best_under_width(usable, width - 1, cap)
-        expected = rows + sum(p[k] for p, k in zip(prefix, counts))
-        plan = BudgetPlan(counts, 1 + max(counts, default=0), expected, cost_by_width[width - 1] + overhead_s)
-        if best is None or _value(plan, rate) > _value(best, rate):
-            best = plan
-    assert best is not None
-    return best
-
-
-def _value(plan: BudgetPlan, rate: float | None) -> float:
-    return plan.expected_rate if rate is None else plan.expected_tokens - rate * plan.predicted_s
+        counts = _best_under_width(usable, width - 1, cap) if competing else None
+        if counts is None:
+            expected = rows + sum(p[min(width - 1, len(p) - 1)] for p in prefix)
+        else:
+            expected = rows + sum(p[k] for p, k in zip(prefix, counts))
+        seconds = cost_by_width[width - 1] + overhead_s
+        value = expected / seconds if rate is None else expected - rate * seconds
+        if value > best_value:
+            best_value, best = value, (width, counts, expected, seconds)
+    width, counts, expected, seconds = best
+    if counts is None:
+        counts = [min(width - 1, len(row)) for row in usable]
+    return BudgetPlan(counts, 1 + max(counts, default=0), expected, seconds)
 
 
 def _best_under_width(gains: Sequence[Sequence[float]], per_row: int, cap: int) -> list[int]:

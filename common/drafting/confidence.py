@@ -11,7 +11,14 @@ taken as certain while "200 of 200" nearly is:
 
 where evidence is the parent's count (score(parent) x the lookup key's weight in the tries).
 
-Frequencies in text are not acceptance by the model, so the estimate is calibrated online: per
+Frequencies in text are not acceptance by the model. A small logistic model over each node's
+features turns the smoothed frequency into an acceptance probability (FEATURES: the frequency's
+log-odds, whether the node is its parent's most frequent child, its depth, and whether the
+request's own text proposed it rather than the pool); its weights are fitted offline by replaying
+greedy outputs (bench/draft_replay.py). Replayed on the default workload's held-out prompts, it
+predicts acceptance with a log-loss of 0.30 against 0.36 for the frequency alone: frequencies
+under-state the top child (accepted 83% of the times it was tested, against 71% predicted) and
+over-state what the prompt proposes. The estimate is then calibrated online: per
 depth, a multiplicative correction observed / predicted over the nodes that were actually put
 to the test (those whose parent was accepted). Corrections are hierarchical: a pool-wide one
 (shared by the requests drafting from one pool, with a neutral prior) is the prior of each
@@ -26,13 +33,22 @@ descending gain order always yields a tree (best-first growth).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from common.drafting.draft_tree import ROOT_PARENT, DraftTree
 from common.drafting.pools import DraftSource, RequestDrafter
 
 MAX_PROBABILITY = 0.98  # nothing drafted from n-gram counts is certain
+
+FEATURES = ("bias", "log_odds", "top_sibling", "depth", "from_overlay")
+# Fitted by `python -m bench.draft_replay --fit` on the default workload's warm-split prompts
+# (never the held-out ones the benchmarks decode), pools holding corpus texts and served answers.
+DEFAULT_WEIGHTS = (0.12, 1.56, 0.47, 0.65, -1.42)
+MAX_FEATURE_DEPTH = 10  # deeper nodes share the depth feature's last value
 
 
 @dataclass(slots=True, frozen=True)
@@ -45,6 +61,8 @@ class ConfidenceSettings:
     request_prior_weight: float = 3.0  # ... and that the pool's correction is worth to a request
     max_depth: int = 32  # depths beyond share the last one's correction
     decay: float = 0.995  # pool statistics: older steps weigh less (the traffic shifts)
+    # Logistic weights over FEATURES (None: the smoothed frequency is the probability).
+    weights: tuple[float, ...] | None = DEFAULT_WEIGHTS
 
 
 class AcceptanceCalibration:
@@ -103,6 +121,45 @@ def raw_probabilities(tree: DraftTree, evidence: float | None, settings: Confide
     return probabilities
 
 
+def node_features(tree: DraftTree, raw: Sequence[float], from_overlay: Sequence[bool] | None) -> np.ndarray:
+    """[N, len(FEATURES)] features of the tree's nodes (see FEATURES); `from_overlay` None: unknown (0)."""
+    seen: set[int] = set()
+    top = []
+    for parent in tree.parents:  # siblings are laid out best first: the first one seen is the top
+        top.append(parent not in seen)
+        seen.add(parent)
+    clipped = np.clip(np.asarray(raw, dtype=np.float64), 0.01, 0.99)
+    features = np.empty((len(tree), len(FEATURES)))
+    features[:, 0] = 1.0
+    features[:, 1] = np.log(clipped / (1.0 - clipped))
+    features[:, 2] = top
+    features[:, 3] = np.minimum(tree.depths(), MAX_FEATURE_DEPTH) / MAX_FEATURE_DEPTH
+    features[:, 4] = from_overlay if from_overlay is not None else 0.0
+    return features
+
+
+def acceptance_probabilities(tree: DraftTree, raw: Sequence[float], from_overlay: Sequence[bool] | None,
+                             settings: ConfidenceSettings) -> list[float]:
+    """Each node's conditional acceptance probability before online calibration: the logistic
+    model over its features (node_features), or the smoothed frequency itself when no weights
+    are set. Plain floats: a step scores a few dozen nodes, where numpy's per-call cost dominates."""
+    if settings.weights is None or not len(tree):
+        return list(raw)
+    bias, log_odds, top_sibling, depth_weight, overlay = settings.weights
+    seen: set[int] = set()
+    probabilities = []
+    for index, (p, parent, depth) in enumerate(zip(raw, tree.parents, tree.depths())):
+        p = min(max(p, 0.01), 0.99)
+        logit = bias + log_odds * math.log(p / (1.0 - p)) + depth_weight * min(depth, MAX_FEATURE_DEPTH) / MAX_FEATURE_DEPTH
+        if parent not in seen:
+            logit += top_sibling
+            seen.add(parent)
+        if from_overlay is not None and from_overlay[index]:
+            logit += overlay
+        probabilities.append(1.0 / (1.0 + math.exp(-logit)))
+    return probabilities
+
+
 def calibrated(tree: DraftTree, raw: Sequence[float], calibration: AcceptanceCalibration | None) -> list[float]:
     """Conditional probabilities after the per-depth correction, capped so that siblings'
     probabilities sum to at most MAX_PROBABILITY (at most one of them can be accepted)."""
@@ -155,6 +212,17 @@ def tested_outcomes(tree: DraftTree, raw: Sequence[float], emitted: Sequence[int
     return outcomes
 
 
+@dataclass(slots=True, frozen=True)
+class ScoredCandidates:
+    """A candidate tree and each node's estimates, from evidence to the calibrated probability."""
+
+    tree: DraftTree
+    raw: list[float]  # smoothed relative frequencies
+    from_overlay: list[bool] | None  # proposed by the request's own text (None: unknown source)
+    base: list[float]  # acceptance model's conditional probabilities (= raw without weights)
+    conditional: list[float]  # after the online per-depth calibration
+
+
 class ConfidentDrafter:
     """A request's draft source with acceptance estimates: proposes a candidate tree with each
     node's gain, remembers the draft finally verified, and calibrates on what was accepted.
@@ -179,14 +247,22 @@ class ConfidentDrafter:
         pool = self.inner.pool
         return self.inner.overlay.key_weight(key) + (pool.key_weight(key) if pool is not None else 0.0)
 
+    def scored(self, context: Sequence[int], max_tokens: int, max_depth: int) -> ScoredCandidates:
+        if isinstance(self.inner, RequestDrafter):
+            tree, from_overlay = self.inner.draft_with_origin(context, max_tokens, max_depth)
+        else:
+            tree, from_overlay = self.inner.draft(context, max_tokens, max_depth), None
+        if not len(tree):
+            return ScoredCandidates(tree, [], from_overlay, [], [])
+        raw = raw_probabilities(tree, self.evidence(context), self.settings)
+        base = acceptance_probabilities(tree, raw, from_overlay, self.settings)
+        return ScoredCandidates(tree, raw, from_overlay, base, calibrated(tree, base, self.calibration))
+
     def candidates(self, context: Sequence[int], max_tokens: int, max_depth: int
                    ) -> tuple[DraftTree, list[float], list[float]]:
-        """(candidate tree, raw conditional probabilities, gains after calibration)."""
-        tree = self.inner.draft(context, max_tokens, max_depth)
-        if not len(tree):
-            return tree, [], []
-        raw = raw_probabilities(tree, self.evidence(context), self.settings)
-        return tree, raw, path_gains(tree, calibrated(tree, raw, self.calibration))
+        """(candidate tree, conditional probabilities before calibration, gains after it)."""
+        found = self.scored(context, max_tokens, max_depth)
+        return found.tree, found.base, path_gains(found.tree, found.conditional)
 
     def commit(self, tree: DraftTree, raw: list[float]) -> None:
         self._pending = (tree, raw)

@@ -106,24 +106,35 @@ def merge_drafts(trees: Sequence[DraftTree], decoding_length: int, branch_length
     (so the result is a tree) and laid out depth-first, best child first. Runs every decode
     step: a node is identified by (merged parent, token), no path tuples are built.
     """
+    return merge_marked_drafts(trees, 0, decoding_length, branch_length)[0]
+
+
+def merge_marked_drafts(
+    trees: Sequence[DraftTree], marked: int, decoding_length: int, branch_length: int
+) -> tuple[DraftTree, list[bool]]:
+    """merge_drafts, also telling for each draft node whether one of the first `marked` trees
+    proposed it (the request's own text, say, against the shared pool)."""
     assert decoding_length >= 0 and branch_length >= 0
     if decoding_length == 0 or branch_length == 0:
-        return DraftTree()
-    trees = [tree for tree in trees if len(tree)]
+        return DraftTree(), []
+    kept = [(tree, i < marked) for i, tree in enumerate(trees) if len(tree)]
+    trees = [tree for tree, _ in kept]
     tokens, scores = [-1], [0.0]  # merged candidate tree; node 0 is the root
+    marks = [False]
     children: list[list[int]] = [[]]
     if len(trees) == 1 and max(trees[0].depths()) <= branch_length:
         # One source (the common case): nothing to merge, its nodes are the candidates.
         tokens += trees[0].tokens
         scores += trees[0].scores
+        marks += [kept[0][1]] * len(trees[0])
         children += [[] for _ in trees[0].tokens]
         for node, parent in enumerate(trees[0].parents, start=1):
             children[parent + 1].append(node)
     else:
-        _merge_into(trees, branch_length, tokens, scores, children)
+        _merge_into(trees, [m for _, m in kept], branch_length, tokens, scores, marks, children)
     selected = _select_best_first(children, scores, decoding_length)
     # Depth-first flatten, best child first (ties: the earlier proposed).
-    draft = DraftTree()
+    draft, draft_marks = DraftTree(), []
     stack = [(child, ROOT_PARENT) for child in reversed(_ranked(children[0], scores, selected))]
     while stack:
         node, parent_position = stack.pop()
@@ -131,22 +142,26 @@ def merge_drafts(trees: Sequence[DraftTree], decoding_length: int, branch_length
         draft.tokens.append(tokens[node])
         draft.parents.append(parent_position)
         draft.scores.append(scores[node])
+        draft_marks.append(marks[node])
         stack.extend((child, position) for child in reversed(_ranked(children[node], scores, selected)))
-    return draft
+    return draft, draft_marks
 
 
 def _merge_into(
     trees: Sequence[DraftTree],
+    tree_marks: Sequence[bool],
     branch_length: int,
     tokens: list[int],
     scores: list[float],
+    marks: list[bool],
     children: list[list[int]],
 ) -> None:
     """Adds the trees' nodes to the merged candidate tree; a node is identified by (merged
-    parent, token), so equal paths from different trees become one node with summed scores."""
+    parent, token), so equal paths from different trees become one node with summed scores
+    (marked when any marked tree proposed it)."""
     index: dict[tuple[int, int], int] = {}
     depths = [0]
-    for tree in trees:
+    for tree, marked in zip(trees, tree_marks):
         merged_of: list[int] = []  # tree index -> merged node, -1 when deeper than branch_length
         for token, parent, score in zip(tree.tokens, tree.parents, tree.scores):
             merged_parent = 0 if parent == ROOT_PARENT else merged_of[parent]
@@ -158,11 +173,13 @@ def _merge_into(
                 node = index[(merged_parent, token)] = len(tokens)
                 tokens.append(token)
                 scores.append(score)
+                marks.append(marked)
                 depths.append(depths[merged_parent] + 1)
                 children.append([])
                 children[merged_parent].append(node)
             else:
                 scores[node] += score
+                marks[node] = marks[node] or marked
             merged_of.append(node)
 
 

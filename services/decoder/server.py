@@ -56,7 +56,8 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
     engine = DecodingEngine(loaded.model, EngineSettings(
         decoding_length=settings.adaptive_max_tokens if adaptive else settings.decoding_length,
         branch_length=settings.adaptive_max_depth if adaptive else settings.branch_length,
-        pad_token_id=loaded.tokenizer.pad_token_id or 0, adaptive=adaptive, lean_forward=settings.lean_forward),
+        pad_token_id=loaded.tokenizer.pad_token_id or 0, adaptive=adaptive, lean_forward=settings.lean_forward,
+        confidence_weights=settings.confidence_weights),
         cost_model=startup_cost_model(settings, loaded) if adaptive else None)
     snapshots = pool_channel = None
     pools = PoolRegistry()

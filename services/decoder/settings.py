@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from common.drafting.confidence import DEFAULT_WEIGHTS, FEATURES
 from common.settings import KafkaSettings, ServiceSettings
 
 
@@ -27,6 +28,9 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     adaptive_drafting: bool = Field(False, description="size each step's draft tree by expected tokens per second (measured step cost x draft confidence); decoding_length/branch_length then cap the candidates")
     adaptive_max_tokens: int = Field(32, ge=1, description="adaptive drafting: candidate draft tokens per request and step at most")
     adaptive_max_depth: int = Field(12, ge=1, description="adaptive drafting: deepest candidate branch")
+    adaptive_confidence_weights: str = Field(
+        ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
+        description="adaptive drafting: logistic weights of draft-node acceptance over (bias, frequency log-odds, top sibling, depth, proposed by the request's own text), comma-separated; `python -m bench.draft_replay --fit` fits them for a model and workload; empty = frequency alone")
     cost_profile_s: float = Field(5.0, ge=0, description="adaptive drafting: start-up step-cost profiling time limit when no stored profile matches model and device (0 = never profile: stored or built-in estimate)")
     lean_forward: bool = Field(True, description="verification steps run the model's own parts without transformers' per-call plumbing (bit-identical logits, checked at start-up; other architectures fall back by themselves); false = always the model's plain forward")
     pool_addr: str = Field("", description="retrieval-pool service host:port (empty = prompt overlay only)")
@@ -57,6 +61,20 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     reuse_gate_prompts: int = Field(24, ge=0, description="accuracy gate: calibration prompts (0 = no gate)")
     reuse_gate_continuation_tokens: int = Field(8, ge=0, le=64, description="accuracy gate: greedy tokens after the first compared per prompt")
     reuse_gate_store: Path | None = Field(None, description="gate results by model id (default <data_dir>/calibration/block_reuse.json)")
+
+    @field_validator("adaptive_confidence_weights")
+    @classmethod
+    def five_weights_or_none(cls, value: str) -> str:
+        parts = [p for p in value.split(",") if p.strip()]
+        if parts and len(parts) != len(FEATURES):
+            raise ValueError(f"adaptive_confidence_weights needs {len(FEATURES)} numbers ({', '.join(FEATURES)}) or none")
+        [float(p) for p in parts]  # noqa: B018 - raises ValueError on a non-number
+        return value
+
+    @property
+    def confidence_weights(self) -> tuple[float, ...] | None:
+        parts = [p for p in self.adaptive_confidence_weights.split(",") if p.strip()]
+        return tuple(float(p) for p in parts) if parts else None
 
     @field_validator("kvstore_addrs", mode="before")
     @classmethod

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.drafting.confidence import DEFAULT_WEIGHTS
+
 # Lookahead's defaults (PIA code, also DARE's runs). On CPU a 64-token tree costs ~3.5x a
 # 1-token step, so CPU deployments may want smaller trees; they are settings, not constants.
 DEFAULT_DECODING_LENGTH = 64
@@ -32,6 +34,9 @@ class EngineSettings:
     # maximises expected accepted tokens per predicted second (common/drafting/budget.py);
     # decoding_length / branch_length then only cap the candidates it chooses from.
     adaptive: bool = False
+    # Adaptive drafting's acceptance model (common/drafting/confidence.py FEATURES); None: the
+    # trie's smoothed frequencies alone.
+    confidence_weights: tuple[float, ...] | None = DEFAULT_WEIGHTS
     # Tree steps skip transformers' per-call plumbing (services/decoder/engine/lean_forward.py:
     # same logits, ~0.8 ms less per step on the default CPU model); off: the model's forward.
     lean_forward: bool = True

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from common.drafting.budget import AdaptiveDrafting
+from common.drafting.confidence import ConfidenceSettings
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree, FlatTree, chain_tree, flatten
 from common.drafting.pools import DraftSettings, DraftSource, RequestDrafter
@@ -98,7 +99,7 @@ class DecodingEngine:
                 from services.decoder.cost_profile import profile_cost_model  # torch-heavy, only when needed
 
                 cost_model = profile_cost_model(model, "", max_seconds=3.0)
-            self.adaptive = AdaptiveDrafting(cost_model)
+            self.adaptive = AdaptiveDrafting(cost_model, ConfidenceSettings(weights=self.settings.confidence_weights))
 
     # ------------------------------------------------------------------ public API
     def generate(

@@ -191,7 +191,7 @@ def test_selection_keeps_a_tree_and_its_layout() -> None:
 def test_adaptive_drafting_sizes_trees_by_cost() -> None:
     trie = counted_trie()
     cheap = AdaptiveDrafting(linear_cost_model(5e-3, 1e-6))
-    dear = AdaptiveDrafting(linear_cost_model(1e-3, 5e-3))
+    dear = AdaptiveDrafting(linear_cost_model(1e-3, 2e-2))
     sizes = {}
     for name, adaptive in (("cheap", cheap), ("dear", dear)):
         drafter = adaptive.wrap(RequestDrafter(trie, [1, 2]), trie)
@@ -224,3 +224,54 @@ def test_step_time_correction_learns_the_real_cost_split() -> None:
     assert (correction.alpha, correction.beta) == before
     assert correction.corrected([3e-3, 4e-3], 1e-3) == pytest.approx(
         [correction.alpha * 4e-3, correction.alpha * 4e-3 + correction.beta * 1e-3])
+
+
+# ---------------------------------------------------------------- feature model
+def test_marked_merge_tells_which_nodes_the_marked_trees_proposed() -> None:
+    from common.drafting.draft_tree import merge_drafts, merge_marked_drafts
+
+    overlay = DraftTree(tokens=[3, 4, 9], parents=[-1, 0, -1], scores=[0.5, 0.5, 0.5])
+    pool = DraftTree(tokens=[3, 5, 7], parents=[-1, 0, -1], scores=[0.9, 0.6, 0.1])
+    draft, marks = merge_marked_drafts([overlay, pool], 1, 8, 4)
+    assert (draft.tokens, draft.parents) == (merge_drafts([overlay, pool], 8, 4).tokens,
+                                             merge_drafts([overlay, pool], 8, 4).parents)
+    by_path = {tuple(draft.path_to(i)): m for i, m in enumerate(marks)}
+    assert by_path == {(3,): True, (3, 5): False, (3, 4): True, (9,): True, (7,): False}
+    assert merge_marked_drafts([pool], 1, 8, 4)[1] == [True] * 3  # one source: all or nothing
+    assert merge_marked_drafts([overlay, pool], 0, 8, 4)[1] == [False] * 5
+
+
+def test_request_drafter_marks_what_the_request_text_proposed() -> None:
+    trie = counted_trie()  # the pool: after (1, 2) come 3 4 / 3 5 / 7
+    drafter = RequestDrafter(trie, [1, 2, 8, 1, 2], settings=None)  # the prompt itself proposes 8 after (1, 2)
+    tree, from_overlay = drafter.draft_with_origin([1, 2], 8, 2)
+    assert tree.tokens == drafter.draft([1, 2], 8, 2).tokens
+    marked = {tuple(tree.path_to(i)) for i, m in enumerate(from_overlay) if m}
+    assert (8,) in marked and (3,) not in marked and (7,) not in marked
+
+
+@given(st.lists(st.tuples(st.integers(-1, 6), st.floats(0.0, 1.0)), min_size=1, max_size=12),
+       st.lists(st.floats(-3, 3), min_size=5, max_size=5), st.booleans())
+def test_acceptance_model_is_the_logistic_of_the_features(nodes, weights, with_origin) -> None:
+    parents = [min(p, i - 1) if p >= 0 else -1 for i, (p, _) in enumerate(nodes)]
+    tree = DraftTree(tokens=list(range(len(nodes))), parents=parents, scores=[1.0] * len(nodes))
+    raw = [p for _, p in nodes]
+    origin = [i % 2 == 0 for i in range(len(nodes))] if with_origin else None
+    settings_ = ConfidenceSettings(weights=tuple(weights))
+    import numpy as np
+
+    expected = 1 / (1 + np.exp(-(confidence.node_features(tree, raw, origin) @ np.array(weights))))
+    assert confidence.acceptance_probabilities(tree, raw, origin, settings_) == pytest.approx(expected.tolist())
+    features = confidence.node_features(tree, raw, origin)
+    first_child = {}
+    for i, parent in enumerate(parents):
+        first_child.setdefault(parent, i)
+    assert features[:, 2].tolist() == [float(first_child[p] == i) for i, p in enumerate(parents)]
+    assert confidence.acceptance_probabilities(tree, raw, origin, ConfidenceSettings(weights=None)) == raw
+
+
+def test_feature_model_ranks_the_top_child_above_what_the_prompt_alone_proposes() -> None:
+    """Same frequency, the pool's top child against a later sibling only the request's text proposed."""
+    tree = DraftTree(tokens=[3, 8], parents=[-1, -1], scores=[0.5, 0.5])
+    top, from_prompt = confidence.acceptance_probabilities(tree, [0.5, 0.5], [False, True], ConfidenceSettings())
+    assert top > 0.5 > from_prompt

@@ -1,0 +1,74 @@
+"""bench-draft-replay: strict acceptance replayed exactly from recorded outputs, time from the cost model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import draft_replay
+from bench.draft_replay import Adaptive, Case, FixedBudget, NoDrafting, accepted_path, fit_weights, replay
+from common.drafting.confidence import ConfidenceSettings
+from common.drafting.cost_model import linear_cost_model
+from common.drafting.draft_tree import DraftTree
+from common.drafting.trie import TokenTrie, TrieSettings
+
+COST = linear_cost_model(1e-3, 1e-4)
+
+
+def test_accepted_path_is_the_longest_branch_spelling_the_continuation() -> None:
+    # root -> 3 -> 4 -> 6 ; root -> 3 -> 5 ; root -> 7
+    tree = DraftTree(tokens=[3, 4, 6, 5, 7], parents=[-1, 0, 1, 0, -1], scores=[1.0] * 5)
+    assert accepted_path(tree, [3, 5, 9]) == [0, 3]
+    assert accepted_path(tree, [3, 4, 6, 1]) == [0, 1, 2]
+    assert accepted_path(tree, [8]) == []
+    assert accepted_path(DraftTree(), [3]) == []
+
+
+def cases() -> list[Case]:
+    pool = TokenTrie(TrieSettings(ngram_length=8))
+    text = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    for _ in range(3):
+        pool.insert(text)
+    pool.insert([5, 6, 20, 21])
+    # The "greedy outputs": mostly the pool's text, then something it never saw.
+    return [Case([1, 2, 5, 6], [7, 8, 9, 10, 11, 12, 30, 31, 32], pool),
+            Case([3, 5, 6], [20, 21, 40, 41], pool)]
+
+
+def test_replay_counts_exact_strict_steps_and_models_their_time() -> None:
+    greedy = replay(NoDrafting(), cases(), COST, 96)
+    assert (greedy.tokens, greedy.steps) == (13, 13)
+    fixed = replay(FixedBudget(8, 6), cases(), COST, 96)
+    assert fixed.tokens == 13 and fixed.steps < greedy.steps
+    assert fixed.modelled_s > COST.predict(1) * fixed.steps  # wider steps cost more than a 1-token step
+    trim = replay(FixedBudget(8, 6, "trim"), cases(), COST, 96)
+    assert trim.steps == fixed.steps and trim.drafted < fixed.drafted  # same acceptance, only what is accepted
+    skip = replay(FixedBudget(8, 6, "skip"), cases(), COST, 96)
+    assert skip.steps == fixed.steps and trim.drafted <= skip.drafted <= fixed.drafted
+    adaptive = replay(Adaptive(COST, ConfidenceSettings(), 16, 6), cases(), COST, 96)
+    assert adaptive.tokens == 13 and adaptive.steps < greedy.steps
+
+
+def test_room_bounds_the_draft_depth() -> None:
+    short = replay(FixedBudget(8, 6), cases(), COST, 4)  # 4 new tokens at most: depth <= 3 per step
+    assert short.tokens == 13  # the replay follows the recorded outputs; room only caps the drafts
+    assert short.drafted <= replay(FixedBudget(8, 6), cases(), COST, 96).drafted
+
+
+def test_fit_recovers_logistic_weights() -> None:
+    rng = np.random.default_rng(0)
+    features = np.column_stack([np.ones(4000), rng.normal(size=4000), rng.integers(0, 2, 4000)])
+    truth = np.array([-0.5, 1.5, 0.8])
+    outcome = (rng.random(4000) < 1 / (1 + np.exp(-(features @ truth)))).astype(float)
+    assert fit_weights(features, outcome) == pytest.approx(truth, abs=0.2)
+    assert draft_replay.log_loss(np.full(4, 0.5), np.array([0, 1, 0, 1.0])) == pytest.approx(np.log(2))
+
+
+def test_tested_nodes_are_the_children_of_the_root_and_of_accepted_nodes() -> None:
+    nodes = draft_replay.tested_nodes(cases(), ConfidenceSettings(), 96)
+    count = len(nodes["accepted"])
+    assert nodes["features"].shape == (count, 5) and len(nodes["base"]) == len(nodes["conditional"]) == count
+    assert 0 < nodes["accepted"].sum() < count  # some drafts right, some wrong
+    assert ((0 < nodes["base"]) & (nodes["base"] < 1)).all()
+    scores = draft_replay.confidence_scores(nodes)
+    assert scores["nodes"] == count and scores["observed_acceptance"] == pytest.approx(nodes["accepted"].mean())
