@@ -923,8 +923,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--sweep-prompts", type=int, default=8 if quick else 18,
                         help="prompts in the budget sweep and the batched variant (a prefix of --prompts)")
     parser.add_argument("--sweep-repeats", type=int, default=1)
-    parser.add_argument("--adaptive-max-tokens", type=int, default=32, help="adaptive: candidate draft tokens per step")
-    parser.add_argument("--adaptive-max-depth", type=int, default=12, help="adaptive: deepest candidate branch")
+    parser.add_argument("--adaptive-max-tokens", type=int, default=20, help="adaptive: candidate draft tokens per step")
+    parser.add_argument("--adaptive-max-depth", type=int, default=16, help="adaptive: deepest candidate branch")
     parser.add_argument("--profile-seconds", type=float, default=6.0 if quick else 20.0,
                         help="step-cost profiling time limit (the adaptive method's cost model)")
     parser.add_argument("--batch-sizes", default="4,16", help="concurrent requests in the batched variant ('' = skip)")

@@ -362,8 +362,8 @@ def parse_args(argv: list[str] | None = None):
                         help="served answers in the pools per (pool key, task), as bench-decode")
     parser.add_argument("--budget-grid", default="8:8,12:12,16:8,16:16,24:16" if quick else
                         "4:4,8:4,8:8,12:8,12:12,16:8,16:12,16:16,24:12,24:16,32:16")
-    parser.add_argument("--adaptive-max-tokens", type=int, default=32)
-    parser.add_argument("--adaptive-max-depth", type=int, default=12)
+    parser.add_argument("--adaptive-max-tokens", type=int, default=20)
+    parser.add_argument("--adaptive-max-depth", type=int, default=16)
     parser.add_argument("--fit", action="store_true", help="fit the confidence feature weights on warm-split prompts")
     parser.add_argument("--fit-prompts", type=int, default=24 if quick else 96)
     parser.add_argument("--profile-seconds", type=float, default=6.0 if quick else 20.0)

@@ -276,7 +276,7 @@ class AdaptiveDrafting:
         when drafts are least likely to be accepted). Until the rate is known, each step's
         own rate is maximised."""
         started = time.perf_counter()
-        if self._last_timing is not None and self._last_step is not None:
+        if self.correct_step_time and self._last_timing is not None and self._last_step is not None:
             # The previous step ran from its drafting until now, unless the rows changed in
             # between (a request joined: its prefill ran too).
             previous = {id(drafter) for drafter, _ in self._last_step[2]}

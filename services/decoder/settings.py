@@ -26,7 +26,7 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     decoding_length: int = Field(16, ge=1, description="default draft tokens per verification step")
     branch_length: int = Field(8, ge=1, description="default depth of a draft branch")
     adaptive_drafting: bool = Field(False, description="size each step's draft tree by expected tokens per second (measured step cost x draft confidence); decoding_length/branch_length then cap the candidates")
-    adaptive_max_tokens: int = Field(32, ge=1, description="adaptive drafting: candidate draft tokens per request and step at most")
+    adaptive_max_tokens: int = Field(20, ge=1, description="adaptive drafting: candidate draft tokens per request and step at most")
     adaptive_max_depth: int = Field(12, ge=1, description="adaptive drafting: deepest candidate branch")
     adaptive_confidence_weights: str = Field(
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
