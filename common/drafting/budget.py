@@ -143,6 +143,9 @@ def select_nodes(tree: DraftTree, chosen: Sequence[int]) -> DraftTree:
     return DraftTree(tokens=[tree.tokens[i] for i in keep], parents=parents, scores=[tree.scores[i] for i in keep])
 
 
+MAX_CURVE_WIDTH = 256  # draft tokens per row priced at most (a tree is never wider in practice)
+
+
 class StepTimeCorrection:
     """Online correction of the profiled cost model from the steps' measured wall time.
 
@@ -294,7 +297,9 @@ class AdaptiveDrafting:
             order = best_first_order(gains)
             found.append((drafter, tree, raw, order, [gains[i] for i in order]))
         self.draft_seconds += 0.1 * (time.perf_counter() - started - self.draft_seconds)
-        max_width = 1 + max((len(f[1]) for f in found if f is not None), default=0)
+        # The curve up to the widest tree the rows may ask for (not this step's widest candidate
+        # tree, which changes every step and would miss the curve cache nearly every time).
+        max_width = 1 + min(MAX_CURVE_WIDTH, max((row[2] for row in rows if row[0] is not None), default=0))
         curve = self._curve(max_width, len(rows), cache_length)
         fixed_part = curve[0] + self.draft_seconds
         corrected = (self.step_time.corrected(curve, self.draft_seconds) if self.correct_step_time
