@@ -20,7 +20,12 @@ root and of accepted nodes): log-loss and mean predicted against observed accept
 
 --fit fits the feature model's weights (common/drafting/confidence.py FEATURES) on warm-split
 prompts the pools have not served - never on the held-out ones scored here.
-Writes bench/results/draft_replay.json.
+
+--cost-config qwen2-0.5b (or tinyllama-1.1b; bench/projection.py's shapes) prices the steps with
+the cost profile of a random-weight model of that shape instead of the default model: the
+default model's acceptance traces under a realistic model's cost curve, a PROJECTION (labelled
+so), and with --cost-device cuda --cost-dtype bfloat16 the GPU variant of this issue's question.
+Writes bench/results/draft_replay.json (draft_replay-<config>[-<device>].json for another cost model).
 """
 
 from __future__ import annotations
@@ -283,8 +288,7 @@ def run(args) -> dict:
     pools = warm_pools(loaded, warmups, engine.settings, deepest)
     served = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens)
     cases = record_cases(engine, pools, pick_prompts(prompts, args.prompts), loaded.tokenizer, args.max_new_tokens)
-    cost_model = profile_cost_model(loaded.model, loaded.model_id, max_seconds=args.profile_seconds,
-                                    batches=(1,), widths=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 65))
+    cost_model = replay_cost_model(loaded, args)
     default = ConfidenceSettings()
     confidence = {"frequency only": replace(default, weights=None), "feature model (default weights)": default}
     fit = {}
@@ -318,25 +322,54 @@ def run(args) -> dict:
             FixedBudget(dl, bl, ceiling), cases, cost_model, args.max_new_tokens).summary(greedy_rate)
     for summary in results.values():
         summary["vs_best_fixed"] = summary["modelled_tokens_per_s"] / results[best_fixed]["modelled_tokens_per_s"]
-    report = {"device": device_name(), "model": loaded.model_id, "kind": "replay (exact acceptance, modelled time)",
+    projected = args.cost_config != "default"
+    kind = "replay (exact acceptance, modelled time)"
+    if projected:
+        kind = (f"PROJECTION: acceptance replayed from the default model, step cost of a random-weight "
+                f"{args.cost_config} ({args.cost_dtype}, {args.cost_device})")
+    report = {"device": device_name(), "model": loaded.model_id, "kind": kind, "cost_model_device": cost_model.device,
+              "cost_config": args.cost_config, "greedy_step_ms_at_512": cost_model.predict(1, 1, 512) * 1e3,
               "prompts": len(cases), "tokens": greedy.tokens, "max_new_tokens": args.max_new_tokens,
               "served": served, "best_fixed": best_fixed, "adaptive_max_tokens": args.adaptive_max_tokens,
               "adaptive_max_depth": args.adaptive_max_depth, "policies": results, "confidence": scores, "fit": fit,
               "feature_names": list(FEATURES), "default_weights": list(default.weights or ())}
     print_tables(Console(width=140), report)
-    path = write_results("draft_replay.json", report, args.results_dir)
+    name = "draft_replay" + (f"-{args.cost_config}" if projected else "") + (
+        f"-{args.cost_device}" if args.cost_device != "cpu" else "")
+    path = write_results(f"{name}.json", report, args.results_dir)
     print(f"wrote {path}")
     return report
 
 
+REPLAY_WIDTHS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 65)
+
+
+def replay_cost_model(loaded, args) -> StepCostModel:
+    """The step-cost profile the replay prices steps with: the default model's own, or a
+    random-weight model of a public checkpoint's shape (bench/projection.py) on --cost-device."""
+    if args.cost_config == "default":
+        return profile_cost_model(loaded.model, loaded.model_id, max_seconds=args.profile_seconds,
+                                  batches=(1,), widths=REPLAY_WIDTHS)
+    from bench.projection import random_model
+
+    model = random_model(args.cost_config, args.cost_device, getattr(torch, args.cost_dtype))
+    cost_model = profile_cost_model(model, f"random-{args.cost_config}", max_seconds=args.profile_seconds,
+                                    batches=(1,), widths=REPLAY_WIDTHS, repeats=2)
+    del model
+    return cost_model
+
+
 def print_tables(console: Console, report: dict) -> None:
-    table = Table(title=f"REPLAY (exact strict acceptance, modelled step time): {report['prompts']} held-out prompts, "
-                        f"{report['tokens']} tokens, {report['device']}")
+    title = "REPLAY (exact strict acceptance, modelled step time)"
+    if report["cost_config"] != "default":
+        title = f"PROJECTION (default model's acceptance, {report['cost_config']} step cost, {report['cost_model_device']})"
+    table = Table(title=f"{title}: {report['prompts']} held-out prompts, {report['tokens']} tokens, "
+                        f"greedy step {report['greedy_step_ms_at_512']:.1f} ms at 512 cached, {report['device']}")
     for column in ("policy", "tok/step", "drafted/step", "host ms/step", "modelled tok/s", "x greedy", "x best fixed"):
         table.add_column(column, justify="right" if column != "policy" else "left")
     for label, s in report["policies"].items():
         table.add_row(label, f"{s['tokens_per_step']:.2f}", f"{s['mean_drafted']:.1f}", f"{s['host_ms_per_step']:.2f}",
-                      f"{s['modelled_tokens_per_s']:.0f}", f"{s['speedup_vs_greedy']:.2f}", f"{s['vs_best_fixed']:.3f}")
+                      f"{s['modelled_tokens_per_s']:.{0 if s['modelled_tokens_per_s'] >= 100 else 1}f}", f"{s['speedup_vs_greedy']:.2f}", f"{s['vs_best_fixed']:.3f}")
     console.print(table)
     scores = Table(title="confidence on tested nodes (log-loss; mean predicted vs observed acceptance)")
     for column in ("estimate", "nodes", "observed", "log-loss", "predicted", "log-loss, calibrated", "predicted, calibrated"):
@@ -366,7 +399,12 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--adaptive-max-depth", type=int, default=16)
     parser.add_argument("--fit", action="store_true", help="fit the confidence feature weights on warm-split prompts")
     parser.add_argument("--fit-prompts", type=int, default=24 if quick else 96)
-    parser.add_argument("--profile-seconds", type=float, default=6.0 if quick else 20.0)
+    parser.add_argument("--profile-seconds", type=float, default=6.0 if quick else 20.0,
+                        help="step-cost profiling time limit (a big --cost-config needs more)")
+    parser.add_argument("--cost-config", default="default", choices=["default", "qwen2-0.5b", "tinyllama-1.1b", "tiny"],
+                        help="price steps with this shape's cost profile (random weights): a projection")
+    parser.add_argument("--cost-device", default="cpu", help="device for --cost-config's profile (cuda on a GPU)")
+    parser.add_argument("--cost-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return resolve_model_arguments(parser.parse_args(argv))

@@ -72,3 +72,12 @@ def test_tested_nodes_are_the_children_of_the_root_and_of_accepted_nodes() -> No
     assert ((0 < nodes["base"]) & (nodes["base"] < 1)).all()
     scores = draft_replay.confidence_scores(nodes)
     assert scores["nodes"] == count and scores["observed_acceptance"] == pytest.approx(nodes["accepted"].mean())
+
+
+def test_another_shape_prices_the_steps_with_its_own_profile() -> None:
+    import argparse
+
+    args = argparse.Namespace(cost_config="tiny", cost_device="cpu", cost_dtype="float32", profile_seconds=2.0)
+    cost_model = draft_replay.replay_cost_model(None, args)
+    assert cost_model.model_id == "random-tiny"
+    assert cost_model.predict(65, 1, 512) > cost_model.predict(1, 1, 512) > 0
