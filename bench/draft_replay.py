@@ -52,7 +52,14 @@ from bench.common import (
 )
 from bench.decode import engine_generate, parse_grid, pick_prompts, serve_into_pools, warm_pools
 from common.drafting.budget import AdaptiveDrafting
-from common.drafting.confidence import FEATURES, ConfidenceSettings, ConfidentDrafter, node_features, pool_calibration, request_calibration
+from common.drafting.confidence import (
+    FEATURES,
+    ConfidenceSettings,
+    ConfidentDrafter,
+    node_features,
+    pool_calibration,
+    request_calibration,
+)
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import ROOT_PARENT, DraftTree
 from common.drafting.pools import DraftSettings, RequestDrafter
@@ -85,9 +92,14 @@ class Replayed:
 
     def summary(self, greedy_rate: float | None = None) -> dict:
         rate = self.tokens / self.modelled_s if self.modelled_s else 0.0
-        out = {"tokens": self.tokens, "steps": self.steps, "tokens_per_step": self.tokens / max(self.steps, 1),
-               "modelled_tokens_per_s": rate, "mean_drafted": self.drafted / max(self.steps, 1),
-               "host_ms_per_step": 1e3 * self.host_s / max(self.steps, 1)}
+        out = {
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "tokens_per_step": self.tokens / max(self.steps, 1),
+            "modelled_tokens_per_s": rate,
+            "mean_drafted": self.drafted / max(self.steps, 1),
+            "host_ms_per_step": 1e3 * self.host_s / max(self.steps, 1),
+        }
         if greedy_rate:
             out["speedup_vs_greedy"] = rate / greedy_rate
         return out
@@ -109,8 +121,9 @@ def accepted_path(tree: DraftTree, continuation: Sequence[int]) -> list[int]:
 
 def request_drafter(case: Case, branch_length: int) -> RequestDrafter:
     """The engine's drafter for this request (engine.py `_new_request`)."""
-    return RequestDrafter(case.pool, case.prompt, DraftSettings(key_length=KEY_LENGTH),
-                          ngram_length=KEY_LENGTH + branch_length)
+    return RequestDrafter(
+        case.pool, case.prompt, DraftSettings(key_length=KEY_LENGTH), ngram_length=KEY_LENGTH + branch_length
+    )
 
 
 class Policy:
@@ -141,11 +154,14 @@ class FixedBudget(Policy):
         tree = state.draft(context, self.decoding_length, min(self.branch_length, room - 1))
         if self.ceiling is None:
             return tree
-        path = accepted_path(tree, case.reference[len(context) - len(case.prompt):])
+        path = accepted_path(tree, case.reference[len(context) - len(case.prompt) :])
         if self.ceiling == "skip":
             return tree if path else DraftTree()
-        return DraftTree(tokens=[tree.tokens[i] for i in path], parents=list(range(-1, len(path) - 1)),
-                         scores=[tree.scores[i] for i in path])
+        return DraftTree(
+            tokens=[tree.tokens[i] for i in path],
+            parents=list(range(-1, len(path) - 1)),
+            scores=[tree.scores[i] for i in path],
+        )
 
     def observe(self, state, emitted):
         state.observe(emitted)
@@ -154,7 +170,9 @@ class FixedBudget(Policy):
 class Adaptive(Policy):
     """The engine's adaptive drafting for one row (common/drafting/budget.py)."""
 
-    def __init__(self, cost_model: StepCostModel, settings: ConfidenceSettings, max_tokens: int, max_depth: int) -> None:
+    def __init__(
+        self, cost_model: StepCostModel, settings: ConfidenceSettings, max_tokens: int, max_depth: int
+    ) -> None:
         self.drafting = AdaptiveDrafting(cost_model, settings)
         self.max_tokens, self.max_depth = max_tokens, max_depth
 
@@ -179,7 +197,7 @@ def replay(policy: Policy, cases: Sequence[Case], cost_model: StepCostModel, max
             started = time.perf_counter()
             tree = policy.draft(state, case, context, max_new_tokens - done)
             accepted = len(accepted_path(tree, case.reference[done:]))
-            emitted = case.reference[done: done + accepted + 1]
+            emitted = case.reference[done : done + accepted + 1]
             policy.observe(state, emitted)
             result.host_s += time.perf_counter() - started
             result.modelled_s += cost_model.predict(1 + len(tree), 1, len(context) - 1)
@@ -191,7 +209,9 @@ def replay(policy: Policy, cases: Sequence[Case], cost_model: StepCostModel, max
     return result
 
 
-def tested_nodes(cases: Sequence[Case], settings: ConfidenceSettings, max_new_tokens: int) -> dict[str, np.ndarray]:
+def tested_nodes(
+    cases: Sequence[Case], settings: ConfidenceSettings, max_new_tokens: int
+) -> dict[str, np.ndarray]:
     """Every node a step puts to the test (children of the root and of accepted nodes) when each
     step verifies the whole CANDIDATES tree: its features, its estimates before and after the
     online calibration (which learns from these very outcomes, as in serving), and the outcome."""
@@ -199,7 +219,9 @@ def tested_nodes(cases: Sequence[Case], settings: ConfidenceSettings, max_new_to
     pool_calibrations: dict[int, object] = {}
     for case in cases:
         shared = pool_calibrations.setdefault(id(case.pool), pool_calibration(settings))
-        drafter = ConfidentDrafter(request_drafter(case, CANDIDATES[1]), request_calibration(shared, settings), settings)
+        drafter = ConfidentDrafter(
+            request_drafter(case, CANDIDATES[1]), request_calibration(shared, settings), settings
+        )
         done = 0
         while done < len(case.reference):
             context = case.prompt + case.reference[:done]
@@ -216,11 +238,15 @@ def tested_nodes(cases: Sequence[Case], settings: ConfidenceSettings, max_new_to
                 on_path = set(path)
                 accepted += [i in on_path for i in chosen]
             drafter.commit(tree, found.base)
-            emitted = case.reference[done: done + len(path) + 1]
+            emitted = case.reference[done : done + len(path) + 1]
             drafter.observe(emitted)
             done += len(emitted)
-    return {"features": np.concatenate(features) if features else np.zeros((0, len(FEATURES))),
-            "base": np.array(base), "conditional": np.array(conditional), "accepted": np.array(accepted, float)}
+    return {
+        "features": np.concatenate(features) if features else np.zeros((0, len(FEATURES))),
+        "base": np.array(base),
+        "conditional": np.array(conditional),
+        "accepted": np.array(accepted, float),
+    }
 
 
 def log_loss(predicted: np.ndarray, outcome: np.ndarray) -> float:
@@ -228,7 +254,9 @@ def log_loss(predicted: np.ndarray, outcome: np.ndarray) -> float:
     return float(-np.mean(outcome * np.log(p) + (1 - outcome) * np.log(1 - p)))
 
 
-def fit_weights(features: np.ndarray, outcome: np.ndarray, ridge: float = 1e-2, iterations: int = 50) -> np.ndarray:
+def fit_weights(
+    features: np.ndarray, outcome: np.ndarray, ridge: float = 1e-2, iterations: int = 50
+) -> np.ndarray:
     """Logistic regression by Newton's method with a small ridge (a few thousand rows, 5 features)."""
     weights = np.zeros(features.shape[1])
     for _ in range(iterations):
@@ -244,10 +272,18 @@ def fit_weights(features: np.ndarray, outcome: np.ndarray, ridge: float = 1e-2, 
 
 def confidence_scores(nodes: dict[str, np.ndarray]) -> dict:
     outcome = nodes["accepted"]
-    return {"nodes": int(len(outcome)), "observed_acceptance": float(outcome.mean()) if len(outcome) else 0.0,
-            "before_calibration": {"log_loss": log_loss(nodes["base"], outcome), "mean_predicted": float(nodes["base"].mean())},
-            "after_calibration": {"log_loss": log_loss(nodes["conditional"], outcome),
-                                  "mean_predicted": float(nodes["conditional"].mean())}}
+    return {
+        "nodes": len(outcome),
+        "observed_acceptance": float(outcome.mean()) if len(outcome) else 0.0,
+        "before_calibration": {
+            "log_loss": log_loss(nodes["base"], outcome),
+            "mean_predicted": float(nodes["base"].mean()),
+        },
+        "after_calibration": {
+            "log_loss": log_loss(nodes["conditional"], outcome),
+            "mean_predicted": float(nodes["conditional"].mean()),
+        },
+    }
 
 
 def record_cases(engine: DecodingEngine, pools, prompts, tokenizer, max_new_tokens: int) -> list[Case]:
@@ -287,22 +323,39 @@ def run(args) -> dict:
     engine = DecodingEngine(loaded.model, EngineSettings(decoding_length=16, branch_length=8))
     pools = warm_pools(loaded, warmups, engine.settings, deepest)
     served = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens)
-    cases = record_cases(engine, pools, pick_prompts(prompts, args.prompts), loaded.tokenizer, args.max_new_tokens)
+    cases = record_cases(
+        engine, pools, pick_prompts(prompts, args.prompts), loaded.tokenizer, args.max_new_tokens
+    )
     cost_model = replay_cost_model(loaded, args)
     default = ConfidenceSettings()
-    confidence = {"frequency only": replace(default, weights=None), "feature model (default weights)": default}
+    confidence = {
+        "frequency only": replace(default, weights=None),
+        "feature model (default weights)": default,
+    }
     fit = {}
     if args.fit:
-        fit_cases = record_cases(engine, pools, unserved_warm_prompts(prompts, args.served_per_segment, args.fit_prompts),
-                                 loaded.tokenizer, args.max_new_tokens)
+        fit_cases = record_cases(
+            engine,
+            pools,
+            unserved_warm_prompts(prompts, args.served_per_segment, args.fit_prompts),
+            loaded.tokenizer,
+            args.max_new_tokens,
+        )
         nodes = tested_nodes(fit_cases, replace(default, weights=None), args.max_new_tokens)
         weights = fit_weights(nodes["features"], nodes["accepted"])
-        fit = {"prompts": len(fit_cases), "nodes": int(len(nodes["accepted"])),
-               "weights": dict(zip(FEATURES, map(float, weights))),
-               "settings_line": "DEFAULT_WEIGHTS = (" + ", ".join(f"{w:.2f}" for w in weights) + ")"}
-        confidence["feature model (fitted now)"] = replace(default, weights=tuple(round(float(w), 2) for w in weights))
-    scores = {name: confidence_scores(tested_nodes(cases, settings, args.max_new_tokens))
-              for name, settings in confidence.items()}
+        fit = {
+            "prompts": len(fit_cases),
+            "nodes": len(nodes["accepted"]),
+            "weights": dict(zip(FEATURES, map(float, weights))),
+            "settings_line": "DEFAULT_WEIGHTS = (" + ", ".join(f"{w:.2f}" for w in weights) + ")",
+        }
+        confidence["feature model (fitted now)"] = replace(
+            default, weights=tuple(round(float(w), 2) for w in weights)
+        )
+    scores = {
+        name: confidence_scores(tested_nodes(cases, settings, args.max_new_tokens))
+        for name, settings in confidence.items()
+    }
 
     results: dict[str, dict] = {}
     greedy = replay(NoDrafting(), cases, cost_model, args.max_new_tokens)
@@ -311,31 +364,60 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     policies: list[tuple[str, Policy]] = [(f"fixed {dl}x{bl}", FixedBudget(dl, bl)) for dl, bl in grid]
-    policies += [(f"adaptive, {name}", Adaptive(cost_model, settings, args.adaptive_max_tokens, args.adaptive_max_depth))
-                 for name, settings in confidence.items()]
+    policies += [
+        (
+            f"adaptive, {name}",
+            Adaptive(cost_model, settings, args.adaptive_max_tokens, args.adaptive_max_depth),
+        )
+        for name, settings in confidence.items()
+    ]
     for label, policy in tqdm(policies, desc="replaying policies", unit="policy"):
         results[label] = replay(policy, cases, cost_model, args.max_new_tokens).summary(greedy_rate)
-    best_fixed = max((k for k in results if k.startswith("fixed")), key=lambda k: results[k]["modelled_tokens_per_s"])
+    best_fixed = max(
+        (k for k in results if k.startswith("fixed")), key=lambda k: results[k]["modelled_tokens_per_s"]
+    )
     dl, bl = (int(v) for v in best_fixed.split()[1].split("x"))
     for ceiling in ("skip", "trim"):
         results[f"ceiling: {best_fixed}, {ceiling}"] = replay(
-            FixedBudget(dl, bl, ceiling), cases, cost_model, args.max_new_tokens).summary(greedy_rate)
+            FixedBudget(dl, bl, ceiling), cases, cost_model, args.max_new_tokens
+        ).summary(greedy_rate)
     for summary in results.values():
-        summary["vs_best_fixed"] = summary["modelled_tokens_per_s"] / results[best_fixed]["modelled_tokens_per_s"]
+        summary["vs_best_fixed"] = (
+            summary["modelled_tokens_per_s"] / results[best_fixed]["modelled_tokens_per_s"]
+        )
     projected = args.cost_config != "default"
     kind = "replay (exact acceptance, modelled time)"
     if projected:
-        kind = (f"PROJECTION: acceptance replayed from the default model, step cost of a random-weight "
-                f"{args.cost_config} ({args.cost_dtype}, {args.cost_device})")
-    report = {"device": device_name(), "model": loaded.model_id, "kind": kind, "cost_model_device": cost_model.device,
-              "cost_config": args.cost_config, "greedy_step_ms_at_512": cost_model.predict(1, 1, 512) * 1e3,
-              "prompts": len(cases), "tokens": greedy.tokens, "max_new_tokens": args.max_new_tokens,
-              "served": served, "best_fixed": best_fixed, "adaptive_max_tokens": args.adaptive_max_tokens,
-              "adaptive_max_depth": args.adaptive_max_depth, "policies": results, "confidence": scores, "fit": fit,
-              "feature_names": list(FEATURES), "default_weights": list(default.weights or ())}
+        kind = (
+            f"PROJECTION: acceptance replayed from the default model, step cost of a random-weight "
+            f"{args.cost_config} ({args.cost_dtype}, {args.cost_device})"
+        )
+    report = {
+        "device": device_name(),
+        "model": loaded.model_id,
+        "kind": kind,
+        "cost_model_device": cost_model.device,
+        "cost_config": args.cost_config,
+        "greedy_step_ms_at_512": cost_model.predict(1, 1, 512) * 1e3,
+        "prompts": len(cases),
+        "tokens": greedy.tokens,
+        "max_new_tokens": args.max_new_tokens,
+        "served": served,
+        "best_fixed": best_fixed,
+        "adaptive_max_tokens": args.adaptive_max_tokens,
+        "adaptive_max_depth": args.adaptive_max_depth,
+        "policies": results,
+        "confidence": scores,
+        "fit": fit,
+        "feature_names": list(FEATURES),
+        "default_weights": list(default.weights or ()),
+    }
     print_tables(Console(width=140), report)
-    name = "draft_replay" + (f"-{args.cost_config}" if projected else "") + (
-        f"-{args.cost_device}" if args.cost_device != "cpu" else "")
+    name = (
+        "draft_replay"
+        + (f"-{args.cost_config}" if projected else "")
+        + (f"-{args.cost_device}" if args.cost_device != "cpu" else "")
+    )
     path = write_results(f"{name}.json", report, args.results_dir)
     print(f"wrote {path}")
     return report
@@ -348,13 +430,24 @@ def replay_cost_model(loaded, args) -> StepCostModel:
     """The step-cost profile the replay prices steps with: the default model's own, or a
     random-weight model of a public checkpoint's shape (bench/projection.py) on --cost-device."""
     if args.cost_config == "default":
-        return profile_cost_model(loaded.model, loaded.model_id, max_seconds=args.profile_seconds,
-                                  batches=(1,), widths=REPLAY_WIDTHS)
+        return profile_cost_model(
+            loaded.model,
+            loaded.model_id,
+            max_seconds=args.profile_seconds,
+            batches=(1,),
+            widths=REPLAY_WIDTHS,
+        )
     from bench.projection import random_model
 
     model = random_model(args.cost_config, args.cost_device, getattr(torch, args.cost_dtype))
-    cost_model = profile_cost_model(model, f"random-{args.cost_config}", max_seconds=args.profile_seconds,
-                                    batches=(1,), widths=REPLAY_WIDTHS, repeats=2)
+    cost_model = profile_cost_model(
+        model,
+        f"random-{args.cost_config}",
+        max_seconds=args.profile_seconds,
+        batches=(1,),
+        widths=REPLAY_WIDTHS,
+        repeats=2,
+    )
     del model
     return cost_model
 
@@ -363,47 +456,103 @@ def print_tables(console: Console, report: dict) -> None:
     title = "REPLAY (exact strict acceptance, modelled step time)"
     if report["cost_config"] != "default":
         title = f"PROJECTION (default model's acceptance, {report['cost_config']} step cost, {report['cost_model_device']})"
-    table = Table(title=f"{title}: {report['prompts']} held-out prompts, {report['tokens']} tokens, "
-                        f"greedy step {report['greedy_step_ms_at_512']:.1f} ms at 512 cached, {report['device']}")
-    for column in ("policy", "tok/step", "drafted/step", "host ms/step", "modelled tok/s", "x greedy", "x best fixed"):
+    table = Table(
+        title=f"{title}: {report['prompts']} held-out prompts, {report['tokens']} tokens, "
+        f"greedy step {report['greedy_step_ms_at_512']:.1f} ms at 512 cached, {report['device']}"
+    )
+    for column in (
+        "policy",
+        "tok/step",
+        "drafted/step",
+        "host ms/step",
+        "modelled tok/s",
+        "x greedy",
+        "x best fixed",
+    ):
         table.add_column(column, justify="right" if column != "policy" else "left")
     for label, s in report["policies"].items():
-        table.add_row(label, f"{s['tokens_per_step']:.2f}", f"{s['mean_drafted']:.1f}", f"{s['host_ms_per_step']:.2f}",
-                      f"{s['modelled_tokens_per_s']:.{0 if s['modelled_tokens_per_s'] >= 100 else 1}f}", f"{s['speedup_vs_greedy']:.2f}", f"{s['vs_best_fixed']:.3f}")
+        table.add_row(
+            label,
+            f"{s['tokens_per_step']:.2f}",
+            f"{s['mean_drafted']:.1f}",
+            f"{s['host_ms_per_step']:.2f}",
+            f"{s['modelled_tokens_per_s']:.{0 if s['modelled_tokens_per_s'] >= 100 else 1}f}",
+            f"{s['speedup_vs_greedy']:.2f}",
+            f"{s['vs_best_fixed']:.3f}",
+        )
     console.print(table)
     scores = Table(title="confidence on tested nodes (log-loss; mean predicted vs observed acceptance)")
-    for column in ("estimate", "nodes", "observed", "log-loss", "predicted", "log-loss, calibrated", "predicted, calibrated"):
+    for column in (
+        "estimate",
+        "nodes",
+        "observed",
+        "log-loss",
+        "predicted",
+        "log-loss, calibrated",
+        "predicted, calibrated",
+    ):
         scores.add_column(column, justify="right" if column != "estimate" else "left")
     for name, s in report["confidence"].items():
-        scores.add_row(name, str(s["nodes"]), f"{s['observed_acceptance']:.3f}",
-                       f"{s['before_calibration']['log_loss']:.4f}", f"{s['before_calibration']['mean_predicted']:.3f}",
-                       f"{s['after_calibration']['log_loss']:.4f}", f"{s['after_calibration']['mean_predicted']:.3f}")
+        scores.add_row(
+            name,
+            str(s["nodes"]),
+            f"{s['observed_acceptance']:.3f}",
+            f"{s['before_calibration']['log_loss']:.4f}",
+            f"{s['before_calibration']['mean_predicted']:.3f}",
+            f"{s['after_calibration']['log_loss']:.4f}",
+            f"{s['after_calibration']['mean_predicted']:.3f}",
+        )
     console.print(scores)
     if report["fit"]:
-        console.print(f"fitted on {report['fit']['prompts']} warm-split prompts ({report['fit']['nodes']} tested nodes): "
-                      f"{report['fit']['settings_line']}  (features {', '.join(report['feature_names'])})")
+        console.print(
+            f"fitted on {report['fit']['prompts']} warm-split prompts ({report['fit']['nodes']} tested nodes): "
+            f"{report['fit']['settings_line']}  (features {', '.join(report['feature_names'])})"
+        )
 
 
 def parse_args(argv: list[str] | None = None):
     quick = quick_run()
-    parser = argparse.ArgumentParser(prog="python -m bench.draft_replay", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.draft_replay",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=12 if quick else 48)
     parser.add_argument("--max-new-tokens", type=int, default=64 if quick else 96)
-    parser.add_argument("--served-per-segment", type=int, default=1 if quick else 10,
-                        help="served answers in the pools per (pool key, task), as bench-decode")
-    parser.add_argument("--budget-grid", default="8:8,12:12,16:8,16:16,24:16" if quick else
-                        "4:4,8:4,8:8,12:8,12:12,16:8,16:12,16:16,24:12,24:16,32:16")
+    parser.add_argument(
+        "--served-per-segment",
+        type=int,
+        default=1 if quick else 10,
+        help="served answers in the pools per (pool key, task), as bench-decode",
+    )
+    parser.add_argument(
+        "--budget-grid",
+        default="8:8,12:12,16:8,16:16,24:16"
+        if quick
+        else "4:4,8:4,8:8,12:8,12:12,16:8,16:12,16:16,24:12,24:16,32:16",
+    )
     parser.add_argument("--adaptive-max-tokens", type=int, default=20)
     parser.add_argument("--adaptive-max-depth", type=int, default=16)
-    parser.add_argument("--fit", action="store_true", help="fit the confidence feature weights on warm-split prompts")
+    parser.add_argument(
+        "--fit", action="store_true", help="fit the confidence feature weights on warm-split prompts"
+    )
     parser.add_argument("--fit-prompts", type=int, default=24 if quick else 96)
-    parser.add_argument("--profile-seconds", type=float, default=6.0 if quick else 20.0,
-                        help="step-cost profiling time limit (a big --cost-config needs more)")
-    parser.add_argument("--cost-config", default="default", choices=["default", "qwen2-0.5b", "tinyllama-1.1b", "tiny"],
-                        help="price steps with this shape's cost profile (random weights): a projection")
-    parser.add_argument("--cost-device", default="cpu", help="device for --cost-config's profile (cuda on a GPU)")
+    parser.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=6.0 if quick else 20.0,
+        help="step-cost profiling time limit (a big --cost-config needs more)",
+    )
+    parser.add_argument(
+        "--cost-config",
+        default="default",
+        choices=["default", "qwen2-0.5b", "tinyllama-1.1b", "tiny"],
+        help="price steps with this shape's cost profile (random weights): a projection",
+    )
+    parser.add_argument(
+        "--cost-device", default="cpu", help="device for --cost-config's profile (cuda on a GPU)"
+    )
     parser.add_argument("--cost-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)

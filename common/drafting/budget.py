@@ -40,6 +40,8 @@ from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import DraftSource
 
+MAX_CURVE_WIDTH = 256  # draft tokens per row priced at most (a tree is never wider in practice)
+
 
 @dataclass(slots=True, frozen=True)
 class BudgetPlan:
@@ -141,9 +143,6 @@ def select_nodes(tree: DraftTree, chosen: Sequence[int]) -> DraftTree:
         assert parent < 0 or parent in position, "chosen nodes must include their parents"
         parents.append(position[parent] if parent >= 0 else parent)
     return DraftTree(tokens=[tree.tokens[i] for i in keep], parents=parents, scores=[tree.scores[i] for i in keep])
-
-
-MAX_CURVE_WIDTH = 256  # draft tokens per row priced at most (a tree is never wider in practice)
 
 
 class StepTimeCorrection:

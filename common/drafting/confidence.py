@@ -33,7 +33,6 @@ descending gain order always yields a tree (best-first growth).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -142,22 +141,11 @@ def acceptance_probabilities(tree: DraftTree, raw: Sequence[float], from_overlay
                              settings: ConfidenceSettings) -> list[float]:
     """Each node's conditional acceptance probability before online calibration: the logistic
     model over its features (node_features), or the smoothed frequency itself when no weights
-    are set. Plain floats: a step scores a few dozen nodes, where numpy's per-call cost dominates."""
+    are set."""
     if settings.weights is None or not len(tree):
         return list(raw)
-    bias, log_odds, top_sibling, depth_weight, overlay = settings.weights
-    seen: set[int] = set()
-    probabilities = []
-    for index, (p, parent, depth) in enumerate(zip(raw, tree.parents, tree.depths())):
-        p = min(max(p, 0.01), 0.99)
-        logit = bias + log_odds * math.log(p / (1.0 - p)) + depth_weight * min(depth, MAX_FEATURE_DEPTH) / MAX_FEATURE_DEPTH
-        if parent not in seen:
-            logit += top_sibling
-            seen.add(parent)
-        if from_overlay is not None and from_overlay[index]:
-            logit += overlay
-        probabilities.append(1.0 / (1.0 + math.exp(-logit)))
-    return probabilities
+    logits = node_features(tree, raw, from_overlay) @ np.asarray(settings.weights, dtype=np.float64)
+    return (1.0 / (1.0 + np.exp(-logits))).tolist()
 
 
 def calibrated(tree: DraftTree, raw: Sequence[float], calibration: AcceptanceCalibration | None) -> list[float]:

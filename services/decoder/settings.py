@@ -68,7 +68,8 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
         parts = [p for p in value.split(",") if p.strip()]
         if parts and len(parts) != len(FEATURES):
             raise ValueError(f"adaptive_confidence_weights needs {len(FEATURES)} numbers ({', '.join(FEATURES)}) or none")
-        [float(p) for p in parts]  # noqa: B018 - raises ValueError on a non-number
+        for part in parts:
+            float(part)  # a non-number raises ValueError: a clear settings error at start-up
         return value
 
     @property

@@ -31,8 +31,10 @@ def cases() -> list[Case]:
         pool.insert(text)
     pool.insert([5, 6, 20, 21])
     # The "greedy outputs": mostly the pool's text, then something it never saw.
-    return [Case([1, 2, 5, 6], [7, 8, 9, 10, 11, 12, 30, 31, 32], pool),
-            Case([3, 5, 6], [20, 21, 40, 41], pool)]
+    return [
+        Case([1, 2, 5, 6], [7, 8, 9, 10, 11, 12, 30, 31, 32], pool),
+        Case([3, 5, 6], [20, 21, 40, 41], pool),
+    ]
 
 
 def test_replay_counts_exact_strict_steps_and_models_their_time() -> None:
@@ -42,7 +44,9 @@ def test_replay_counts_exact_strict_steps_and_models_their_time() -> None:
     assert fixed.tokens == 13 and fixed.steps < greedy.steps
     assert fixed.modelled_s > COST.predict(1) * fixed.steps  # wider steps cost more than a 1-token step
     trim = replay(FixedBudget(8, 6, "trim"), cases(), COST, 96)
-    assert trim.steps == fixed.steps and trim.drafted < fixed.drafted  # same acceptance, only what is accepted
+    assert (
+        trim.steps == fixed.steps and trim.drafted < fixed.drafted
+    )  # same acceptance, only what is accepted
     skip = replay(FixedBudget(8, 6, "skip"), cases(), COST, 96)
     assert skip.steps == fixed.steps and trim.drafted <= skip.drafted <= fixed.drafted
     adaptive = replay(Adaptive(COST, ConfidenceSettings(), 16, 6), cases(), COST, 96)
@@ -71,13 +75,17 @@ def test_tested_nodes_are_the_children_of_the_root_and_of_accepted_nodes() -> No
     assert 0 < nodes["accepted"].sum() < count  # some drafts right, some wrong
     assert ((0 < nodes["base"]) & (nodes["base"] < 1)).all()
     scores = draft_replay.confidence_scores(nodes)
-    assert scores["nodes"] == count and scores["observed_acceptance"] == pytest.approx(nodes["accepted"].mean())
+    assert scores["nodes"] == count and scores["observed_acceptance"] == pytest.approx(
+        nodes["accepted"].mean()
+    )
 
 
 def test_another_shape_prices_the_steps_with_its_own_profile() -> None:
     import argparse
 
-    args = argparse.Namespace(cost_config="tiny", cost_device="cpu", cost_dtype="float32", profile_seconds=2.0)
+    args = argparse.Namespace(
+        cost_config="tiny", cost_device="cpu", cost_dtype="float32", profile_seconds=2.0
+    )
     cost_model = draft_replay.replay_cost_model(None, args)
     assert cost_model.model_id == "random-tiny"
     assert cost_model.predict(65, 1, 512) > cost_model.predict(1, 1, 512) > 0

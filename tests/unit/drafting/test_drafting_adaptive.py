@@ -252,21 +252,23 @@ def test_request_drafter_marks_what_the_request_text_proposed() -> None:
 
 @given(st.lists(st.tuples(st.integers(-1, 6), st.floats(0.0, 1.0)), min_size=1, max_size=12),
        st.lists(st.floats(-3, 3), min_size=5, max_size=5), st.booleans())
-def test_acceptance_model_is_the_logistic_of_the_features(nodes, weights, with_origin) -> None:
+def test_acceptance_model_is_the_logistic_of_the_documented_features(nodes, weights, with_origin) -> None:
+    import math
+
     parents = [min(p, i - 1) if p >= 0 else -1 for i, (p, _) in enumerate(nodes)]
     tree = DraftTree(tokens=list(range(len(nodes))), parents=parents, scores=[1.0] * len(nodes))
     raw = [p for _, p in nodes]
     origin = [i % 2 == 0 for i in range(len(nodes))] if with_origin else None
+    depths = tree.depths()
+    expected = []
+    for i, (p, parent) in enumerate(zip(raw, parents)):
+        p = min(max(p, 0.01), 0.99)
+        top = parents.index(parent) == i  # siblings are laid out best first
+        logit = (weights[0] + weights[1] * math.log(p / (1 - p)) + weights[2] * top
+                 + weights[3] * min(depths[i], 10) / 10 + weights[4] * bool(origin and origin[i]))
+        expected.append(1 / (1 + math.exp(-logit)))
     settings_ = ConfidenceSettings(weights=tuple(weights))
-    import numpy as np
-
-    expected = 1 / (1 + np.exp(-(confidence.node_features(tree, raw, origin) @ np.array(weights))))
-    assert confidence.acceptance_probabilities(tree, raw, origin, settings_) == pytest.approx(expected.tolist())
-    features = confidence.node_features(tree, raw, origin)
-    first_child = {}
-    for i, parent in enumerate(parents):
-        first_child.setdefault(parent, i)
-    assert features[:, 2].tolist() == [float(first_child[p] == i) for i, p in enumerate(parents)]
+    assert confidence.acceptance_probabilities(tree, raw, origin, settings_) == pytest.approx(expected)
     assert confidence.acceptance_probabilities(tree, raw, origin, ConfidenceSettings(weights=None)) == raw
 
 
@@ -275,3 +277,16 @@ def test_feature_model_ranks_the_top_child_above_what_the_prompt_alone_proposes(
     tree = DraftTree(tokens=[3, 8], parents=[-1, -1], scores=[0.5, 0.5])
     top, from_prompt = confidence.acceptance_probabilities(tree, [0.5, 0.5], [False, True], ConfidenceSettings())
     assert top > 0.5 > from_prompt
+
+
+def test_decoder_setting_carries_the_confidence_weights_or_none() -> None:
+    from pydantic import ValidationError
+
+    from services.decoder.settings import DecoderSettings
+
+    assert DecoderSettings().confidence_weights == confidence.DEFAULT_WEIGHTS
+    assert DecoderSettings(adaptive_confidence_weights="").confidence_weights is None
+    assert DecoderSettings(adaptive_confidence_weights="1,2,3,4,-5").confidence_weights == (1.0, 2.0, 3.0, 4.0, -5.0)
+    for bad in ("1,2", "1,2,x,4,5"):
+        with pytest.raises(ValidationError, match="adaptive_confidence_weights"):
+            DecoderSettings(adaptive_confidence_weights=bad)

@@ -201,7 +201,8 @@ def engine_for(model, settings: EngineSettings, draw) -> DecodingEngine:
     examples are the ones drawn before adaptive drafting existed."""
     if not draw(st.booleans()):
         return DecodingEngine(model, settings)
-    settings = replace(settings, adaptive=True, batch_draft_tokens=draw(st.sampled_from([None, 8])))
+    settings = replace(settings, adaptive=True, batch_draft_tokens=draw(st.sampled_from([None, 8])),
+                       confidence_weights=draw(st.sampled_from([EngineSettings().confidence_weights, None])))
     return DecodingEngine(model, settings, cost_model=draw(st.sampled_from(COST_MODELS)))
 
 
