@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +47,34 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/default")
     parser.add_argument("--workload", type=Path, default=None, help="default: <data-dir>/workload/prompts.jsonl")
+
+
+def results_table(title: str, columns: Sequence[str]):
+    """A rich table for a bench's console output: the first column (labels) left, figures right."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    return table
+
+
+def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """A bench's argument parser: `python -m <module>`, its module docstring as the help text."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def load_model_and_workload(args: argparse.Namespace):
+    """(loaded model, workload prompts, warm-up texts) for a bench over workload prompts; seeds
+    torch and applies --threads (0 = torch's default) first."""
+    from common.modeling.loading import load_model
+    from common.workload.export import load_prompts
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return (load_model(args.model_path), *load_prompts(args.workload))
 
 
 def resolve_model_arguments(args: argparse.Namespace) -> argparse.Namespace:

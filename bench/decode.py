@@ -28,7 +28,6 @@ split "heldout" are decoded, type "warmup" lines warm the pool of their pool_key
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections import Counter
@@ -45,8 +44,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from bench.common import (
     RESULTS_DIR,
     add_model_arguments,
+    bench_parser,
     device_name,
     figure,
+    load_model_and_workload,
     prompt_token_ids,
     quick_run,
     resolve_model_arguments,
@@ -58,8 +59,7 @@ from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import PoolRegistry
 from common.drafting.trie import TrieSettings
-from common.modeling.loading import LoadedModel, load_model
-from common.workload.export import load_prompts
+from common.modeling.loading import LoadedModel
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
 from services.decoder.engine.engine import BatchSession
@@ -218,10 +218,7 @@ def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segm
     traffic of every task, as all of it flows back - decoded with continuous batching, each
     inserted into its pool as it finishes. Held-out prompts never enter. `already`: that many
     per segment were served before (a growing pool takes the next ones)."""
-    by_segment: dict[tuple[str, str], list] = {}
-    for prompt in prompts:
-        if prompt.split != "heldout":
-            by_segment.setdefault((prompt.pool_key, prompt.task), []).append(prompt)
+    by_segment = warm_segments(prompts)
     served = [p for key in sorted(by_segment) for p in by_segment[key][already:per_segment]]
     tasks = Counter(p.task for p in served)
     if not served:
@@ -270,27 +267,36 @@ def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen,
     return by_task
 
 
+def warm_segments(prompts) -> dict[tuple[str, str], list]:
+    """Warm-split prompts (never the held-out ones) by (pool key, task), in workload order."""
+    by_segment: dict[tuple[str, str], list] = {}
+    for prompt in prompts:
+        if prompt.split != "heldout":
+            by_segment.setdefault((prompt.pool_key, prompt.task), []).append(prompt)
+    return by_segment
+
+
+def round_robin(groups: Sequence[Sequence], count: int) -> list:
+    """Up to `count` items taken one from each group in turn (the groups' i-th items, then the
+    (i+1)-th), so that every group is represented."""
+    picked, i = [], 0
+    while len(picked) < count and any(i < len(group) for group in groups):
+        picked += [group[i] for group in groups if i < len(group)][: count - len(picked)]
+        i += 1
+    return picked
+
+
 def pick_prompts(prompts, count: int) -> list:
     """Held-out prompts, interleaved across tasks so every task is represented."""
     by_task: dict[str, list] = {}
     for p in prompts:
         if p.split == "heldout":
             by_task.setdefault(p.task, []).append(p)
-    picked, i = [], 0
-    while len(picked) < count and any(i < len(v) for v in by_task.values()):
-        for task in sorted(by_task):
-            if i < len(by_task[task]) and len(picked) < count:
-                picked.append(by_task[task][i])
-        i += 1
-    return picked
+    return round_robin([by_task[task] for task in sorted(by_task)], count)
 
 
 def run(args) -> dict:
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(args.model_path)
-    prompts, warmups = load_prompts(args.workload)
+    loaded, prompts, warmups = load_model_and_workload(args)
     settings = EngineSettings(decoding_length=args.decoding_length, branch_length=args.branch_length)
     engine = DecodingEngine(loaded.model, settings)
     sweep_grid = parse_grid(args.budget_grid) if args.budget_sweep else []
@@ -900,8 +906,7 @@ def _by_task(by_task: dict[str, float]) -> str:
 
 def parse_args(argv: list[str] | None = None):
     quick = quick_run()
-    parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench.decode", __doc__)
     add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=12 if quick else 40)
     parser.add_argument("--max-new-tokens", type=int, default=64 if quick else 96)

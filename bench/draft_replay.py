@@ -30,7 +30,6 @@ Writes bench/results/draft_replay.json (draft_replay-<config>[-<device>].json fo
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -39,18 +38,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from bench.common import (
     RESULTS_DIR,
     add_model_arguments,
+    bench_parser,
     device_name,
+    load_model_and_workload,
     prompt_token_ids,
     quick_run,
     resolve_model_arguments,
+    results_table,
     write_results,
 )
-from bench.decode import engine_generate, parse_grid, pick_prompts, serve_into_pools, warm_pools
+from bench.decode import (
+    engine_generate,
+    parse_grid,
+    pick_prompts,
+    round_robin,
+    serve_into_pools,
+    warm_pools,
+    warm_segments,
+)
 from common.drafting.budget import AdaptiveDrafting
 from common.drafting.confidence import (
     FEATURES,
@@ -64,8 +73,6 @@ from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import ROOT_PARENT, DraftTree
 from common.drafting.pools import DraftSettings, RequestDrafter
 from common.drafting.trie import TokenTrie
-from common.modeling.loading import load_model
-from common.workload.export import load_prompts
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
 
@@ -300,24 +307,12 @@ def record_cases(engine: DecodingEngine, pools, prompts, tokenizer, max_new_toke
 
 def unserved_warm_prompts(prompts, served_per_segment: int, count: int) -> list:
     """Warm-split prompts past the ones serve_into_pools answered, spread over segments."""
-    by_segment: dict[tuple[str, str], list] = {}
-    for prompt in prompts:
-        if prompt.split != "heldout":
-            by_segment.setdefault((prompt.pool_key, prompt.task), []).append(prompt)
-    lists = [by_segment[key][served_per_segment:] for key in sorted(by_segment)]
-    picked, i = [], 0
-    while len(picked) < count and any(i < len(v) for v in lists):
-        picked += [v[i] for v in lists if i < len(v)][: count - len(picked)]
-        i += 1
-    return picked
+    by_segment = warm_segments(prompts)
+    return round_robin([by_segment[key][served_per_segment:] for key in sorted(by_segment)], count)
 
 
 def run(args) -> dict:
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(args.model_path)
-    prompts, warmups = load_prompts(args.workload)
+    loaded, prompts, warmups = load_model_and_workload(args)
     grid = parse_grid(args.budget_grid)
     deepest = max([CANDIDATES[1], args.adaptive_max_depth] + [bl for _, bl in grid])
     engine = DecodingEngine(loaded.model, EngineSettings(decoding_length=16, branch_length=8))
@@ -456,20 +451,11 @@ def print_tables(console: Console, report: dict) -> None:
     title = "REPLAY (exact strict acceptance, modelled step time)"
     if report["cost_config"] != "default":
         title = f"PROJECTION (default model's acceptance, {report['cost_config']} step cost, {report['cost_model_device']})"
-    table = Table(
-        title=f"{title}: {report['prompts']} held-out prompts, {report['tokens']} tokens, "
-        f"greedy step {report['greedy_step_ms_at_512']:.1f} ms at 512 cached, {report['device']}"
+    table = results_table(
+        f"{title}: {report['prompts']} held-out prompts, {report['tokens']} tokens, "
+        f"greedy step {report['greedy_step_ms_at_512']:.1f} ms at 512 cached, {report['device']}",
+        ("policy", "tok/step", "drafted/step", "host ms/step", "modelled tok/s", "x greedy", "x best fixed"),
     )
-    for column in (
-        "policy",
-        "tok/step",
-        "drafted/step",
-        "host ms/step",
-        "modelled tok/s",
-        "x greedy",
-        "x best fixed",
-    ):
-        table.add_column(column, justify="right" if column != "policy" else "left")
     for label, s in report["policies"].items():
         table.add_row(
             label,
@@ -481,17 +467,18 @@ def print_tables(console: Console, report: dict) -> None:
             f"{s['vs_best_fixed']:.3f}",
         )
     console.print(table)
-    scores = Table(title="confidence on tested nodes (log-loss; mean predicted vs observed acceptance)")
-    for column in (
-        "estimate",
-        "nodes",
-        "observed",
-        "log-loss",
-        "predicted",
-        "log-loss, calibrated",
-        "predicted, calibrated",
-    ):
-        scores.add_column(column, justify="right" if column != "estimate" else "left")
+    scores = results_table(
+        "confidence on tested nodes (log-loss; mean predicted vs observed acceptance)",
+        (
+            "estimate",
+            "nodes",
+            "observed",
+            "log-loss",
+            "predicted",
+            "log-loss, calibrated",
+            "predicted, calibrated",
+        ),
+    )
     for name, s in report["confidence"].items():
         scores.add_row(
             name,
@@ -512,11 +499,7 @@ def print_tables(console: Console, report: dict) -> None:
 
 def parse_args(argv: list[str] | None = None):
     quick = quick_run()
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.draft_replay",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = bench_parser("bench.draft_replay", __doc__)
     add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=12 if quick else 48)
     parser.add_argument("--max-new-tokens", type=int, default=64 if quick else 96)

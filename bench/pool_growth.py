@@ -12,18 +12,18 @@ Writes bench/results/pool_growth.json and pool_growth.png.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from bench.common import (
     RESULTS_DIR,
     add_model_arguments,
+    bench_parser,
     device_name,
     figure,
+    load_model_and_workload,
     prompt_token_ids,
     quick_run,
     resolve_model_arguments,
@@ -31,17 +31,11 @@ from bench.common import (
     write_results,
 )
 from bench.decode import pick_prompts, serve_into_pools, tokens_per_step_by_task, warm_pools
-from common.modeling.loading import load_model
-from common.workload.export import load_prompts
 from services.decoder.engine import DecodingEngine, EngineSettings
 
 
 def run(args) -> dict:
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(args.model_path)
-    prompts, warmups = load_prompts(args.workload)
+    loaded, prompts, warmups = load_model_and_workload(args)
     settings = EngineSettings(decoding_length=args.decoding_length, branch_length=args.branch_length)
     engine = DecodingEngine(loaded.model, settings)
     pools = warm_pools(loaded, warmups, settings, args.branch_length)
@@ -97,8 +91,7 @@ def plot(points: list[dict], path: Path, model: str) -> None:
 
 def parse_args(argv: list[str] | None = None):
     quick = quick_run()
-    parser = argparse.ArgumentParser(prog="python -m bench.pool_growth", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench.pool_growth", __doc__)
     add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=12 if quick else 24)
     parser.add_argument("--max-new-tokens", type=int, default=64 if quick else 96)

@@ -21,7 +21,6 @@ Writes bench/results/projection[-<device>].json and a plot of the cost curve.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from bench.common import RESULTS_DIR, device_name, figure, quick_run, save_figure, write_results
+from bench.common import RESULTS_DIR, bench_parser, device_name, figure, quick_run, save_figure, write_results
 from services.decoder.cost_profile import profile_step_costs
 
 # Shapes of public checkpoints (no weights: random initialisation, nothing downloaded).
@@ -134,8 +133,7 @@ def plot(report: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None):
     quick = quick_run()
-    parser = argparse.ArgumentParser(prog="python -m bench.projection", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("bench.projection", __doc__)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny" if quick else "qwen2-0.5b")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="float32 on CPU; bfloat16 on a GPU")
