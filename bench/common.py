@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from common.modeling.default_model import default_model_path
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -45,8 +47,11 @@ def spread(values: list[float]) -> dict[str, float]:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--data-dir, --model-path and --workload, as the benches that decode workload prompts take them."""
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/default")
+    parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/smollm2-135m-instruct")
     parser.add_argument("--workload", type=Path, default=None, help="default: <data-dir>/workload/prompts.jsonl")
+    parser.add_argument("--tasks", nargs="*", default=None,
+                        help="only these tasks' prompts, timed and served (default: all; on a CPU, generative-rec "
+                             "prompts of ~2,200 tokens take ~15 s each to prefill on the default model)")
 
 
 def results_table(title: str, columns: Sequence[str]):
@@ -74,21 +79,28 @@ def load_model_and_workload(args: argparse.Namespace):
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return (load_model(args.model_path), *load_prompts(args.workload))
+    prompts, warmups = load_prompts(args.workload)
+    tasks = getattr(args, "tasks", None)
+    if tasks:
+        prompts = [p for p in prompts if p.task in tasks]
+        keys = {p.pool_key for p in prompts}
+        warmups = [w for w in warmups if w.pool_key in keys]
+    return load_model(args.model_path), prompts, warmups
 
 
 def resolve_model_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Fills --model-path and --workload from --data-dir where they were not given."""
-    args.model_path = args.model_path or args.data_dir / "models" / "default"
+    args.model_path = args.model_path or default_model_path(args.data_dir)
     args.workload = args.workload or args.data_dir / "workload" / "prompts.jsonl"
     return args
 
 
 def prompt_token_ids(tokenizer, prompt) -> list[int]:
-    """A workload prompt's token ids: its blocks tokenized one by one, as the decoder does."""
-    from common.prompt_tokens import tokenize_blocks
+    """A workload prompt's token ids as the decoder renders it: blocks tokenized one by one,
+    through the model's chat template when it has one."""
+    from common.prompt_tokens import tokenize_chat
 
-    return tokenize_blocks(tokenizer, [block.text for block in prompt.blocks]).token_ids
+    return tokenize_chat(tokenizer, [block.text for block in prompt.blocks], prompt.system_blocks).token_ids
 
 
 def figure(rows: int = 1, columns: int = 1, *, size: tuple[float, float] = (6.4, 4.0)):
@@ -109,9 +121,26 @@ def save_figure(fig, path: Path, *, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-def write_results(name: str, results: dict, results_dir: Path = RESULTS_DIR) -> Path:
+def model_provenance(model_path: Path | str) -> dict:
+    """What a results file says of its model: id, size and where it came from (its card)."""
+    from common.modeling.default_model import read_card
+
+    card = read_card(Path(model_path))
+    return {"model_id": card.get("model_id", Path(model_path).name), "params": card.get("params"),
+            "random_weights": bool(card.get("random_weights", False)), "provenance": card.get("provenance"),
+            "path": str(model_path)}
+
+
+def write_results(name: str, results: dict, results_dir: Path = RESULTS_DIR, *,
+                  model_path: Path | str | None = None) -> Path:
+    """Writes a results JSON, stamped with the time and (from `model_path`, else the results'
+    own "model_path") the model's provenance."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    results = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **results}
+    model_path = model_path or results.get("model_path")
+    stamp = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if model_path:
+        stamp["model_provenance"] = model_provenance(model_path)
+    results = {**stamp, **results}
     path = results_dir / name
     path.write_text(json.dumps(results, indent=2))
     return path

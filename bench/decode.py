@@ -62,7 +62,7 @@ from common.drafting.trie import TrieSettings
 from common.modeling.loading import LoadedModel
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
-from services.decoder.engine.engine import BatchSession
+from services.decoder.warm_answers import pick_warm_prompts, stored_or_decoded_answers, warm_segments
 
 METHODS = ("greedy", "prompt_lookup", "engine_greedy", "strict", "relaxed", "oracle", "adaptive")
 FULL_SWEEP = [(dl, bl) for dl in (4, 8, 12, 16, 24, 32, 64) for bl in (4, 8, 12, 16) if bl <= dl]
@@ -211,44 +211,26 @@ def warm_pools(loaded: LoadedModel, warmups, settings: EngineSettings, max_branc
 
 
 def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segment: int, max_new_tokens: int,
-                     rows: int = 16, *, already: int = 0) -> dict:
+                     rows: int = 16, *, already: int = 0, data_dir: Path | None = None) -> dict:
     """What a running deployment's pools hold besides the corpus: the model's own answers to
     earlier requests, which the decoders publish and the pool updater inserts (Kafka loop).
     Here: greedy answers to up to `per_segment` warm-split prompts of every (pool key, task) -
-    traffic of every task, as all of it flows back - decoded with continuous batching, each
-    inserted into its pool as it finishes. Held-out prompts never enter. `already`: that many
-    per segment were served before (a growing pool takes the next ones)."""
-    by_segment = warm_segments(prompts)
-    served = [p for key in sorted(by_segment) for p in by_segment[key][already:per_segment]]
+    traffic of every task, as all of it flows back - each inserted into its pool. Held-out
+    prompts never enter. Answers stored under `data_dir` (services/decoder/warm_answers.py,
+    `make model` / `make warm-answers`) are reused; the missing ones are decoded with continuous
+    batching and stored for the next run. `already`: that many per segment were served before
+    (a growing pool takes the next ones)."""
+    served = pick_warm_prompts(prompts, per_segment, already=already)
     tasks = Counter(p.task for p in served)
     if not served:
         return {"per_segment": per_segment, "outputs": 0, "wall_s": 0.0}
-    learner = DecodingEngine(loaded.model, EngineSettings(decoding_length=16, branch_length=8, learn_from_outputs=True))
-    session = BatchSession(learner)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=loaded.tokenizer.eos_token_id)
-    # Similar lengths share a batch: a row's cache is as wide as the batch's longest prompt.
-    tokenized = sorted(((prompt_token_ids(loaded.tokenizer, p), p.pool_key) for p in served), key=lambda item: len(item[0]))
-    waiting = iter(tokenized)
-    from tqdm import tqdm
-
     start = time.perf_counter()
-    with tqdm(total=len(served), desc="serving warm prompts into pools", unit="prompt") as bar:
-
-        def fill() -> None:
-            while session.rows < rows:
-                item = next(waiting, None)
-                if item is None:
-                    return
-                ids, pool_key = item
-                if session.add(ids, config, pools.resolve(pool_key)).done:
-                    bar.update(1)
-
-        fill()
-        while session.rows:
-            bar.update(sum(1 for handle, _ in session.step() if handle.done))
-            fill()
-    return {"per_segment": per_segment, "outputs": len(served), "by_task": dict(sorted(tasks.items())),
-            "segments": len(by_segment), "wall_s": time.perf_counter() - start}
+    answers, decoded = stored_or_decoded_answers(loaded, served, max_new_tokens, rows=rows, data_dir=data_dir)
+    for answer in answers:
+        pools.get_or_create(answer.pool_key).insert(list(answer.token_ids) + [loaded.tokenizer.eos_token_id], "output")
+    return {"per_segment": per_segment, "outputs": len(served), "decoded_now": decoded,
+            "by_task": dict(sorted(tasks.items())), "segments": len(warm_segments(prompts)),
+            "wall_s": time.perf_counter() - start}
 
 
 def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen, tokenized, max_new_tokens: int,
@@ -265,15 +247,6 @@ def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen,
     total_tokens, total_steps = (sum(v[i] for v in counts.values()) for i in (0, 1))
     by_task["all"] = total_tokens / total_steps if total_steps else 0.0
     return by_task
-
-
-def warm_segments(prompts) -> dict[tuple[str, str], list]:
-    """Warm-split prompts (never the held-out ones) by (pool key, task), in workload order."""
-    by_segment: dict[tuple[str, str], list] = {}
-    for prompt in prompts:
-        if prompt.split != "heldout":
-            by_segment.setdefault((prompt.pool_key, prompt.task), []).append(prompt)
-    return by_segment
 
 
 def round_robin(groups: Sequence[Sequence], count: int) -> list:
@@ -312,7 +285,7 @@ def run(args) -> dict:
     pool_state = {"corpus_texts": len(warmups),
                   "tokens_per_step_corpus_only": tokens_per_step_by_task(
                       engine, pools, chosen, tokenized, args.max_new_tokens, eos)}
-    pool_state["served"] = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens)
+    pool_state["served"] = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens, data_dir=args.data_dir)
     if pool_state["served"]["outputs"]:
         pool_state["tokens_per_step_with_served"] = tokens_per_step_by_task(
             engine, pools, chosen, tokenized, args.max_new_tokens, eos)

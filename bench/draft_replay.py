@@ -317,7 +317,7 @@ def run(args) -> dict:
     deepest = max([CANDIDATES[1], args.adaptive_max_depth] + [bl for _, bl in grid])
     engine = DecodingEngine(loaded.model, EngineSettings(decoding_length=16, branch_length=8))
     pools = warm_pools(loaded, warmups, engine.settings, deepest)
-    served = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens)
+    served = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens, data_dir=args.data_dir)
     cases = record_cases(
         engine, pools, pick_prompts(prompts, args.prompts), loaded.tokenizer, args.max_new_tokens
     )

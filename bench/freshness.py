@@ -22,7 +22,7 @@ services.decoder.engine.DecodingEngine drafting from the snapshot it holds). Ste
    removal shows it would see them.
 
 Workload: <data-dir>/workload/prompts.jsonl (+ inventory.jsonl), format in
-common/workload/export.py; model: <data-dir>/models/default. Without them: synthetic item texts
+common/workload/export.py; model: <data-dir>/models/smollm2-135m-instruct. Without them: synthetic item texts
 and a tiny RANDOM-weight model, said in the output (figures then show the plumbing, not a model).
 BENCH_QUICK=1: a small run (about a minute). Writes bench/results/freshness.json.
 """
@@ -44,9 +44,10 @@ from kafka import KafkaProducer
 
 from adaccel.v1 import pool_pb2, pool_pb2_grpc, records_pb2
 from bench.common import RESULTS_DIR, device_name, prompt_token_ids, quick_run, write_results
+from common.modeling.default_model import default_model_path
 from common.broker import EmbeddedBroker
 from common.modeling.loading import load_model
-from common.prompt_tokens import tokenize_blocks
+from common.prompt_tokens import tokenize_chat
 from common.rpc.channels import open_channel
 from common.telemetry import null_telemetry
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
@@ -87,7 +88,7 @@ class Workload:
 def resolve_model(data_dir: Path, model_path: Path | None) -> tuple[Path, str]:
     if model_path is not None:
         return model_path, str(model_path)
-    default = data_dir / "models" / "default"
+    default = default_model_path(data_dir)
     if (default / "config.json").is_file():
         return default, str(default)
     from common.modeling.tiny import save_tiny_model
@@ -170,8 +171,8 @@ def synthetic_workload(tokenizer, count: int, rng: random.Random) -> Workload:
         item_text = f"Item N{i:04d}: {brand} {title}. Brand {brand}. Category {pools[pool][0]}.\n"
         blocks = ["Write the selling points of this item.\n", item_text, "Answer:\n"]
         blocks_again = ["You write ad copy. Describe this item.\n", item_text, "Answer:\n"]
-        cases.append(Case(f"N{i:04d}", pool, item_text, tokenize_blocks(tokenizer, blocks).token_ids,
-                          tokenize_blocks(tokenizer, blocks_again).token_ids))
+        cases.append(Case(f"N{i:04d}", pool, item_text, tokenize_chat(tokenizer, blocks, 1).token_ids,
+                          tokenize_chat(tokenizer, blocks_again, 1).token_ids))
     return Workload("synthetic item texts (no workload file)", cases, warm, [])
 
 

@@ -44,7 +44,7 @@ def run(args) -> dict:
     eos = loaded.tokenizer.eos_token_id
     points, served_so_far, outputs = [], 0, 0
     for per_segment in args.steps:
-        served = serve_into_pools(loaded, pools, prompts, per_segment, args.max_new_tokens, already=served_so_far)
+        served = serve_into_pools(loaded, pools, prompts, per_segment, args.max_new_tokens, already=served_so_far, data_dir=args.data_dir)
         served_so_far = per_segment
         outputs += served["outputs"]
         by_task = tokens_per_step_by_task(engine, pools, chosen, tokenized, args.max_new_tokens, eos)

@@ -50,7 +50,7 @@ from bench.common import (
     write_results,
 )
 from common.modeling.loading import LoadedModel, load_model
-from common.prompt_tokens import TokenizedPrompt, tokenize_blocks
+from common.prompt_tokens import TokenizedPrompt, tokenize_chat
 from common.workload.export import load_prompts
 from services.decoder.block_cache import BlockCache, LocalBlockMemory, ReuseSettings
 from services.decoder.engine import DecodingEngine, GenerationConfig
@@ -92,7 +92,7 @@ def build_prompts(prompts, tokenizer, target: int, count: int, limit: int, rng: 
         items = list(base.blocks[2:-1])
         seen = {b.id for b in items}
         pool = items_by_pool[base.pool_key]
-        fixed = len(tokenize_blocks(tokenizer, [instr.text, history.text, question.text]).token_ids)
+        fixed = len(tokenize_chat(tokenizer, [instr.text, history.text, question.text], 1).token_ids)
         sizes = [len(tokenizer(b.text, add_special_tokens=False)["input_ids"]) for b in items]
         while fixed + sum(sizes) < target:
             extra = pool[int(rng.integers(len(pool)))]
@@ -116,7 +116,7 @@ def build_prompts(prompts, tokenizer, target: int, count: int, limit: int, rng: 
         other_user = next((q.blocks[1] for q in rec if q.user_ids[0] != base.user_ids[0]), history)
         shuffled = [items[i] for i in rng.permutation(len(items))]
         other = as_blocks([instr, other_user, *shuffled, question])
-        tokenized = tokenize_blocks(tokenizer, [b.text for b in blocks])
+        tokenized = tokenize_chat(tokenizer, [b.text for b in blocks], 1)
         out.append(BenchPrompt(blocks, tokenized, [same_user, other]))
         if len(out) == count:
             break
@@ -223,7 +223,7 @@ def run(args) -> dict:
         for size in sizes:
             for prompt in bench_prompts[size]:
                 for warm in prompt.warmups:  # served before: their blocks published, their KV in the prefix cache
-                    tokenized = tokenize_blocks(loaded.tokenizer, [b.text for b in warm])
+                    tokenized = tokenize_chat(loaded.tokenizer, [b.text for b in warm], 1)
                     block_cache.prepare(tokenized, warm)
                     prefix.add(loaded.model, tokenized)
                 block_cache.flush(600)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaccel.v1 import decoder_pb2, kvstore_pb2, pool_pb2, router_pb2
+from common.modeling.default_model import default_model_path
 from common.broker import EmbeddedBroker, free_port
 from common.rpc.channels import health_status, open_channel
 
@@ -62,7 +63,9 @@ class Stack:
     decoders: int = 1
     # Extra ADACCEL_* settings per service kind, e.g. {"decoder": {"MAX_QUEUE": "4"}}.
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
-    start_timeout_s: float = 120.0
+    # A decoder loads its model and may calibrate block reuse first (minutes on a CPU without a
+    # stored gate result; `make model` stores one).
+    start_timeout_s: float = 600.0
     broker: EmbeddedBroker | None = None
     processes: list[ServiceProcess] = field(default_factory=list)
 
@@ -197,10 +200,10 @@ class Stack:
 
 
 def resolve_model(data_dir: Path, model_path: Path | None) -> Path:
-    """The given model, else the default model built by `make model`, else a labelled random stand-in."""
+    """The given model, else the default model `make model` converts, else a labelled random stand-in."""
     if model_path is not None:
         return model_path
-    default = data_dir / "models" / "default"
+    default = default_model_path(data_dir)
     if (default / "config.json").is_file():
         return default
     from common.modeling.tiny import save_tiny_model

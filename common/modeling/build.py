@@ -1,10 +1,16 @@
-"""Build the workload and the default model: `python -m common.modeling.build --data-dir DIR [--quick]`.
+"""Build the workload and a small model trained on it: `python -m common.modeling.build --data-dir DIR [--quick]`.
+
+The suite's default model is SmolLM2-135M-Instruct (common/modeling/default_model.py); `make model`
+runs this module with `--workload-only`. The trained 2.7M model stays as an explicit fast option
+(`make model-trained`): a decoder over it starts in seconds and steps in milliseconds, which is
+what the quick end-to-end checks of a change to the decoding loop want; its figures say nothing
+about a real model.
 
 Writes
   DIR/workload/                 prompts, catalog, users, inventory (see common/workload/export.py)
-  DIR/models/default/           a Hugging Face checkpoint (config, weights, tokenizer) plus
+  DIR/models/adaccel-llama-2.7m/  a Hugging Face checkpoint (config, weights, tokenizer) plus
                                 adaccel_model.json; `--quick`: DIR/models/quick/ (a micro model)
-  <results-dir>/model.json      params, train_s, heldout_ppl, unigram_ppl, distinct2,
+  <results-dir>/model_trained.json  params, train_s, heldout_ppl, unigram_ppl, distinct2,
                                 within_vs_across_4gram_overlap (`--quick`: model_quick.json, so
                                 a quick build never overwrites the default model's figures)
 
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.modeling.loading import CARD_FILE
 from common.modeling.tokenizer_training import encode_unique, find_round_trip_failures, train_bpe_tokenizer
 from common.modeling.training import (
     Example,
@@ -53,7 +60,7 @@ from common.workload.prompts import Prompt
 from common.workload.settings import WorkloadSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CARD_FILE = "adaccel_model.json"
+TRAINED_MODEL_NAME = "adaccel-llama-2.7m"
 # Bump when a change of code (not of settings) changes what gets built.
 BUILD_FORMAT = 1
 
@@ -80,9 +87,11 @@ class BuildProfile:
 
 
 def default_profile(seed: int = 0) -> BuildProfile:
+    """The 2.7M model trained on the workload's reference texts: a fast option (`make model-trained`),
+    no longer the suite's default model (that is SmolLM2-135M-Instruct, common/modeling/default_model.py)."""
     return BuildProfile(
-        name="default",
-        results_file="model.json",
+        name=TRAINED_MODEL_NAME,
+        results_file="model_trained.json",
         workload=WorkloadSettings(),
         model=ModelSpec(),
         train=TrainSettings(seed=seed),
@@ -246,6 +255,17 @@ def write_results(results_dir: Path, filename: str, results: dict) -> Path:
 # ---- the build -----------------------------------------------------------------------------
 
 
+def build_workload_only(data_dir: Path, profile: BuildProfile) -> None:
+    """The workload files alone (what `make model` needs besides the default model)."""
+    workload_dir = data_dir / "workload"
+    if read_manifest(workload_dir).get("workload_hash") == workload_hash(profile.workload):
+        print(f"{workload_dir} is up to date; nothing to do")
+        return
+    print(f"building workload ({profile.workload.num_items} items, {profile.workload.num_users} users)")
+    write_workload_if_changed(workload_dir, build_workload(profile.workload), profile)
+    print(f"wrote {workload_dir}")
+
+
 def build(data_dir: Path, profile: BuildProfile, results_dir: Path, *, force: bool = False) -> dict:
     """Runs the whole build (or nothing when up to date); returns the results figures."""
     started = time.perf_counter()
@@ -351,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--seed", type=int, default=0, help="model init and batch order seed")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    parser.add_argument("--workload-only", action="store_true", help="write the workload files, train nothing")
     args = parser.parse_args(argv)
     profile = quick_profile(args.seed) if args.quick else default_profile(args.seed)
+    if args.workload_only:
+        build_workload_only(args.data_dir, profile)
+        return 0
     build(args.data_dir, profile, args.results_dir, force=args.force)
     return 0
 

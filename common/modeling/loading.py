@@ -15,6 +15,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 
+CARD_FILE = "adaccel_model.json"
+
+
 class ModelLoadError(ValueError):
     """The model directory is missing, is not a causal LM, or does not match its tokenizer."""
 
@@ -31,7 +34,7 @@ class LoadedModel:
 
 def read_model_card(path: Path) -> dict:
     """adaccel's own metadata written next to a checkpoint (absent for a user's checkpoint)."""
-    card = path / "adaccel_model.json"
+    card = path / CARD_FILE
     if not card.is_file():
         return {}
     return json.loads(card.read_text())
@@ -54,6 +57,7 @@ def load_model(
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model path {str(path)!r}: unreadable config: {exc}") from exc
+    check_engine_supports(config, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
@@ -87,4 +91,45 @@ def check_tokenizer_matches(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
         raise ModelLoadError(
             f"model path {str(path)!r}: tokenizer has {len(tokenizer)} tokens but the model's "
             f"vocab_size is {vocab_size}: they do not belong together"
+        )
+
+
+def unsupported_attention(config) -> str | None:
+    """Why the decoding engine cannot run this architecture, or None.
+
+    The engine verifies a draft tree with one 4-D mask over the whole cache for every layer and
+    crops the cache after each step. A sliding-window layer keeps only its window in the cache,
+    so once a prompt passes the window that layer's cache and the tree mask differ in size (the
+    first verification step fails with a tensor-size mismatch); linear-attention and
+    state-space layers keep no per-token cache to crop at all.
+    """
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        # Where a config lists its layers' kinds, they alone decide: Qwen2 with use_sliding_window
+        # set but max_window_layers past its depth has only full-attention layers.
+        odd = sorted(set(layer_types) - {"full_attention"})
+        return f"layer types {odd} (only full-attention layers are supported)" if odd else None
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return f"sliding-window attention (window {config.sliding_window})"
+    if getattr(config, "attention_chunk_size", None):
+        return "chunked attention"
+    return None
+
+
+def check_engine_supports(config, path: Path) -> None:
+    reason = unsupported_attention(config)
+    if reason is not None:
+        raise ModelLoadError(
+            f"model {str(path)!r} ({getattr(config, 'model_type', '?')}): the decoding engine does not support "
+            f"{reason}: its tree verification would fail once a prompt passes the window. Use a checkpoint whose "
+            f"layers all use full attention"
+        )
+
+
+def check_chat_template(tokenizer, path: Path) -> None:
+    """Prompts are rendered with the model's own chat template (common/prompt_tokens.py)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            f"tokenizer of {str(path)!r} has no chat template: prompts could only be sent raw. Use an instruct "
+            f"checkpoint whose tokenizer_config.json (or GGUF metadata) carries `chat_template`"
         )

@@ -56,6 +56,14 @@ class Prompt:
         """The prompt as the model reads it: block texts concatenated in order."""
         return "".join(block.text for block in self.blocks)
 
+    @property
+    def system_blocks(self) -> int:
+        """Leading instruction blocks: the system message when rendered with a chat template."""
+        count = 0
+        while count < len(self.blocks) and self.blocks[count].kind == "instruction":
+            count += 1
+        return count
+
 
 def build_voices(style_seed: int) -> dict[str, Voice]:
     """pool key -> voice, for every category pool and every user pool."""

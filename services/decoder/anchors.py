@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from common.blocks.item_embedding import item_embedder
 from common.blocks.placement import AnchorBuckets
+from common.modeling.default_model import default_model_path
 from common.workload.export import load_prompts
 from services.decoder.settings import DecoderSettings
 
@@ -55,12 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     """Learns placement anchors from the workload's items and saves them beside the model."""
     parser = argparse.ArgumentParser(prog="python -m services.decoder.anchors", description=main.__doc__)
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/default")
+    parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/smollm2-135m-instruct")
     parser.add_argument("--embedder", default="auto", choices=["auto", "minilm", "category"])
     parser.add_argument("--anchors", type=int, default=DecoderSettings.model_fields["placement_anchors"].default)
     parser.add_argument("--force", action="store_true", help="learn again when the file exists")
     args = parser.parse_args(argv)
-    model_path = args.model_path or args.data_dir / "models" / "default"
+    model_path = args.model_path or default_model_path(args.data_dir)
     embed = item_embedder(args.embedder)
     path = anchors_path(model_path, embed.name)
     if path.is_file() and not args.force:

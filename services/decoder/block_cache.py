@@ -103,6 +103,11 @@ def kv_checksum(data: bytes) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+def cache_model_key(model_id: str, dtype: torch.dtype) -> str:
+    """What block KV and the accuracy gate are keyed by: the model and its dtype."""
+    return f"{model_id}:{dtype_name(dtype)}"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -423,7 +428,7 @@ class BlockCache:
         self.memory = memory
         self.store = store
         # The hash names weights and dtype: two dtypes of one checkpoint give different KV.
-        self.model_key = f"{model_id}:{dtype_name(model.dtype)}"
+        self.model_key = cache_model_key(model_id, model.dtype)
         self.tokenizer_fp = tokenizer_fingerprint(tokenizer)
         self.mode = settings.mode
         self.counters = BlockCacheCounters()

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     from common.modeling.loading import load_model
 
     parser = argparse.ArgumentParser(prog="python -m services.decoder.cost_profile", description=main.__doc__)
-    parser.add_argument("--model-path", type=Path, default=Path("data/models/default"))
+    parser.add_argument("--model-path", type=Path, default=Path("data/models/smollm2-135m-instruct"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)

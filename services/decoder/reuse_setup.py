@@ -17,10 +17,10 @@ from common.blocks.calibration import CalibrationPrompt, GateSettings, gate, loa
 from common.blocks.item_embedding import item_embedder
 from common.blocks.placement import Placement
 from common.modeling.loading import LoadedModel
-from common.prompt_tokens import tokenize_blocks
+from common.prompt_tokens import tokenize_chat
 from common.rpc.channels import open_channel
 from services.decoder.anchors import placement_buckets
-from services.decoder.block_cache import BlockCache, KvStoreClient, LocalBlockMemory, ReuseSettings
+from services.decoder.block_cache import BlockCache, KvStoreClient, LocalBlockMemory, ReuseSettings, cache_model_key
 from services.decoder.settings import DecoderSettings
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def workload_calibration_prompts(tokenizer, path: Path, count: int, max_tokens: 
     for prompt in prompts:
         if prompt.task != "generative_rec":
             continue
-        tokenized = tokenize_blocks(tokenizer, [b.text for b in prompt.blocks])
+        tokenized = tokenize_chat(tokenizer, [b.text for b in prompt.blocks], prompt.system_blocks)
         if len(tokenized.token_ids) > max_tokens:
             continue
         ids = tokenized.token_ids
@@ -59,7 +59,7 @@ def random_calibration_prompts(vocab_size: int, count: int, seed: int = 0) -> li
     return out
 
 
-def gated_mode(settings: DecoderSettings, loaded: LoadedModel, model_key: str) -> str:
+def gated_mode(settings: DecoderSettings, loaded: LoadedModel, model_key: str, *, progress: bool = False) -> str:
     """The mode to serve: the configured one if the accuracy gate passes (or is off), else full."""
     mode = settings.reuse_mode
     if mode == "full" or settings.reuse_gate_prompts == 0:
@@ -75,13 +75,17 @@ def gated_mode(settings: DecoderSettings, loaded: LoadedModel, model_key: str) -
     stored = known is not None and known.knobs == gate_settings.knobs() and known.prompts > 0
     if not stored and workload.is_file() and not loaded.random_weights:
         prompts = workload_calibration_prompts(loaded.tokenizer, workload, settings.reuse_gate_prompts,
-                                               settings.max_prompt_tokens)
+                                               min(settings.reuse_gate_max_tokens, settings.max_prompt_tokens))
         source = f"workload prompts ({workload})"
     if not prompts:
         prompts = random_calibration_prompts(loaded.model.config.vocab_size, settings.reuse_gate_prompts)
         source = "random-token prompts"
     if not stored:
         log.info("calibrating block reuse on %d %s", len(prompts), source)
+        if progress:
+            from tqdm import tqdm
+
+            prompts = tqdm(prompts, desc="block-reuse accuracy gate", unit="prompt")
     result = gate(loaded.model, model_key, prompts, gate_settings, store_path=store)
     return serving_mode(result, mode)
 
@@ -116,3 +120,27 @@ def create_block_cache(settings: DecoderSettings, loaded: LoadedModel, *, tracer
     cache.mode = gated_mode(settings, loaded, cache.model_key)
     closers.insert(0, cache.close)
     return cache, closers
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs the block-reuse accuracy gate for a model with the decoder's default settings and
+    stores its result (`make model` runs it), so a decoder starts without calibrating."""
+    import argparse
+
+    from common.modeling.default_model import default_model_path
+    from common.modeling.loading import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m services.decoder.reuse_setup", description=main.__doc__)
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/smollm2-135m-instruct")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model_path = args.model_path or default_model_path(args.data_dir)
+    settings = DecoderSettings(data_dir=args.data_dir, model_path=model_path)
+    loaded = load_model(model_path)
+    mode = gated_mode(settings, loaded, cache_model_key(loaded.model_id, loaded.model.dtype), progress=True)
+    print(f"block reuse for {loaded.model_id}: serving mode {mode!r} (configured {settings.reuse_mode!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,14 @@ from transformers import DynamicCache
 from adaccel.v1 import common_pb2
 from common.drafting.pools import PoolRegistry
 from common.modeling.loading import LoadedModel
-from common.prompt_tokens import BlockTokenizer, PromptTooLong, TokenizedPrompt, tokenize_blocks
+from common.prompt_tokens import (
+    BlockTokenizer,
+    ChatFrame,
+    PromptTooLong,
+    TokenizedPrompt,
+    leading_instructions,
+    tokenize_blocks,
+)
 from common.rpc.errors import InvalidArgument
 from services.decoder.block_cache import BlockCache, PreparedPrompt
 from services.decoder.engine import DecodingEngine, GenerationConfig, StepResult, TokenTrie
@@ -61,8 +68,11 @@ class PoolTracker(Protocol):
 class GenerationRunner:
     def __init__(self, loaded: LoadedModel, engine: DecodingEngine, pools: PoolRegistry, *, device: str,
                  max_prompt_tokens: int, pool_tracker: PoolTracker | None = None,
-                 block_cache: BlockCache | None = None, report_block_limit: int = 4096):
+                 block_cache: BlockCache | None = None, report_block_limit: int = 4096,
+                 chat_frame: ChatFrame | None = None):
         self.loaded = loaded
+        # The model's chat template, or None: prompts then go to the model raw.
+        self.chat_frame = chat_frame
         self.block_cache = block_cache
         self.report_block_limit = report_block_limit
         # Memoised per block text: the same blocks recur, and prepare() needs the block spans again.
@@ -84,21 +94,26 @@ class GenerationRunner:
             return [], []
         return self.block_cache.report(self.report_block_limit)
 
-    def tokenize(self, blocks: Sequence[common_pb2.PromptBlock]) -> TokenizedPrompt:
+    def tokenize(self, request: common_pb2.GenerateRequest) -> TokenizedPrompt:
+        """The request's blocks through the model's chat template (unless it asks for raw_prompt)."""
+        blocks: Sequence[common_pb2.PromptBlock] = request.blocks
+        frame = None if request.raw_prompt else self.chat_frame
+        system_blocks = leading_instructions([b.kind == common_pb2.BLOCK_KIND_INSTRUCTION for b in blocks])
         try:
-            return tokenize_blocks(self.block_tokenizer, [b.text for b in blocks], self.max_prompt_tokens)
+            return tokenize_blocks(self.block_tokenizer, [b.text for b in blocks], self.max_prompt_tokens,
+                                   frame=frame, system_blocks=system_blocks)
         except PromptTooLong as exc:
             raise InvalidArgument(f"blocks: {exc}") from exc
 
-    def tokenize_prompt(self, blocks: Sequence[common_pb2.PromptBlock]) -> list[int]:
-        return self.tokenize(blocks).token_ids
+    def tokenize_prompt(self, request: common_pb2.GenerateRequest) -> list[int]:
+        return self.tokenize(request).token_ids
 
     def prepare_prompt(self, request: common_pb2.GenerateRequest, prompt_ids: list[int] | None = None
                        ) -> PreparedPrompt:
         """The request's prompt ids and the KV to start from (block reuse), with cached / computed
         token counts: see block_cache.PreparedPrompt. Runs model forwards when blocks are reused
         (the assembly). params.disable_block_reuse -> no cache, the engine prefills everything."""
-        tokenized = self.tokenize(request.blocks)
+        tokenized = self.tokenize(request)
         if prompt_ids is not None and tokenized.token_ids != prompt_ids:
             raise ValueError("prompt_ids do not match the request's blocks")
         if self.block_cache is None:

@@ -10,6 +10,7 @@ from adaccel.v1 import decoder_pb2, decoder_pb2_grpc, pool_pb2_grpc
 from common.kafka_io import ensure_topics, make_producer
 from common.drafting.pools import PoolRegistry
 from common.modeling.loading import load_model
+from common.prompt_tokens import ChatFrame, chat_frame
 from common.requests import RequestLimits
 from common.rpc.channels import open_channel
 from common.rpc.security import client_security
@@ -28,6 +29,15 @@ from services.decoder.settings import DecoderSettings
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
+
+
+def prompt_frame(settings: DecoderSettings, loaded) -> ChatFrame | None:
+    """The chat template prompts are rendered with, or None (raw prompts), said in the log."""
+    frame = chat_frame(loaded.tokenizer) if settings.chat_template else None
+    if frame is None:
+        why = "chat_template is off" if not settings.chat_template else "the tokenizer has no chat template"
+        log.info("prompts go to the model raw", extra={"reason": why, "model_id": loaded.model_id})
+    return frame
 
 
 def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> ServerHandle:
@@ -76,7 +86,8 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
                                                           security=client_security(settings))
     runner = GenerationRunner(loaded, engine, pools, device=settings.device,
                               max_prompt_tokens=settings.max_prompt_tokens, pool_tracker=snapshots,
-                              block_cache=block_cache, report_block_limit=settings.report_block_limit)
+                              block_cache=block_cache, report_block_limit=settings.report_block_limit,
+                              chat_frame=prompt_frame(settings, loaded))
     decoder = DecoderService(
         runner, publisher, decoder_id=settings.decoder_id, limits=limits,
         batcher=batcher, decoding_length=settings.decoding_length,

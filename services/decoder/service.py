@@ -41,7 +41,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         arrived = time.perf_counter()
         validate_generate_request(request, self.limits)
         request_id = request.request_id or uuid.uuid4().hex
-        prompt_ids = self.runner.tokenize_prompt(request.blocks)
+        prompt_ids = self.runner.tokenize_prompt(request)
         ticket = self.batcher.admit(len(prompt_ids), request.params.max_new_tokens)
         # The RPC ending early (client gone, deadline passed) takes the request out of the batch.
         if not context.add_callback(ticket.cancel):

@@ -11,7 +11,8 @@ from common.settings import KafkaSettings, ServiceSettings
 
 
 class DecoderSettings(ServiceSettings, KafkaSettings):
-    model_path: Path = Field(Path("data/models/default"), description="local Hugging Face checkpoint directory")
+    model_path: Path = Field(Path("data/models/smollm2-135m-instruct"), description="local Hugging Face checkpoint directory")
+    chat_template: bool = Field(True, description="render prompts with the model's chat template (instruction blocks as the system message, the rest as the user message); a request may still ask for raw_prompt; a model without a template always gets raw prompts")
     decoder_id: str = Field("", description="replica id (default: decoder-<port>)")
     device: str = Field("cpu", description="torch device")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch default)")
@@ -58,7 +59,8 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     placement_anchors: int = Field(64, ge=1, description="similarity buckets hashed onto the shard ring")
     placement_anchors_file: Path | None = Field(None, description="learned similarity anchors (.npy [K, dim]), the same file for every decoder; default <model_path>/placement_anchors.<embedder>.npy when present, else seeded random anchors")
     reuse_gate_min_top1: float = Field(0.9, ge=0, le=1, description="accuracy gate: reuse only if top-1 agreement with full prefill (first token + continuation) reaches this")
-    reuse_gate_prompts: int = Field(24, ge=0, description="accuracy gate: calibration prompts (0 = no gate)")
+    reuse_gate_prompts: int = Field(8, ge=0, description="accuracy gate: calibration prompts (0 = no gate)")
+    reuse_gate_max_tokens: int = Field(1024, ge=16, description="accuracy gate: longest calibration prompt, in tokens (the gate prefills each prompt twice at start-up unless a stored result matches; `make model` stores it)")
     reuse_gate_continuation_tokens: int = Field(8, ge=0, le=64, description="accuracy gate: greedy tokens after the first compared per prompt")
     reuse_gate_store: Path | None = Field(None, description="gate results by model id (default <data_dir>/calibration/block_reuse.json)")
 

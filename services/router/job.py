@@ -2,8 +2,12 @@
 
 Generates item knowledge and user-interest summaries for the workload's prompts
 (`<data-dir>/workload/prompts.jsonl`, written by `make model`; without one, a few built-in demo
-prompts, and it says so). Before the run, the pools are warmed with the workload's warm-split
-texts (Pool.Insert). Requests go through the router a few at a time, so decoders batch them. A
+prompts, and it says so). Before the run, the pools are warmed as a running deployment's are: the
+model's own answers to warm-split prompts (`<data-dir>/warm_answers/<model>.jsonl`, decoded by
+`make model`) are published to the generated-text topic and enter the pools through the pool
+updater, as live generations do. Without such a file (a model `make model` did not warm, e.g. a
+test's tiny model), the workload's warm-split reference texts are inserted with Pool.Insert, and
+the job says which it did. Requests go through the router a few at a time, so decoders batch them. A
 sample is also run with acceleration off (no drafting, no block KV reuse), each right after its
 accelerated twin, so the table's speedup is measured in the same run; the table also gives the
 cache hit rates (KV blocks, pools).
@@ -71,6 +75,25 @@ def workload_requests(path: Path, count: int, max_new_tokens: int
     return requests, [(w.pool_key, w.text) for w in warmups]
 
 
+def publish_warm_answers(bootstrap: str, answers) -> int:
+    """Publishes the model's stored warm answers as GeneratedRecords on the generated-text topic
+    (what the decoders publish; the pool updater inserts them); returns records sent."""
+    from common.kafka_io import ensure_topics, make_producer
+    from common.settings import KafkaSettings
+
+    settings = KafkaSettings(kafka_bootstrap=bootstrap)
+    ensure_topics(settings, [settings.kafka_generated_topic])
+    producer = make_producer(settings)
+    try:
+        for answer in tqdm(answers, desc="publishing warm answers", unit="record", leave=False):
+            producer.send(settings.kafka_generated_topic, key=answer.pool_key.encode(),
+                          value=answer.record().SerializeToString())
+        producer.flush(timeout=30)
+    finally:
+        producer.close(timeout=5)
+    return len(answers)
+
+
 def warm_pools(pool_stub, texts: list[tuple[str, str]], *, per_call: int = 64) -> int:
     """Pool.Insert of previously generated texts, grouped by pool; returns texts inserted."""
     by_pool: dict[str, list[str]] = defaultdict(list)
@@ -131,22 +154,39 @@ def wait_for_ingest(pool_stub, expected: int, timeout_s: float) -> pool_pb2.Pool
         time.sleep(0.2)
 
 
+# Sized for SmolLM2-135M on 2 CPU cores (~8 tokens/s for one request): a few minutes of decoding.
+JOB_REQUESTS = 24
+JOB_NEW_TOKENS = 64
+
+
 def run_job(stack, data_dir: Path, *, quick: bool, extra_args: list[str]) -> dict:
-    max_new_tokens = 24 if quick else 96
+    from common.modeling.loading import read_model_card
+    from services.decoder.warm_answers import answers_path, read_answers
+
+    max_new_tokens = 24 if quick else JOB_NEW_TOKENS
     workload = data_dir / "workload" / "prompts.jsonl"
     if workload.is_file():
-        requests, warm_texts = workload_requests(workload, 6 if quick else 200, max_new_tokens)
+        requests, warm_texts = workload_requests(workload, 6 if quick else JOB_REQUESTS, max_new_tokens)
         source = f"{len(requests)} item-knowledge and user-summary prompts from {workload}"
         if quick:
             warm_texts = warm_texts[:200]
     else:
         requests, warm_texts = demo_requests(max_new_tokens), list(DEMO_WARM)
         source = "built-in demo prompts (no workload file)"
-    baseline_every = 3 if quick else 10  # every n-th request is also run with acceleration off
+    baseline_every = 3  # every n-th request is also run with acceleration off
     concurrency = 2 if quick else 4  # requests in flight: the decoders batch them
     router = router_pb2_grpc.RouterStub(open_channel(stack.address("router")))
     pool = pool_pb2_grpc.PoolStub(open_channel(stack.address("pool")))
-    warmed = warm_pools(pool, warm_texts)
+    model_id = read_model_card(stack.model_path).get("model_id", stack.model_path.name)
+    warm_answers = read_answers(answers_path(data_dir, model_id))
+    if warm_answers:
+        warmed = publish_warm_answers(stack.broker.bootstrap, warm_answers)
+        warm_source = f"{warmed} of the model's own answers to warm prompts, via the generated-text topic"
+        wait_for_ingest(pool, warmed, timeout_s=60)
+    else:
+        warmed = warm_pools(pool, warm_texts)
+        warm_source = f"{warmed} warm-split reference texts (Pool.Insert; no model answers stored)"
+    ingested_before = pool.Stats(pool_pb2.PoolStatsRequest(), timeout=5).records_ingested
     out_dir = data_dir / "outputs"
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"job-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
@@ -160,6 +200,7 @@ def run_job(stack, data_dir: Path, *, quick: bool, extra_args: list[str]) -> dic
         return outcome, baseline
 
     ttfts, client_ttfts, failures = [], [], 0
+    samples: dict[str, str] = {}  # task -> the first answer seen
     totals = {"steps": 0, "tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
               "draft_steps": 0, "draft_hit_steps": 0, "drafted": 0, "accepted_drafts": 0}
     sample = {"accelerated": [0, 0.0], "plain": [0, 0.0]}  # tokens, decoder seconds
@@ -182,11 +223,12 @@ def run_job(stack, data_dir: Path, *, quick: bool, extra_args: list[str]) -> dic
                 for key, s in (("accelerated", summary), ("plain", baseline.summary)):
                     sample[key][0] += s.stats.new_tokens
                     sample[key][1] += s.stats.total_s
+            samples.setdefault(task_of(request), summary.text)
             out.write(json.dumps({"request_id": summary.request_id, "pool_key": request.pool_key,
                                   "text": summary.text, "tokens": stats.new_tokens,
                                   "decoder": summary.decoder_id, "model": summary.model_id}) + "\n")
     wall_s = time.perf_counter() - t0
-    pool_stats = wait_for_ingest(pool, len(requests) - failures, timeout_s=30)
+    pool_stats = wait_for_ingest(pool, ingested_before + len(requests) - failures, timeout_s=30)
     tokens, steps = totals["tokens"], totals["steps"]
     results = {
         "prompts_source": source,
@@ -194,6 +236,7 @@ def run_job(stack, data_dir: Path, *, quick: bool, extra_args: list[str]) -> dic
         "failed": failures,
         "concurrency": concurrency,
         "warm_texts_inserted": warmed,
+        "pool_warmup": warm_source,
         "new_tokens": tokens,
         "wall_s": wall_s,
         "items_per_s": (len(requests) - failures) / wall_s if wall_s else 0.0,
@@ -212,14 +255,26 @@ def run_job(stack, data_dir: Path, *, quick: bool, extra_args: list[str]) -> dic
         "speedup_vs_no_acceleration": ((sample["accelerated"][0] / sample["accelerated"][1])
                                        / (sample["plain"][0] / sample["plain"][1])) if sample["plain"][1] else 0.0,
         "speedup_sample_requests": len(range(0, len(requests), baseline_every)),
-        "pool_records_ingested": pool_stats.records_ingested,
+        # This job's generations only (the warm-up's records came before).
+        "pool_records_ingested": pool_stats.records_ingested - ingested_before,
         "pools": {p.pool_key: {"version": p.version, "nodes": p.nodes} for p in pool_stats.pools},
         "output": str(out_path),
-        "model": str(stack.model_path),
+        "model": model_id,
+        "model_path": str(stack.model_path),
+        "samples": samples,
     }
     print_table(results)
     (out_dir / "job_summary.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def task_of(request: common_pb2.GenerateRequest) -> str:
+    """The task a request is for, from its instruction block's id ("instruction/<task>/v1")."""
+    for block in request.blocks:
+        if block.kind == common_pb2.BLOCK_KIND_INSTRUCTION:
+            parts = block.id.split("/")
+            return parts[1] if len(parts) > 1 else block.id
+    return "other"
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -251,6 +306,10 @@ def print_table(results: dict) -> None:
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     table.add_row("pools updated", str(len(results["pools"])))
     table.add_row("prompts", results["prompts_source"])
-    table.add_row("model", results["model"])
+    table.add_row("pool warm-up", results["pool_warmup"])
+    table.add_row("model", f"{results['model']} ({results['model_path']})")
     table.add_row("outputs", results["output"])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for task, text in sorted(results["samples"].items()):
+        console.print(f"[bold]{task}[/bold]: {text.strip()}")

