@@ -121,6 +121,16 @@ def save_figure(fig, path: Path, *, dpi: int = 120) -> None:
     plt.close(fig)
 
 
+def command_line() -> str:
+    """The command this run was started with (sizes shrunk for a CPU are read off it)."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None and spec.name else sys.argv[0]
+    return " ".join([program, *sys.argv[1:]])
+
+
 def model_provenance(model_path: Path | str) -> dict:
     """What a results file says of its model: id, size and where it came from (its card)."""
     from common.modeling.default_model import read_card
@@ -137,7 +147,7 @@ def write_results(name: str, results: dict, results_dir: Path = RESULTS_DIR, *,
     own "model_path") the model's provenance."""
     results_dir.mkdir(parents=True, exist_ok=True)
     model_path = model_path or results.get("model_path")
-    stamp = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    stamp = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command_line()}
     if model_path:
         stamp["model_provenance"] = model_provenance(model_path)
     results = {**stamp, **results}

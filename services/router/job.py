@@ -68,8 +68,10 @@ def workload_requests(path: Path, count: int, max_new_tokens: int
     from common.workload.export import load_prompts, to_generate_request
 
     prompts, warmups = load_prompts(path)
-    ours = [p for p in prompts if p.task in JOB_TASKS]
-    chosen = ([p for p in ours if p.split == "heldout"] + [p for p in ours if p.split != "heldout"])[:count]
+    # Held-out first, the tasks taken in turn so that every task is in a short run.
+    by_task = [[p for p in prompts if p.task == task and p.split == "heldout"]
+               + [p for p in prompts if p.task == task and p.split != "heldout"] for task in JOB_TASKS]
+    chosen = [group[i] for i in range(max(map(len, by_task), default=0)) for group in by_task if i < len(group)][:count]
     params = common_pb2.GenerationParams(max_new_tokens=max_new_tokens)
     requests = [to_generate_request(p, params=params, publish=True) for p in chosen]
     return requests, [(w.pool_key, w.text) for w in warmups]
