@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -21,20 +20,6 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def quick_run() -> bool:
     """BENCH_QUICK set (and not 0): a short run, for a first look or a smoke test."""
     return os.environ.get("BENCH_QUICK", "") not in ("", "0")
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return f"cuda: {torch.cuda.get_device_name(0)}"
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model}, {torch.get_num_threads()} torch threads"
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -133,9 +118,9 @@ def command_line() -> str:
 
 def model_provenance(model_path: Path | str) -> dict:
     """What a results file says of its model: id, size and where it came from (its card)."""
-    from common.modeling.default_model import read_card
+    from common.modeling.card import read_model_card
 
-    card = read_card(Path(model_path))
+    card = read_model_card(Path(model_path))
     return {"model_id": card.get("model_id", Path(model_path).name), "params": card.get("params"),
             "random_weights": bool(card.get("random_weights", False)), "provenance": card.get("provenance"),
             "path": str(model_path)}

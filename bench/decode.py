@@ -45,7 +45,6 @@ from bench.common import (
     RESULTS_DIR,
     add_model_arguments,
     bench_parser,
-    device_name,
     figure,
     load_model_and_workload,
     prompt_token_ids,
@@ -55,11 +54,13 @@ from bench.common import (
     spread,
     write_results,
 )
+from common.machine import device_name
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import PoolRegistry
 from common.drafting.trie import TrieSettings
 from common.modeling.loading import LoadedModel
+from common.workload.prompts import round_robin
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
 from services.decoder.warm_answers import pick_warm_prompts, stored_or_decoded_answers, warm_segments
@@ -227,7 +228,7 @@ def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segm
     start = time.perf_counter()
     answers, decoded = stored_or_decoded_answers(loaded, served, max_new_tokens, rows=rows, data_dir=data_dir)
     for answer in answers:
-        pools.get_or_create(answer.pool_key).insert(list(answer.token_ids) + [loaded.tokenizer.eos_token_id], "output")
+        pools.get_or_create(answer.pool_key).insert(list(answer.token_ids), "output")
     return {"per_segment": per_segment, "outputs": len(served), "decoded_now": decoded,
             "by_task": dict(sorted(tasks.items())), "segments": len(warm_segments(prompts)),
             "wall_s": time.perf_counter() - start}
@@ -247,16 +248,6 @@ def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen,
     total_tokens, total_steps = (sum(v[i] for v in counts.values()) for i in (0, 1))
     by_task["all"] = total_tokens / total_steps if total_steps else 0.0
     return by_task
-
-
-def round_robin(groups: Sequence[Sequence], count: int) -> list:
-    """Up to `count` items taken one from each group in turn (the groups' i-th items, then the
-    (i+1)-th), so that every group is represented."""
-    picked, i = [], 0
-    while len(picked) < count and any(i < len(group) for group in groups):
-        picked += [group[i] for group in groups if i < len(group)][: count - len(picked)]
-        i += 1
-    return picked
 
 
 def pick_prompts(prompts, count: int) -> list:

@@ -43,7 +43,6 @@ from bench.common import (
     RESULTS_DIR,
     add_model_arguments,
     bench_parser,
-    device_name,
     load_model_and_workload,
     prompt_token_ids,
     quick_run,
@@ -51,11 +50,12 @@ from bench.common import (
     results_table,
     write_results,
 )
+from common.machine import device_name
+from common.workload.prompts import round_robin
 from bench.decode import (
     engine_generate,
     parse_grid,
     pick_prompts,
-    round_robin,
     serve_into_pools,
     warm_pools,
     warm_segments,

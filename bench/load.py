@@ -32,7 +32,8 @@ from rich.table import Table
 from tqdm import tqdm
 
 from adaccel.v1 import common_pb2, router_pb2_grpc
-from bench.common import device_name, quick_run, write_results
+from bench.common import quick_run, write_results
+from common.machine import device_name
 from common.rpc.security import bearer_metadata
 
 MAX_ERROR_RATE = 0.001

@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from bench.common import device_name, quick_run, write_results
+from bench.common import quick_run, write_results
+from common.machine import device_name
 from common.blocks.hashing import BlockKind
 from common.blocks.item_embedding import item_embedder
 from common.blocks.placement import AnchorBuckets, Placement

@@ -21,7 +21,6 @@ from bench.common import (
     RESULTS_DIR,
     add_model_arguments,
     bench_parser,
-    device_name,
     figure,
     load_model_and_workload,
     prompt_token_ids,
@@ -30,6 +29,7 @@ from bench.common import (
     save_figure,
     write_results,
 )
+from common.machine import device_name
 from bench.decode import pick_prompts, serve_into_pools, tokens_per_step_by_task, warm_pools
 from services.decoder.engine import DecodingEngine, EngineSettings
 

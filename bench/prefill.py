@@ -43,12 +43,12 @@ from adaccel.v1 import common_pb2
 from bench.common import (
     RESULTS_DIR,
     add_model_arguments,
-    device_name,
     quick_run,
     resolve_model_arguments,
     spread,
     write_results,
 )
+from common.machine import device_name
 from common.modeling.loading import LoadedModel, load_model
 from common.prompt_tokens import TokenizedPrompt, tokenize_chat
 from common.workload.export import load_prompts

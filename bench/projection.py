@@ -30,7 +30,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from bench.common import RESULTS_DIR, bench_parser, device_name, figure, quick_run, save_figure, write_results
+from bench.common import RESULTS_DIR, bench_parser, figure, quick_run, save_figure, write_results
+from common.machine import device_name
 from services.decoder.cost_profile import profile_step_costs
 
 # Shapes of public checkpoints (no weights: random initialisation, nothing downloaded).

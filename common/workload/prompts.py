@@ -12,7 +12,7 @@ pools by its candidates' category (all candidates share one category, like an ad
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,7 @@ from common.workload.blocks import (
     shown_clicks,
     user_history_block,
 )
+from common.prompt_tokens import leading_instructions
 from common.workload.catalog import Catalog, Item, User
 from common.workload.facts import profile_history, rank_candidates
 from common.workload.lexicon import CATEGORIES, VERTICALS
@@ -59,10 +60,21 @@ class Prompt:
     @property
     def system_blocks(self) -> int:
         """Leading instruction blocks: the system message when rendered with a chat template."""
-        count = 0
-        while count < len(self.blocks) and self.blocks[count].kind == "instruction":
-            count += 1
-        return count
+        return leading_instructions([block.kind == "instruction" for block in self.blocks])
+
+
+def round_robin(groups: Sequence[Sequence], count: int) -> list:
+    """Up to `count` items taken one from each group in turn (the groups' i-th items, then the
+    (i+1)-th), so that every group is represented.
+
+    >>> round_robin([[1, 2, 3], ["a"], [10, 20]], 5)
+    [1, 'a', 10, 2, 20]
+    """
+    picked, i = [], 0
+    while len(picked) < count and any(i < len(group) for group in groups):
+        picked += [group[i] for group in groups if i < len(group)][: count - len(picked)]
+        i += 1
+    return picked
 
 
 def build_voices(style_seed: int) -> dict[str, Voice]:

@@ -95,7 +95,8 @@ def decode_greedy_batched(engine, token_ids: Sequence[Sequence[int]], pools: Seq
                           eos_token_id: int | None, *, rows: int = 16,
                           on_done: Callable[[int, list[int]], None], progress: tqdm | None = None) -> None:
     """Strict decoding of every prompt with continuous batching (a finished row's place goes to
-    the next prompt); on_done(index, generated ids without EOS) as each finishes. Prompts of
+    the next prompt); on_done(index, generated ids, EOS included when emitted, as a decoder
+    publishes them) as each finishes. Prompts of
     similar length share a batch: a row's cache is as wide as the batch's longest prompt."""
     from services.decoder.engine import GenerationConfig
     from services.decoder.engine.engine import BatchSession
@@ -107,8 +108,6 @@ def decode_greedy_batched(engine, token_ids: Sequence[Sequence[int]], pools: Seq
 
     def finish(handle) -> None:
         generated = list(handle.tokens[handle.prompt_length:])
-        if generated and eos_token_id is not None and generated[-1] == eos_token_id:
-            generated.pop()
         on_done(index_of.pop(id(handle)), generated)
         if progress is not None:
             progress.update(1)

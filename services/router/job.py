@@ -68,10 +68,12 @@ def workload_requests(path: Path, count: int, max_new_tokens: int
     from common.workload.export import load_prompts, to_generate_request
 
     prompts, warmups = load_prompts(path)
+    from common.workload.prompts import round_robin
+
     # Held-out first, the tasks taken in turn so that every task is in a short run.
     by_task = [[p for p in prompts if p.task == task and p.split == "heldout"]
                + [p for p in prompts if p.task == task and p.split != "heldout"] for task in JOB_TASKS]
-    chosen = [group[i] for i in range(max(map(len, by_task), default=0)) for group in by_task if i < len(group)][:count]
+    chosen = round_robin(by_task, count)
     params = common_pb2.GenerationParams(max_new_tokens=max_new_tokens)
     requests = [to_generate_request(p, params=params, publish=True) for p in chosen]
     return requests, [(w.pool_key, w.text) for w in warmups]
@@ -82,18 +84,17 @@ def publish_warm_answers(bootstrap: str, answers) -> int:
     (what the decoders publish; the pool updater inserts them); returns records sent."""
     from common.kafka_io import ensure_topics, make_producer
     from common.settings import KafkaSettings
+    from services.decoder.publisher import GeneratedPublisher
 
     settings = KafkaSettings(kafka_bootstrap=bootstrap)
     ensure_topics(settings, [settings.kafka_generated_topic])
-    producer = make_producer(settings)
+    publisher = GeneratedPublisher(make_producer(settings), settings.kafka_generated_topic)
     try:
         for answer in tqdm(answers, desc="publishing warm answers", unit="record", leave=False):
-            producer.send(settings.kafka_generated_topic, key=answer.pool_key.encode(),
-                          value=answer.record().SerializeToString())
-        producer.flush(timeout=30)
+            publisher.publish(answer.record())
     finally:
-        producer.close(timeout=5)
-    return len(answers)
+        publisher.close()  # flushes
+    return publisher.published
 
 
 def warm_pools(pool_stub, texts: list[tuple[str, str]], *, per_call: int = 64) -> int:

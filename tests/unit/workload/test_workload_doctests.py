@@ -13,6 +13,7 @@ MODULES = [
     "common.workload.facts",
     "common.workload.corpus_stats",
     "common.workload.assemble",
+    "common.workload.prompts",
     "common.modeling.training",
     "common.modeling.tokenizer_training",
 ]
