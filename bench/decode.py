@@ -33,8 +33,8 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from rich.console import Console
@@ -54,11 +54,11 @@ from bench.common import (
     spread,
     write_results,
 )
-from common.machine import device_name
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import PoolRegistry
 from common.drafting.trie import TrieSettings
+from common.machine import device_name
 from common.modeling.loading import LoadedModel
 from common.workload.prompts import round_robin
 from services.decoder.cost_profile import profile_cost_model

@@ -50,8 +50,6 @@ from bench.common import (
     results_table,
     write_results,
 )
-from common.machine import device_name
-from common.workload.prompts import round_robin
 from bench.decode import (
     engine_generate,
     parse_grid,
@@ -73,6 +71,8 @@ from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import ROOT_PARENT, DraftTree
 from common.drafting.pools import DraftSettings, RequestDrafter
 from common.drafting.trie import TokenTrie
+from common.machine import device_name
+from common.workload.prompts import round_robin
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
 

@@ -44,9 +44,9 @@ from kafka import KafkaProducer
 
 from adaccel.v1 import pool_pb2, pool_pb2_grpc, records_pb2
 from bench.common import RESULTS_DIR, prompt_token_ids, quick_run, write_results
+from common.broker import EmbeddedBroker
 from common.machine import device_name
 from common.modeling.default_model import default_model_path
-from common.broker import EmbeddedBroker
 from common.modeling.loading import load_model
 from common.prompt_tokens import tokenize_chat
 from common.rpc.channels import open_channel

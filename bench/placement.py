@@ -32,10 +32,10 @@ from rich.table import Table
 from tqdm import tqdm
 
 from bench.common import quick_run, write_results
-from common.machine import device_name
 from common.blocks.hashing import BlockKind
 from common.blocks.item_embedding import item_embedder
 from common.blocks.placement import AnchorBuckets, Placement
+from common.machine import device_name
 from common.workload.export import load_prompts
 
 CATEGORY = re.compile(r"Category (.+?) \((.+?)\)")

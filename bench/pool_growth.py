@@ -29,8 +29,8 @@ from bench.common import (
     save_figure,
     write_results,
 )
-from common.machine import device_name
 from bench.decode import pick_prompts, serve_into_pools, tokens_per_step_by_task, warm_pools
+from common.machine import device_name
 from services.decoder.engine import DecodingEngine, EngineSettings
 
 

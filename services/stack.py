@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaccel.v1 import decoder_pb2, kvstore_pb2, pool_pb2, router_pb2
-from common.modeling.default_model import default_model_path
 from common.broker import EmbeddedBroker, free_port
+from common.modeling.default_model import default_model_path
 from common.rpc.channels import health_status, open_channel
 
 SERVICE_NAMES = {

@@ -6,7 +6,6 @@ checkpoint drops in by pointing `ADACCEL_MODEL_PATH` at it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.prompt_tokens import leading_instructions
 from common.workload.blocks import (
     RANKED_PICKS,
     Block,
@@ -26,7 +27,6 @@ from common.workload.blocks import (
     shown_clicks,
     user_history_block,
 )
-from common.prompt_tokens import leading_instructions
 from common.workload.catalog import Catalog, Item, User
 from common.workload.facts import profile_history, rank_candidates
 from common.workload.lexicon import CATEGORIES, VERTICALS

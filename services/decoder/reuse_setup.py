@@ -20,7 +20,13 @@ from common.modeling.loading import LoadedModel
 from common.prompt_tokens import tokenize_chat
 from common.rpc.channels import open_channel
 from services.decoder.anchors import placement_buckets
-from services.decoder.block_cache import BlockCache, KvStoreClient, LocalBlockMemory, ReuseSettings, cache_model_key
+from services.decoder.block_cache import (
+    BlockCache,
+    KvStoreClient,
+    LocalBlockMemory,
+    ReuseSettings,
+    cache_model_key,
+)
 from services.decoder.settings import DecoderSettings
 
 log = logging.getLogger(__name__)

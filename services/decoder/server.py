@@ -7,8 +7,8 @@ import logging
 import torch
 
 from adaccel.v1 import decoder_pb2, decoder_pb2_grpc, pool_pb2_grpc
-from common.kafka_io import ensure_topics, make_producer
 from common.drafting.pools import PoolRegistry
+from common.kafka_io import ensure_topics, make_producer
 from common.modeling.loading import load_model
 from common.prompt_tokens import ChatFrame, chat_frame
 from common.requests import RequestLimits
@@ -16,14 +16,14 @@ from common.rpc.channels import open_channel
 from common.rpc.security import client_security
 from common.rpc.server import ServerHandle, create_server
 from common.telemetry import Telemetry
-from services.decoder.metrics import DecoderMetrics
+from services.decoder.batcher import Batcher, KvAdmission, kv_bytes_per_token
 from services.decoder.cost_profile import startup_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings
+from services.decoder.metrics import DecoderMetrics
 from services.decoder.pool_snapshots import PoolSnapshots
 from services.decoder.publisher import GeneratedPublisher
 from services.decoder.reuse_setup import create_block_cache
 from services.decoder.runner import GenerationRunner
-from services.decoder.batcher import Batcher, KvAdmission, kv_bytes_per_token
 from services.decoder.service import DecoderService
 from services.decoder.settings import DecoderSettings
 

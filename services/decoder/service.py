@@ -15,9 +15,9 @@ import grpc
 
 from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, records_pb2
 from common.requests import RequestLimits, block_ids_of_kind, validate_generate_request
+from services.decoder.batcher import Batcher, Ticket
 from services.decoder.metrics import DecoderMetrics, verification_mode
 from services.decoder.publisher import GeneratedPublisher
-from services.decoder.batcher import Batcher, Ticket
 from services.decoder.runner import GenerationRunner, PreparedRequest
 
 log = logging.getLogger(__name__)
