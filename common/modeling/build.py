@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.machine import device_name
 from common.modeling.loading import CARD_FILE
 from common.modeling.tokenizer_training import encode_unique, find_round_trip_failures, train_bpe_tokenizer
 from common.modeling.training import (
@@ -319,14 +320,21 @@ def build(data_dir: Path, profile: BuildProfile, results_dir: Path, *, force: bo
     figures, generations = evaluate(
         model, tokenizer, train_examples, workload, profile.eval, config.vocab_size
     )
+    # The default profile's name already says what it is ("adaccel-llama-2.7m"); others get the size.
+    stem = profile.name
+    if not stem.startswith("adaccel-llama-"):
+        stem = f"adaccel-llama-{params / 1e6:.1f}m-{profile.name}"
+    model_id = f"{stem}-s{profile.train.seed}"
     results = {
+        "model": model_id,
+        "device": device_name(),
         "params": params,
         "train_s": round(report.train_s, 1),
         **figures,
         "within_vs_across_4gram_overlap": list(overlap),
     }
     card = {
-        "model_id": f"adaccel-llama-{params / 1e6:.1f}m-{profile.name}-s{profile.train.seed}",
+        "model_id": model_id,
         "random_weights": False,
         "arch": "llama",
         "config_hash": digest,

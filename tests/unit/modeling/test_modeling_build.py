@@ -61,8 +61,10 @@ def test_build_writes_model_workload_and_results_then_skips(tmp_path, monkeypatc
     assert card["config_hash"] == config_hash(micro_profile())
     written = json.loads((results_dir / "model_micro.json").read_text())
     assert written == results
-    assert set(written) == {"params", "train_s", "heldout_ppl", "unigram_ppl", "distinct2",
+    assert set(written) == {"model", "device", "params", "train_s", "heldout_ppl", "unigram_ppl", "distinct2",
                             "within_vs_across_4gram_overlap"}
+    # A figure names what it was measured on.
+    assert written["model"] == card["model_id"] and written["device"].startswith(("cpu: ", "cuda: "))
     assert len(written["within_vs_across_4gram_overlap"]) == 2
 
     loaded = load_model(model_dir)
