@@ -62,7 +62,7 @@ from common.machine import device_name
 from common.modeling.loading import LoadedModel
 from common.workload.prompts import round_robin
 from services.decoder.cost_profile import profile_cost_model
-from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
+from services.decoder.engine import STEP_PARTS, DecodingEngine, EngineSettings, GenerationConfig
 from services.decoder.warm_answers import pick_warm_prompts, stored_or_decoded_answers, warm_segments
 
 METHODS = ("greedy", "prompt_lookup", "engine_greedy", "strict", "relaxed", "oracle", "adaptive")
@@ -346,9 +346,6 @@ def run(args) -> dict:
     results["adaptive"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["adaptive"], references))
     results["adaptive"]["draft_sizes"] = size_distribution(
         adaptive_engine, observed_accepted=stats["adaptive"].new_tokens - stats["adaptive"].steps)
-    correction = adaptive_engine.adaptive.step_time
-    results["adaptive"]["step_time_correction"] = {"alpha": correction.alpha, "beta": correction.beta,
-                                                   "samples": correction.samples}
     results["adaptive"]["paired_vs_strict_median"] = statistics.median(
         a / s for a, s in zip(paired["adaptive"], paired["strict"])) if paired["strict"] else 0.0
     results["prompt_lookup"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["prompt_lookup"], references))
@@ -645,77 +642,40 @@ def batched_variant(loaded, pools, chosen, tokenized, cost_model, args) -> list[
                                              / entry["methods"]["fixed"]["tokens_per_s"])
         entry["adaptive_draft_sizes"] = size_distribution(adaptive_engine)
         entry["adaptive_widths"] = {str(k): v for k, v in sorted(adaptive_engine.adaptive.width_counts.items())}
-        entry["adaptive_step_time_correction"] = {"alpha": adaptive_engine.adaptive.step_time.alpha,
-                                                  "beta": adaptive_engine.adaptive.step_time.beta}
         results.append(entry)
     del references
     return results
 
 
-STEP_PARTS = ("draft", "inputs", "forward", "verify", "kv", "emit")
+class StepPartTimes:
+    """Seconds per part of a step (prefill excluded), summed over steps: the engine's StepTimer."""
 
-
-class ProfiledEngine(DecodingEngine):
-    """The engine with each part of a step timed (prefill excluded): where a step's time goes."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
         self.seconds = {part: 0.0 for part in (*STEP_PARTS, "step")}
         self.steps = 0
-        self._in_step = False
 
-    def _timed(self, part: str, method, *args, **kwargs):
-        if not self._in_step:
-            return method(*args, **kwargs)
-        t0 = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            self.seconds[part] += time.perf_counter() - t0
-
-    def _step(self, batch):
-        self._in_step = True
-        t0 = time.perf_counter()
-        try:
-            return super()._step(batch)
-        finally:
-            self.seconds["step"] += time.perf_counter() - t0
-            self.steps += 1
-            self._in_step = False
-
-    def _draft_rows(self, batch):
-        return self._timed("draft", super()._draft_rows, batch)
-
-    def _tree_inputs(self, *args, **kwargs):
-        return self._timed("inputs", super()._tree_inputs, *args, **kwargs)
-
-    def _forward(self, *args, **kwargs):
-        return self._timed("forward", super()._forward, *args, **kwargs)
-
-    def _verify(self, *args, **kwargs):
-        return self._timed("verify", super()._verify, *args, **kwargs)
-
-    def _keep_accepted_kv(self, *args, **kwargs):
-        return self._timed("kv", super()._keep_accepted_kv, *args, **kwargs)
-
-    def _emit(self, *args, **kwargs):
-        return self._timed("emit", super()._emit, *args, **kwargs)
+    def record(self, part: str, seconds: float) -> None:
+        self.seconds[part] += seconds
+        self.steps += part == "step"
 
 
 def step_profile(loaded, pools, chosen, tokenized, cost_model, args) -> dict:
     """Milliseconds per step by part, for the fixed default budget and for adaptive drafting."""
     eos = loaded.tokenizer.eos_token_id
     count = min(args.sweep_prompts, len(chosen))
+    times = {name: StepPartTimes() for name in ("strict", "adaptive", "engine_greedy")}
     variants = {
-        "strict": ProfiledEngine(loaded.model, EngineSettings(decoding_length=args.decoding_length,
-                                                              branch_length=args.branch_length)),
-        "adaptive": ProfiledEngine(loaded.model, EngineSettings(decoding_length=args.adaptive_max_tokens,
+        "strict": DecodingEngine(loaded.model, EngineSettings(decoding_length=args.decoding_length,
+                                                              branch_length=args.branch_length),
+                                 step_timer=times["strict"]),
+        "adaptive": DecodingEngine(loaded.model, EngineSettings(decoding_length=args.adaptive_max_tokens,
                                                                 branch_length=args.adaptive_max_depth, adaptive=True),
-                                   cost_model=cost_model),
-        "engine_greedy": ProfiledEngine(loaded.model, EngineSettings()),
+                                   cost_model=cost_model, step_timer=times["adaptive"]),
+        "engine_greedy": DecodingEngine(loaded.model, EngineSettings(), step_timer=times["engine_greedy"]),
     }
     report = {}
     for name, engine in variants.items():
+        timer = times[name]
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=eos,
                                   drafting=name != "engine_greedy")
         drafted = tokens = 0
@@ -723,11 +683,11 @@ def step_profile(loaded, pools, chosen, tokenized, cost_model, args) -> dict:
             for step in engine.generate(tokenized[i], config, pools.resolve(chosen[i].pool_key)):
                 drafted += step.drafted
                 tokens += len(step.token_ids)
-        steps = max(engine.steps, 1)
-        parts = {part: engine.seconds[part] / steps * 1e3 for part in STEP_PARTS}
-        step_ms = engine.seconds["step"] / steps * 1e3
+        steps = max(timer.steps, 1)
+        parts = {part: timer.seconds[part] / steps * 1e3 for part in STEP_PARTS}
+        step_ms = timer.seconds["step"] / steps * 1e3
         parts["other"] = step_ms - sum(parts.values())
-        report[name] = {"step_ms": step_ms, "parts_ms": parts, "steps": engine.steps,
+        report[name] = {"step_ms": step_ms, "parts_ms": parts, "steps": timer.steps,
                         "draft_tokens_per_step": drafted / steps, "tokens_per_step": tokens / steps,
                         "forward_share": parts["forward"] / step_ms if step_ms else 0.0}
     return report

@@ -180,7 +180,7 @@ class Adaptive(Policy):
     def __init__(
         self, cost_model: StepCostModel, settings: ConfidenceSettings, max_tokens: int, max_depth: int
     ) -> None:
-        self.drafting = AdaptiveDrafting(cost_model, settings)
+        self.drafting = AdaptiveDrafting(cost_model, settings, clock=time.perf_counter)
         self.max_tokens, self.max_depth = max_tokens, max_depth
 
     def start(self, case):

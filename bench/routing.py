@@ -49,7 +49,7 @@ from adaccel.v1 import common_pb2, router_pb2, router_pb2_grpc
 from bench.common import RESULTS_DIR, figure, quick_run, save_figure, write_results
 from common.machine import device_name
 from common.rpc.channels import open_channel
-from services.router.job import percentile
+from services.main_job.job import percentile
 from services.router.scheduling import POLICIES
 from services.stack import Stack, resolve_model
 

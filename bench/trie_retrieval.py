@@ -49,9 +49,10 @@ def synthetic_documents(rng: np.random.Generator, vocab: int, phrase_bank: int):
         yield document
 
 
-def build_pool(nodes: int, vocab: int, seed: int) -> tuple[TokenTrie, list[list[int]], float]:
+def build_pool(nodes: int, vocab: int, seed: int,
+               ngram_length: int) -> tuple[TokenTrie, list[list[int]], float]:
     rng = np.random.default_rng(seed)
-    pool = TokenTrie(TrieSettings(capacity=max(nodes * 2, 1 << 20)))
+    pool = TokenTrie(TrieSettings(ngram_length=ngram_length, capacity=max(nodes * 2, 1 << 20)))
     documents = []
     start = time.perf_counter()
     for document in synthetic_documents(rng, vocab, phrase_bank=5000):
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    pool, documents, build_s = build_pool(args.nodes, args.vocab, args.seed)
+    ngram_length = args.key_length + args.branch_length  # deep enough for the drafts timed
+    pool, documents, build_s = build_pool(args.nodes, args.vocab, args.seed, ngram_length)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         f"pool: {len(pool):,} nodes built in {build_s:.1f} s; peak RSS +{(rss_after - rss_before) / 1024:.0f} MiB"

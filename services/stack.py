@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             except KeyboardInterrupt:
                 pass
         else:
-            from services.router.job import run_job
+            from services.main_job.job import run_job
 
             run_job(stack, data_dir, quick=args.quick, extra_args=job_args)
 

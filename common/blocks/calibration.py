@@ -12,20 +12,19 @@ generates from the reused cache, not the prompt's template text, so it does not 
 Reuse stays enabled for the model only when agreement >= the threshold; otherwise the caller serves
 full prefill, and this is logged at ERROR level, once per decision.
 
-Results are stored as JSON keyed by model id, so a restart can skip the measurement; a stored
-result is only used when it was measured with the same mode and knobs, and the threshold is
-re-applied to its stored agreement (changing the threshold needs no re-run).
+Results can be stored as JSON keyed by model id (`encode_results` / `decode_results`; the caller
+reads and writes the file, services/decoder/reuse_setup.py), so a restart can skip the measurement;
+a stored result is only used when it was measured with the same mode and knobs, and the threshold
+is re-applied to its stored agreement (`stored_decision`: changing the threshold needs no re-run).
+No file I/O here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -201,63 +200,49 @@ def calibrate(
     )
 
 
-def load_results(path: Path) -> dict[str, CalibrationResult]:
-    if not path.exists():
-        return {}
-    raw = json.loads(path.read_text())
+def encode_results(results: Mapping[str, CalibrationResult]) -> str:
+    """The JSON text of stored gate results (keyed by model id; the caller writes it)."""
+    payload = {
+        "format": RESULTS_FORMAT_VERSION,
+        "results": {k: asdict(v) for k, v in sorted(results.items())},
+    }
+    return json.dumps(payload, indent=2, allow_nan=True)
+
+
+def decode_results(text: str) -> dict[str, CalibrationResult]:
+    """Gate results from `encode_results` text; empty when it holds another format version."""
+    raw = json.loads(text)
     if raw.get("format") != RESULTS_FORMAT_VERSION:
         return {}  # an older layout is re-measured rather than misread
     return {model_id: CalibrationResult(**fields) for model_id, fields in raw["results"].items()}
 
 
-def save_result(path: Path, result: CalibrationResult) -> None:
-    """Merges `result` into the JSON file at `path` (written atomically: temp file + rename)."""
-    results = load_results(path)
-    results[result.model_id] = result
-    payload = {
-        "format": RESULTS_FORMAT_VERSION,
-        "results": {k: asdict(v) for k, v in sorted(results.items())},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, allow_nan=True)
-    os.replace(tmp, path)
+def stored_decision(stored: CalibrationResult | None, settings: GateSettings) -> CalibrationResult | None:
+    """A stored measurement decided again under `settings`' threshold, or None when there is
+    none usable (absent, measured with other knobs, or on no prompts): then measure."""
+    if stored is None or stored.knobs != settings.knobs() or stored.prompts <= 0:
+        return None
+    return _decide(
+        stored.model_id,
+        stored.knobs,
+        stored.prompts,
+        stored.top1_agreement,
+        stored.mean_kl_nats,
+        stored.max_kl_nats,
+        settings.min_top1_agreement,
+        stored.first_token_agreement,
+        stored.positions,
+    )
 
 
-def gate(
-    model,
-    model_id: str,
-    prompts: Sequence[CalibrationPrompt],
-    settings: GateSettings,
-    store_path: Path | None = None,
-) -> CalibrationResult:
-    """The start-up gate: a stored result measured with the same knobs, else a fresh measurement
-    (stored when store_path is given). Logs the decision; ERROR when reuse is turned off."""
-    stored = load_results(store_path).get(model_id) if store_path is not None else None
-    if stored is not None and stored.knobs == settings.knobs() and stored.prompts > 0:
-        result = _decide(
-            model_id,
-            stored.knobs,
-            stored.prompts,
-            stored.top1_agreement,
-            stored.mean_kl_nats,
-            stored.max_kl_nats,
-            settings.min_top1_agreement,
-            stored.first_token_agreement,
-            stored.positions,
-        )
-        source = f"stored in {store_path}"
-    else:
-        result = calibrate(model, model_id, prompts, settings)
-        source = f"measured on {len(prompts)} prompts, {result.positions} positions"
-        if store_path is not None:
-            save_result(store_path, result)
+def log_decision(result: CalibrationResult, settings: GateSettings, source: str) -> None:
+    """Logs the gate's decision once: INFO when reuse stays on, ERROR when it is turned off.
+    source: where the measurement came from ("stored in ...", "measured on ...")."""
     if result.enabled:
         log.info(
             "KV block reuse enabled for %s (%s, %s): top-1 agreement %.3f (first tokens %.3f), "
             "mean KL %.2e nats",
-            model_id,
+            result.model_id,
             settings.mode,
             source,
             result.top1_agreement,
@@ -268,14 +253,13 @@ def gate(
         log.error(
             "KV block reuse DISABLED for %s, serving FULL PREFILL (%s, %s): %s (first tokens %.3f); "
             "mean KL %.2e nats",
-            model_id,
+            result.model_id,
             settings.mode,
             source,
             result.reason,
             result.first_token_agreement,
             result.mean_kl_nats,
         )
-    return result
 
 
 def serving_mode(result: CalibrationResult, requested_mode: str) -> str:

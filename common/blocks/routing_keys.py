@@ -9,7 +9,8 @@ same text share KV. A key is a hint for scheduling, never a cache lookup, so a r
 only costs a less good replica choice.
 
 Only kinds whose KV is reused across requests get a key (instruction, user history, item);
-free text (the question) is always computed.
+free text (the question) is always computed. Kinds are `hashing.BlockKind`; callers map the
+protobuf enum (common/rpc/block_kinds.py).
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from adaccel.v1 import common_pb2
+from common.blocks.hashing import BlockKind
 
-CACHEABLE_KINDS = frozenset({
-    common_pb2.BLOCK_KIND_INSTRUCTION, common_pb2.BLOCK_KIND_USER_HISTORY, common_pb2.BLOCK_KIND_ITEM,
-})
+CACHEABLE_KINDS = frozenset({BlockKind.INSTRUCTION, BlockKind.USER_HISTORY, BlockKind.ITEM})
 
 
-def routing_key(kind: int, text: str) -> int:
-    """uint64 key of a block (fits the proto's fixed64)."""
+def routing_key(kind: BlockKind, text: str) -> int:
+    """uint64 key of a block (fits the proto's fixed64): blake2b over the length-prefixed kind
+    name, then the text."""
+    assert isinstance(kind, BlockKind), kind
+    name = kind.value.encode()
     h = hashlib.blake2b(digest_size=8, person=b"adaccel-route")
-    h.update(struct.pack("<I", kind))
+    h.update(struct.pack("<I", len(name)) + name)
     h.update(text.encode())
     return int.from_bytes(h.digest(), "little")
 
@@ -45,10 +47,11 @@ class RequestBlocks:
         return sum(self.weights.values())
 
 
-def request_blocks(blocks: Iterable[common_pb2.PromptBlock]) -> RequestBlocks:
+def request_blocks(blocks: Iterable[tuple[BlockKind, str]]) -> RequestBlocks:
+    """blocks: (kind, text) of each prompt block, in any order."""
     weights: dict[int, int] = {}
-    for block in blocks:
-        if block.kind in CACHEABLE_KINDS:
-            key = routing_key(block.kind, block.text)
-            weights[key] = weights.get(key, 0) + len(block.text)
+    for kind, text in blocks:
+        if kind in CACHEABLE_KINDS:
+            key = routing_key(kind, text)
+            weights[key] = weights.get(key, 0) + len(text)
     return RequestBlocks(weights)

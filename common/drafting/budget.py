@@ -23,10 +23,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import time
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from common.drafting.confidence import (
@@ -145,66 +144,18 @@ def select_nodes(tree: DraftTree, chosen: Sequence[int]) -> DraftTree:
     return DraftTree(tokens=[tree.tokens[i] for i in keep], parents=parents, scores=[tree.scores[i] for i in keep])
 
 
-class StepTimeCorrection:
-    """Online correction of the profiled cost model from the steps' measured wall time.
-
-    The profile prices a bare step; the engine's own per-node work (drafting, masks,
-    verification, bookkeeping) and the device's state drift add to it. Each measured step
-    time y is regressed on the prediction's two parts, y ~ alpha * fixed + beta * width part
-    (fixed: the one-token step plus drafting; width part: what the tree's extra width adds),
-    by decayed least squares with a prior alpha = beta = 1 worth `prior_steps` steps. Samples
-    far from the prediction (a pause between requests, a prefill of a joining request) are
-    ignored.
-    """
-
-    def __init__(self, *, decay: float = 0.02, prior_steps: float = 10.0, outlier: float = 3.0,
-                 bounds: tuple[float, float] = (0.25, 4.0)) -> None:
-        self.decay = decay
-        self.prior_steps = prior_steps
-        self.outlier = outlier
-        self.bounds = bounds
-        self._sums = [0.0] * 6  # aa, ab, bb, ay, by, count over samples normalized by their prediction
-        self.alpha = 1.0
-        self.beta = 1.0
-        self.samples = 0
-
-    def observe(self, seconds: float, fixed_part: float, width_part: float) -> None:
-        predicted = self.alpha * fixed_part + self.beta * width_part
-        if predicted <= 0 or not 1 / self.outlier < seconds / predicted < self.outlier:
-            return
-        total = fixed_part + width_part
-        a, b, y = fixed_part / total, width_part / total, seconds / total
-        keep = 1.0 - self.decay
-        self._sums = [v * keep for v in self._sums]
-        for i, v in enumerate((a * a, a * b, b * b, a * y, b * y, 1.0)):
-            self._sums[i] += v
-        self.samples += 1
-        aa, ab, bb, ay, by, count = self._sums
-        # The prior, as `prior_steps` typical samples per parameter (ridge toward 1).
-        ka, kb = self.prior_steps * aa / count, self.prior_steps * bb / count + 1e-12
-        det = (aa + ka) * (bb + kb) - ab * ab
-        low, high = self.bounds
-        self.alpha = min(high, max(low, ((ay + ka) * (bb + kb) - ab * (by + kb)) / det))
-        self.beta = min(high, max(low, ((aa + ka) * (by + kb) - ab * (ay + ka)) / det))
-
-    def corrected(self, curve: Sequence[float], overhead_s: float) -> list[float]:
-        base = curve[0]
-        return [self.alpha * (base + overhead_s) + self.beta * (c - base) for c in curve]
-
-
 class AdaptiveDrafting:
     """The engine's adaptive drafting: wraps each request's draft source with confidence
     estimates, keeps one calibration per pool, and plans every step's trees (one batch at a
     time) from the cost model. Fixed budgets need none of this (the engine's plain path)."""
 
     def __init__(self, cost_model: StepCostModel, settings: ConfidenceSettings | None = None, *,
-                 fill_min_gain: float = 0.02, rate_decay: float = 0.02, rate_min_steps: float = 8.0,
-                 correct_step_time: bool = False) -> None:
-        """correct_step_time: rescale the profiled costs by measured step times (StepTimeCorrection).
-        Off by default: in batched decoding the engine's KV bookkeeping (cache compaction, up to
-        half of a step with long prompts) is confounded with tree width and the correction then
-        drafted too little (0.79x the fixed budget at 16 rows against 0.98x without it)."""
+                 clock: Callable[[], float], fill_min_gain: float = 0.02, rate_decay: float = 0.02,
+                 rate_min_steps: float = 8.0) -> None:
+        """clock: seconds of a monotonic clock (the caller's `time.perf_counter`, a fake in
+        tests); it times the candidate retrieval, a fixed cost of every step."""
         self.cost_model = cost_model
+        self.clock = clock
         self.settings = settings or ConfidenceSettings()
         self.fill_min_gain = fill_min_gain
         self._pool_calibrations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -220,9 +171,6 @@ class AdaptiveDrafting:
         self.rate_decay = rate_decay
         self._rate_sums: dict[int, list[float]] = {}
         self._last_step: tuple[int, float, list[tuple[ConfidentDrafter, int]]] | None = None
-        self.step_time = StepTimeCorrection()
-        self.correct_step_time = correct_step_time
-        self._last_timing: tuple[float, float, float] | None = None  # started, fixed part, width part
 
     def calibration_for(self, pool: object | None) -> AcceptanceCalibration:
         if pool is None:
@@ -277,15 +225,7 @@ class AdaptiveDrafting:
         time (renewal reward: maximising each step's own tokens per second would draft most
         when drafts are least likely to be accepted). Until the rate is known, each step's
         own rate is maximised."""
-        started = time.perf_counter()
-        if self.correct_step_time and self._last_timing is not None and self._last_step is not None:
-            # The previous step ran from its drafting until now, unless the rows changed in
-            # between (a request joined: its prefill ran too).
-            previous = {id(drafter) for drafter, _ in self._last_step[2]}
-            if previous and previous == {id(row[0]) for row in rows if row[0] is not None}:
-                t0, fixed_part, width_part = self._last_timing
-                self.step_time.observe(started - t0, fixed_part, width_part)
-        self._last_timing = None
+        started = self.clock()
         self._record_last_step()
         found = []
         for drafter, context, max_tokens, depth in rows:
@@ -295,17 +235,13 @@ class AdaptiveDrafting:
             tree, raw, gains = drafter.candidates(context, max_tokens, depth)
             order = best_first_order(gains)
             found.append((drafter, tree, raw, order, [gains[i] for i in order]))
-        self.draft_seconds += 0.1 * (time.perf_counter() - started - self.draft_seconds)
+        self.draft_seconds += 0.1 * (self.clock() - started - self.draft_seconds)
         # The curve up to the widest tree the rows may ask for (not this step's widest candidate
         # tree, which changes every step and would miss the curve cache nearly every time).
         max_width = 1 + min(MAX_CURVE_WIDTH, max((row[2] for row in rows if row[0] is not None), default=0))
         curve = self._curve(max_width, len(rows), cache_length)
-        fixed_part = curve[0] + self.draft_seconds
-        corrected = (self.step_time.corrected(curve, self.draft_seconds) if self.correct_step_time
-                     else [c + self.draft_seconds for c in curve])
-        plan = plan_budget([f[4] if f is not None else [] for f in found], corrected,
+        plan = plan_budget([f[4] if f is not None else [] for f in found], [c + self.draft_seconds for c in curve],
                            max_total=max_total, fill_min_gain=self.fill_min_gain, rate=self.rate(len(rows)))
-        self._last_timing = (started, fixed_part, curve[plan.width - 1] - curve[0])
         self._last_step = (len(rows), plan.predicted_s,
                            [(f[0], f[0].emitted) for f in found if f is not None])
         self.width_counts[plan.width] += 1

@@ -1,7 +1,8 @@
 """Customized retrieval pools (DARE): one trie per pool key, plus a per-request overlay.
 
 - `PoolRegistry`: tries keyed by pool key ("vertical/category"), resolved most specific first
-  ("ads/shoes/running" -> "ads/shoes" -> "ads") and then the global fallback pool.
+  ("ads/shoes/running" -> "ads/shoes" -> "ads") and then the global fallback pool, by the rule
+  in `common.drafting.pool_keys`.
 - `RequestDrafter`: what one request drafts from. Its overlay is a small private trie holding
   the request's own prompt ("input") and generated ("output") n-grams; it is dropped with the
   drafter, so one request's text never leaks into another's drafts (PIA instead zeroes prompt
@@ -15,10 +16,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from common.drafting.draft_tree import DraftTree, merge_marked_drafts
+from common.drafting.geometry import DEFAULT_GEOMETRY
+from common.drafting.pool_keys import GLOBAL_POOL, resolve_pool_key
 from common.drafting.trie import StreamingInserter, TokenTrie, TrieSettings
-
-GLOBAL_POOL = "global"
-POOL_KEY_SEPARATOR = "/"
 
 
 class PoolRegistry:
@@ -62,18 +62,13 @@ class PoolRegistry:
         self._pools.pop(pool_key, None)
 
     def resolve(self, pool_key: str | None) -> TokenTrie:
-        """The most specific existing pool for `pool_key`, else the global pool."""
-        key = pool_key or ""
-        while key:
-            if key in self._pools:
-                return self._pools[key]
-            key = key.rpartition(POOL_KEY_SEPARATOR)[0]
-        return self.global_pool
+        """The most specific existing pool for `pool_key`, else the global pool (pool_keys.py)."""
+        return self._pools[resolve_pool_key(pool_key, self._pools, self.global_key)]
 
 
 @dataclass(slots=True, frozen=True)
 class DraftSettings:
-    key_length: int = 2  # lookup key: last tokens matched in the trie (Lookahead: 2)
+    key_length: int = DEFAULT_GEOMETRY.key_length  # lookup key: last tokens matched in the trie
     # The overlay only ever holds one request's text; a small capacity bounds a pathological one.
     overlay_capacity: int = 1 << 16
 

@@ -44,6 +44,7 @@ from typing import Literal
 import numpy as np
 
 from common.drafting.draft_tree import DraftTree, merge_drafts
+from common.drafting.geometry import DEFAULT_GEOMETRY
 
 Kind = Literal["input", "output"]
 KINDS: tuple[Kind, Kind] = ("input", "output")
@@ -87,8 +88,8 @@ def ngram_prefix_counts(tokens: Sequence[int], ngram_length: int) -> dict[tuple[
 
 @dataclass(slots=True, frozen=True)
 class TrieSettings:
-    # Deepest stored path: lookup key (2) + branch_length (12) in the Lookahead defaults.
-    ngram_length: int = 14
+    # Deepest stored path: lookup key + default branch_length (common/drafting/geometry.py).
+    ngram_length: int = DEFAULT_GEOMETRY.ngram_length
     capacity: int = 1 << 20  # nodes, root excluded
     squeeze_to: float = 0.75  # squeeze until len <= squeeze_to * capacity (hysteresis)
     input_weight: float = 0.5

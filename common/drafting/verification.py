@@ -19,6 +19,7 @@ Three rules:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -63,12 +64,13 @@ def verify_strict(logits: torch.Tensor, tree: FlatTree) -> Verdict:
         node = match
 
 
-def relaxed_acceptable(probs: torch.Tensor, token: int, top_k: int, min_prob: float) -> bool:
-    """DARE's rule for one token given the target distribution `probs` [V]."""
-    top = torch.topk(probs, max(top_k, 1))
-    if token == int(top.indices[0]):
-        return True  # the argmax is always acceptable: relaxed never rejects what strict accepts
-    return token in top.indices.tolist() and float(probs[token]) >= min_prob
+def relaxed_acceptable(top_tokens: Sequence[int], top_probs: Sequence[float], token: int, min_prob: float) -> bool:
+    """DARE's rule for one draft token, given the target's top-k tokens (most likely first) and
+    their probabilities: the argmax is always acceptable (so relaxed never rejects what strict
+    accepts); any other token must be among the top-k with probability >= min_prob."""
+    if token == top_tokens[0]:
+        return True
+    return any(t == token and p >= min_prob for t, p in zip(top_tokens, top_probs))
 
 
 def verify_relaxed(logits: torch.Tensor, tree: FlatTree, *, top_k: int = 2, min_prob: float = 0.1) -> Verdict:
@@ -76,11 +78,6 @@ def verify_relaxed(logits: torch.Tensor, tree: FlatTree, *, top_k: int = 2, min_
     probs = torch.softmax(logits.float(), dim=-1)  # [Q, V]
     top_values, top_indices = torch.topk(probs, max(top_k, 1), dim=-1)  # [Q, k]
     top_tokens, top_probs = top_indices.tolist(), top_values.tolist()
-
-    def acceptable(node: int, token: int) -> bool:
-        if token == top_tokens[node][0]:
-            return True
-        return any(t == token and p >= min_prob for t, p in zip(top_tokens[node], top_probs[node]))
 
     # Depth-first over acceptable children only; keep the longest path (first found on ties).
     best_path: list[int] = [0]
@@ -91,7 +88,7 @@ def verify_relaxed(logits: torch.Tensor, tree: FlatTree, *, top_k: int = 2, min_
             best_path = path
         node = path[-1]
         for child in reversed(tree.children[node]):  # reversed: pop the best child first
-            if acceptable(node, tree.tokens[child]):
+            if relaxed_acceptable(top_tokens[node], top_probs[node], tree.tokens[child], min_prob):
                 stack.append(path + [child])
     tokens = [tree.tokens[i] for i in best_path[1:]] + [top_tokens[best_path[-1]][0]]
     return Verdict(path=best_path, tokens=tokens)

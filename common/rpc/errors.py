@@ -53,6 +53,20 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class UpstreamStatus(ServiceError):
+    """A peer's failure passed on as it is: its status code, details and trailing metadata (a
+    retry hint, say). For the peer's own verdicts on a request, e.g. a decoder's INVALID_ARGUMENT
+    relayed by the router; the table maps it to that same code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()):
+        if code == grpc.StatusCode.OK:
+            raise ValueError("UpstreamStatus: code OK is not a failure")
+        super().__init__(details)
+        self.code = code
+        self.trailing_metadata = tuple(trailing_metadata)
+
+
 def require(condition: bool, field: str, message: str) -> None:
     """Validation helper: raises InvalidArgument('<field>: <message>') unless condition holds."""
     if not condition:

@@ -2,13 +2,17 @@
 
 Each Generate call is admitted first (KvAdmission: a KV-memory budget and a bound on admitted
 requests; over either -> RESOURCE_EXHAUSTED with a retry hint, never an unbounded queue), then
-hands its prepared request to the Batcher and reads its step results from its Ticket's queue.
-The scheduler thread, between two steps, prefills the waiting requests (up to max_batch_size
-rows) and appends them to the running batch (engine.BatchSession), drops rows whose caller went
-away, runs one shared verification forward, and routes each row's StepResult to its ticket.
+hands its PreparedRequest (services/decoder/intake.py) to the Batcher and reads its step
+results from its Ticket's queue. The scheduler thread is the only one that runs the model: it
+assembles reused block KV (BlockCache.assemble) and prefills the waiting requests (up to
+max_batch_size rows), appends them to the running batch (engine.BatchSession), drops rows
+whose caller went away, runs one shared verification forward, routes each row's StepResult to
+its ticket, and between steps computes queued blocks for publishing (BlockPublisher.compute:
+`publish_blocks_per_step` while rows run, one per turn of the loop while idle, so a request
+that arrives waits for at most one block).
 
-KV need of a request = (prompt + max_new_tokens + one draft tree) tokens x kv_bytes_per_token;
-the budget counts each request's own tokens. Rows of a batch share one padded cache, so the
+KV need of a request = (prompt + max_new_tokens + its own draft tree + root) tokens x
+kv_bytes_per_token (PreparedRequest.kv_tokens); the budget counts each request's own tokens. Rows of a batch share one padded cache, so the
 real footprint can be larger by the holes; the engine compacts once holes pass its threshold
 (EngineSettings.compact_hole_fraction), which bounds the padding to that share of the cache.
 """
@@ -24,12 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from common.drafting.trie import TokenTrie
 from common.rpc.errors import InvalidArgument, ResourceExhausted, ServiceError
-from services.decoder.engine import DecodingEngine, GenerationConfig, StepResult
-from services.decoder.engine.engine import BatchSession
+from services.decoder.block_cache import BlockCache, PreparedPrompt
+from services.decoder.engine import BatchSession, DecodingEngine, StepResult
+from services.decoder.intake import PreparedRequest
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +90,25 @@ class KvAdmission:
 _END = object()
 
 
+@dataclass(frozen=True, slots=True)
+class PrefillStats:
+    """How the prompt's KV was made: cached_tokens came from reused blocks (recomputed_tokens of
+    them recomputed by the correction), the rest were computed."""
+
+    cached_tokens: int = 0
+    recomputed_tokens: int = 0
+
+
 @dataclass(eq=False)
 class Ticket:
-    """One admitted request as its Generate call sees it: iterate for its StepResults."""
+    """One admitted request as its Generate call sees it: iterate for its StepResults.
+
+    The caller sets `request` once (submit); the scheduler thread sets `prefill` before it
+    queues the first result, and `handle` while the row runs."""
 
     tokens: int  # admitted KV tokens (released once, on close)
-    prompt_ids: list[int] = field(default_factory=list)
-    config: GenerationConfig | None = None
-    pool: TokenTrie | None = None
-    past_key_values: DynamicCache | None = None
+    request: PreparedRequest | None = None
+    prefill: PrefillStats = PrefillStats()
     results: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     handle: object = None  # the engine's row, once joined
@@ -117,10 +130,13 @@ class Ticket:
 
 
 class Batcher:
-    def __init__(self, engine: DecodingEngine, admission: KvAdmission, *, max_batch_size: int):
+    def __init__(self, engine: DecodingEngine, admission: KvAdmission, *, max_batch_size: int,
+                 block_cache: BlockCache | None = None, publish_blocks_per_step: int = 1):
         self.engine = engine
         self.admission = admission
         self.max_batch_size = max_batch_size
+        self.block_cache = block_cache
+        self.publish_blocks_per_step = publish_blocks_per_step
         self.session = BatchSession(engine)
         self._waiting: deque[Ticket] = deque()
         self._running: dict[int, Ticket] = {}  # id(engine row) -> ticket
@@ -130,14 +146,13 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
 
     # ------------------------------------------------------------------ caller side
-    def admit(self, prompt_tokens: int, max_new_tokens: int) -> Ticket:
-        tokens = prompt_tokens + max_new_tokens + self.engine.settings.decoding_length + 1
-        self.admission.enter(tokens, self.retry_after_ms())
-        return Ticket(tokens)
+    def admit(self, kv_tokens: int) -> Ticket:
+        """Reserves a request's KV tokens (PreparedRequest.kv_tokens) or raises RESOURCE_EXHAUSTED."""
+        self.admission.enter(kv_tokens, self.retry_after_ms())
+        return Ticket(kv_tokens)
 
-    def submit(self, ticket: Ticket, prompt_ids: list[int], config: GenerationConfig, pool: TokenTrie | None,
-               past_key_values: DynamicCache | None = None) -> None:
-        ticket.prompt_ids, ticket.config, ticket.pool, ticket.past_key_values = prompt_ids, config, pool, past_key_values
+    def submit(self, ticket: Ticket, request: PreparedRequest) -> None:
+        ticket.request = request
         with self._wake:
             if self._stopped:
                 raise ServiceError("decoder is shutting down")
@@ -180,7 +195,7 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not self._waiting and not self.session.rows:
+                while not (self._stopped or self._waiting or self.session.rows or self._blocks_queued()):
                     self._wake.wait()
                 if self._stopped:
                     return
@@ -192,13 +207,33 @@ class Batcher:
             self._drop_cancelled()
             if self.session.rows:
                 self._step()
+                self._publish_blocks(self.publish_blocks_per_step)
+            else:
+                self._publish_blocks(1)
+
+    def _blocks_queued(self) -> int:
+        return self.block_cache.publisher.queued if self.block_cache is not None else 0
+
+    def _publish_blocks(self, count: int) -> None:
+        if self.block_cache is not None and count > 0:
+            self.block_cache.publisher.compute(count)
+
+    def _start(self, request: PreparedRequest) -> PreparedPrompt:
+        """The request's reused block KV assembled into its starting cache (model forwards)."""
+        if self.block_cache is None or request.blocks is None:
+            ids = request.prompt_ids
+            return PreparedPrompt(ids, None, 0, len(ids))
+        return self.block_cache.assemble(request.blocks, request.prompt_ids)
 
     def _join(self, ticket: Ticket) -> None:
         if ticket.cancelled.is_set():
             return
+        request = ticket.request
         try:
-            handle = self.session.add(ticket.prompt_ids, ticket.config, ticket.pool,
-                                      past_key_values=ticket.past_key_values)
+            start = self._start(request)
+            ticket.prefill = PrefillStats(start.cached_tokens, start.recomputed_tokens)
+            handle = self.session.add(request.prompt_ids, request.config, request.pool,
+                                      past_key_values=start.past_key_values)
         except ValueError as exc:  # prompt ids outside the vocabulary, a cache of the wrong shape
             ticket.results.put(InvalidArgument(f"blocks: {exc}"))
             return
@@ -206,7 +241,6 @@ class Batcher:
             log.exception("prefill failed")
             ticket.results.put(exc)
             return
-        ticket.past_key_values = None  # the batch cache holds it now
         if handle.done:  # nothing to generate
             ticket.results.put(_END)
             return

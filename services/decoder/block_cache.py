@@ -13,50 +13,55 @@ For one request (`BlockCache.prepare`):
      is down costs one timeout, not one per request). A block read from the store is checked
      (model, hash, dtype, shape, checksum) and kept locally.
   3. A block found nowhere is computed in context by this request (exact) and, off the critical
-     path, computed standalone at position 0 by a background worker and published to local
-     memory and the kv-store (`BlockPublisher`).
+     path, computed standalone at position 0 and published to local memory and the kv-store
+     (`BlockPublisher`: the model's owner computes queued blocks between steps, an I/O thread
+     writes them to the store).
   4. Hits and misses are assembled (common/blocks/assembly.py) in the serving mode, which the
      per-model accuracy gate (common/blocks/calibration.py) may have turned into "full".
 
-The result, `PreparedPrompt`, is what the engine takes: the prompt ids and a batch-1 DynamicCache
-holding the KV of the prompt (the engine re-runs the last token as its first root), or None when
-nothing was reused (the engine prefills the whole prompt itself).
+Steps 1-3 need no model and run on the caller's (gRPC) thread: `lookup` returns a `BlockPlan`.
+Step 4 runs model forwards and so runs where the model is owned (the decoder's batcher thread):
+`assemble(plan)` returns a `PreparedPrompt`, what the engine takes: the prompt ids and a batch-1
+DynamicCache holding the KV of the prompt (the engine re-runs the last token as its first root),
+or None when nothing was reused (the engine prefills the whole prompt itself). `prepare` is both
+in one call, for callers that own the model themselves (benchmarks, tests).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-import torch
 from transformers import DynamicCache
 
 from adaccel.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from common.blocks.assembly import BlockKV, assemble, compute_block_kv
 from common.blocks.hashing import BlockHash, BlockKind, block_hash, tokenizer_fingerprint
+from common.blocks.kv_codec import (
+    BlockHeader,
+    CorruptBlock,
+    block_nbytes,
+    cache_model_key,
+    decode_block,
+    encode_block,
+)
 from common.blocks.placement import REPLICATED_KINDS, Placement
 from common.blocks.routing_keys import routing_key
 from common.prompt_tokens import TokenizedPrompt
+from common.rpc.block_kinds import KIND_OF_PROTO
+from common.rpc.kv_headers import header_from_proto, header_to_proto
 from common.rpc.streams import join_header_stream
 from common.telemetry import carry_context
 
 log = logging.getLogger(__name__)
 
-KIND_OF_PROTO = {
-    common_pb2.BLOCK_KIND_INSTRUCTION: BlockKind.INSTRUCTION,
-    common_pb2.BLOCK_KIND_USER_HISTORY: BlockKind.USER_HISTORY,
-    common_pb2.BLOCK_KIND_ITEM: BlockKind.ITEM,
-    common_pb2.BLOCK_KIND_TEXT: BlockKind.FREE_TEXT,
-}
 
 
 @dataclass(frozen=True)
@@ -83,72 +88,25 @@ class PreparedPrompt:
 
 
 @dataclass(frozen=True)
+class BlockPlan:
+    """A prompt whose cacheable blocks were looked up (no model ran yet): what `assemble` takes.
+
+    body: (token ids, KV or None) of each block before the tail, in prompt order.
+    tail: the tokens always computed (the trailing free text, or the last block).
+    """
+
+    prompt_ids: list[int]
+    body: list[tuple[list[int], BlockKV | None]]
+    tail: list[int]
+
+
+@dataclass(frozen=True)
 class ReuseSettings:
     mode: str = "epic"  # full | reuse | cacheblend | epic
     recompute_ratio: float = 0.15
     check_layer: int = 1
     epic_tokens: int = 16
     min_block_tokens: int = 4
-
-
-class CorruptBlock(ValueError):
-    """A stored block that does not match what was asked for (model, hash, dtype, shape, checksum)."""
-
-
-# ----------------------------------------------------------------------------- tensor codec
-
-
-def kv_checksum(data: bytes) -> int:
-    """The kv-store's checksum rule (services/kvstore/block_store.py): CRC-32 of the raw bytes."""
-    return zlib.crc32(data) & 0xFFFFFFFF
-
-
-def cache_model_key(model_id: str, dtype: torch.dtype) -> str:
-    """What block KV and the accuracy gate are keyed by: the model and its dtype."""
-    return f"{model_id}:{dtype_name(dtype)}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def encode_block(kv: BlockKV, *, hash_: BlockHash, model_id: str) -> tuple[kvstore_pb2.KvHeader, bytes]:
-    """One tensor [layers, 2 (K, V), kv_heads, tokens, head_dim], raw bytes in C order."""
-    stacked = torch.stack([torch.stack((k[0], v[0])) for k, v in zip(kv.keys, kv.values, strict=True)])
-    stacked = stacked.detach().to("cpu").contiguous()
-    data = stacked.view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
-    header = kvstore_pb2.KvHeader(
-        block_hash=hash_, model_id=model_id, dtype=dtype_name(stacked.dtype), shape=list(stacked.shape),
-        total_bytes=len(data), checksum=kv_checksum(data), num_tokens=kv.num_tokens,
-    )
-    return header, data
-
-
-def decode_block(header: kvstore_pb2.KvHeader, data: bytes, *, hash_: BlockHash, model_id: str,
-                 expected_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> BlockKV:
-    """Checks every field against what the caller expects; raises CorruptBlock on any mismatch."""
-    if header.block_hash != hash_:
-        raise CorruptBlock("block hash differs from the one asked for")
-    if header.model_id != model_id:
-        raise CorruptBlock(f"block of model {header.model_id!r}, expected {model_id!r}")
-    if header.dtype != dtype_name(dtype):
-        raise CorruptBlock(f"dtype {header.dtype!r}, expected {dtype_name(dtype)!r}")
-    if tuple(header.shape) != expected_shape or header.num_tokens != expected_shape[3]:
-        raise CorruptBlock(f"shape {list(header.shape)}, expected {list(expected_shape)}")
-    if len(data) != header.total_bytes or len(data) != np.prod(expected_shape) * dtype.itemsize:
-        raise CorruptBlock(f"{len(data)} bytes, header says {header.total_bytes}")
-    if kv_checksum(data) != header.checksum:
-        raise CorruptBlock("checksum mismatch")
-    tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(expected_shape)
-    tensor = tensor.to(device)
-    return BlockKV(
-        keys=tuple(tensor[layer, 0][None] for layer in range(expected_shape[0])),
-        values=tuple(tensor[layer, 1][None] for layer in range(expected_shape[0])),
-    )
-
-
-def block_nbytes(kv: BlockKV) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(kv.keys, kv.values))
 
 
 # ----------------------------------------------------------------------------- local memory
@@ -264,7 +222,7 @@ class KvStoreClient:
                                                        "details": err.details()})
 
     def fetch(self, model_id: str, wanted: Sequence[WantedBlock]
-              ) -> dict[BlockHash, tuple[kvstore_pb2.KvHeader, bytes]]:
+              ) -> dict[BlockHash, tuple[BlockHeader, bytes]]:
         """Blocks found (header, raw bytes, unchecked); anything missing or failing is left out."""
         by_shard: dict[str, list[BlockHash]] = {}
         for block in wanted:
@@ -280,7 +238,7 @@ class KvStoreClient:
                 self._failed(shard, err)
                 continue
             present.extend((shard, h) for h, here in zip(hashes, reply.present) if here)
-        found: dict[BlockHash, tuple[kvstore_pb2.KvHeader, bytes]] = {}
+        found: dict[BlockHash, tuple[BlockHeader, bytes]] = {}
         for hash_, got in zip([h for _, h in present],
                               self._pool.map(carry_context(lambda sh: self._get(model_id, *sh)), present)):
             if got is not None:
@@ -296,9 +254,9 @@ class KvStoreClient:
             if err.code() != grpc.StatusCode.NOT_FOUND:  # evicted or dropped as corrupt since Contains
                 self._failed(shard, err)
             return None
-        return (header, data) if header is not None else None
+        return (header_from_proto(header), data) if header is not None else None
 
-    def put(self, block: WantedBlock, header: kvstore_pb2.KvHeader, data: bytes, chunk_bytes: int) -> int:
+    def put(self, block: WantedBlock, header: BlockHeader, data: bytes, chunk_bytes: int) -> int:
         """Writes to every shard the placement names that is up; returns how many stored it."""
         stored = 0
         for shard in self.shards_for(block):
@@ -306,7 +264,7 @@ class KvStoreClient:
                 continue
 
             def stream():
-                yield kvstore_pb2.KvChunk(header=header)
+                yield kvstore_pb2.KvChunk(header=header_to_proto(header))
                 for start in range(0, len(data), chunk_bytes):
                     yield kvstore_pb2.KvChunk(data=data[start:start + chunk_bytes])
 
@@ -332,36 +290,67 @@ class _PublishJob:
 
 
 class BlockPublisher:
-    """Computes missed blocks standalone at position 0 and publishes them, on its own thread, so a
-    request never waits for it. The queue is bounded: when full, a block is dropped (a later
-    request that misses it again re-queues it)."""
+    """Computes missed blocks standalone at position 0 and publishes them, so a request never
+    waits for it. The model has one owner: `compute` runs the forwards and is called by that
+    owner (the batcher, between steps); the kv-store writes go to an I/O thread. The queue is
+    bounded: when full, a block is dropped (a later request that misses it again re-queues it)."""
 
     def __init__(self, model, memory: LocalBlockMemory, store: KvStoreClient | None, *, model_id: str,
                  max_queue: int, chunk_bytes: int):
         self.model, self.memory, self.store, self.model_id = model, memory, store, model_id
         self.chunk_bytes = chunk_bytes
-        self._queue: queue.Queue[_PublishJob | None] = queue.Queue(maxsize=max_queue)
-        self._pending: set[BlockHash] = set()
+        self.max_queue = max_queue
+        self._queue: deque[_PublishJob] = deque()
+        self._pending: set[BlockHash] = set()  # queued, being computed or being written
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-writer") if store else None
         self.published = 0
         self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name="block-publisher", daemon=True)
-        self._thread.start()
 
     def submit(self, job: _PublishJob) -> None:
+        """Queues a block (any thread); nothing runs until the model's owner calls compute."""
         with self._lock:
             if job.block.hash_ in self._pending:
                 return
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
+            if len(self._queue) >= self.max_queue:
                 self.dropped += 1
                 return
+            self._queue.append(job)
             self._pending.add(job.block.hash_)
 
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def compute(self, max_blocks: int | None = None) -> int:
+        """Computes up to `max_blocks` queued blocks (None: all) on the calling thread, which must
+        own the model; returns how many it took. The store write is handed to the I/O thread."""
+        done = 0
+        while max_blocks is None or done < max_blocks:
+            with self._lock:
+                if not self._queue:
+                    break
+                job = self._queue.popleft()
+            done += 1
+            try:
+                kv = compute_block_kv(self.model, job.token_ids)
+                self.memory.put(job.block.hash_, kv, job.block.kind, job.routing_key)
+            except Exception:
+                log.exception("computing a block failed", extra={"block": job.block.hash_.hex()})
+                self._settled(job)
+                continue
+            if self._writer is None:
+                self.published += 1
+                self._settled(job)
+            else:
+                self._writer.submit(carry_context(self._write), job, kv)
+        return done
+
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Waits until every submitted block is published (tests, benchmarks); False on timeout."""
+        """Computes every queued block on the calling thread (call it only where the model is
+        owned: tests, benchmarks) and waits for the store writes; False on timeout."""
+        self.compute()
         deadline = time.monotonic() + timeout_s
         with self._idle:
             while self._pending:
@@ -372,30 +361,23 @@ class BlockPublisher:
         return True
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                self._publish(job)
-            except Exception:  # noqa: BLE001 - a failed publish must not stop the worker
-                log.exception("publishing a block failed", extra={"block": job.block.hash_.hex()})
-            finally:
-                with self._idle:
-                    self._pending.discard(job.block.hash_)
-                    self._idle.notify_all()
-
-    def _publish(self, job: _PublishJob) -> None:
-        kv = compute_block_kv(self.model, job.token_ids)
-        self.memory.put(job.block.hash_, kv, job.block.kind, job.routing_key)
-        if self.store is not None:
+    def _write(self, job: _PublishJob, kv: BlockKV) -> None:
+        try:
             header, data = encode_block(kv, hash_=job.block.hash_, model_id=self.model_id)
             self.store.put(job.block, header, data, self.chunk_bytes)
-        self.published += 1
+            self.published += 1
+        except Exception:
+            log.exception("publishing a block failed", extra={"block": job.block.hash_.hex()})
+        finally:
+            self._settled(job)
+
+    def _settled(self, job: _PublishJob) -> None:
+        with self._idle:
+            self._pending.discard(job.block.hash_)
+            self._idle.notify_all()
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -438,32 +420,44 @@ class BlockCache:
         self.publisher = BlockPublisher(model, memory, store, model_id=self.model_key, max_queue=publish_queue,
                                         chunk_bytes=chunk_bytes)
 
-    # -- the entry point
-    def prepare(self, tokenized: TokenizedPrompt, blocks: Sequence[common_pb2.PromptBlock], *,
-                reuse: bool = True) -> PreparedPrompt:
-        """The prompt's ids and the cache to start from; runs model forwards (the assembly), so
-        call it where the model may run (the decoder's model lock / the batcher's thread)."""
-        ids = list(tokenized.token_ids)
+    # -- the entry points
+    def lookup(self, tokenized: TokenizedPrompt, blocks: Sequence[common_pb2.PromptBlock], *,
+               reuse: bool = True) -> BlockPlan | None:
+        """Finds each cacheable block's KV (local memory, then the kv-store) and queues the misses
+        for publishing; no model runs here. None: nothing to reuse (the engine prefills all)."""
         if not reuse or self.mode == "full":
-            return PreparedPrompt(ids, None, 0, len(ids))
+            return None
         segments = self._segments(tokenized, blocks)
         body, tail = self._split_tail(segments)
         if not any(s.cacheable for s in body):
-            return PreparedPrompt(ids, None, 0, len(ids))
+            return None
         self._lookup([s for s in body if s.cacheable])
         if all(s.kv is None for s in body):
+            return None
+        return BlockPlan(list(tokenized.token_ids), [(seg.token_ids, seg.kv) for seg in body], tail)
+
+    def assemble(self, plan: BlockPlan | None, prompt_ids: Sequence[int]) -> PreparedPrompt:
+        """The cache to start from; runs model forwards, so call it where the model is owned."""
+        if plan is None:
+            ids = list(prompt_ids)
             return PreparedPrompt(ids, None, 0, len(ids))
         s = self.settings
-        assembly = assemble(self.model, [(seg.token_ids, seg.kv) for seg in body], tail, mode=self.mode,
-                            recompute_ratio=s.recompute_ratio, check_layer=s.check_layer, epic_tokens=s.epic_tokens)
+        assembly = assemble(self.model, plan.body, plan.tail, mode=self.mode, recompute_ratio=s.recompute_ratio,
+                            check_layer=s.check_layer, epic_tokens=s.epic_tokens)
         stats = assembly.stats
-        return PreparedPrompt(ids, assembly.cache, stats.cached_tokens, stats.computed_tokens,
+        return PreparedPrompt(plan.prompt_ids, assembly.cache, stats.cached_tokens, stats.computed_tokens,
                               stats.recomputed_tokens, self.mode)
+
+    def prepare(self, tokenized: TokenizedPrompt, blocks: Sequence[common_pb2.PromptBlock], *,
+                reuse: bool = True) -> PreparedPrompt:
+        """lookup + assemble, for callers that own the model (benchmarks, tests)."""
+        return self.assemble(self.lookup(tokenized, blocks, reuse=reuse), tokenized.token_ids)
 
     def report(self, limit: int) -> tuple[list[int], list[int]]:
         return self.memory.summary(limit)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
+        """Publishes every queued block now (see BlockPublisher.flush: the model's owner only)."""
         return self.publisher.flush(timeout_s)
 
     def close(self) -> None:
@@ -498,7 +492,7 @@ class BlockCache:
         for seg in segments:
             seg.hash_ = block_hash(model_id=self.model_key, tokenizer_fp=self.tokenizer_fp, kind=seg.kind,
                                    token_ids=seg.token_ids)
-            seg.routing_key = routing_key(_PROTO_OF_KIND[seg.kind], seg.text)
+            seg.routing_key = routing_key(seg.kind, seg.text)
             seg.kv = self.memory.get(seg.hash_)
             if seg.kv is not None:
                 self.counters.local_hits += 1
@@ -527,5 +521,3 @@ class BlockCache:
                 self.publisher.submit(_PublishJob(WantedBlock(seg.hash_, seg.kind, seg.text),
                                                   tuple(seg.token_ids), seg.routing_key))
 
-
-_PROTO_OF_KIND = {kind: proto for proto, kind in KIND_OF_PROTO.items()}

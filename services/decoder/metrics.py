@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
 
 from adaccel.v1 import common_pb2
+from common.generation_stats import accepted_drafts
 from common.telemetry import LATENCY_BUCKETS_S, RATIO_BUCKETS, TOKEN_COUNT_BUCKETS
 
 
@@ -28,15 +29,6 @@ def verification_mode(params) -> str:
     if params.sampling.temperature > 0:
         return "sampling"
     return "relaxed" if params.mode == common_pb2.VERIFICATION_MODE_RELAXED else "strict"
-
-
-def accepted_drafts(stats) -> list[int]:
-    """Accepted draft tokens of each step. Older decoders did not report them: then a step's
-    emitted tokens minus its bonus token (one short on a final step cut at max_new_tokens)."""
-    if len(stats.accepted_drafts_per_step) == len(stats.accepted_per_step):
-        return list(stats.accepted_drafts_per_step)
-    steps = zip(stats.accepted_per_step, stats.drafted_per_step, strict=False)
-    return [max(0, min(drafted, emitted - 1)) for emitted, drafted in steps]
 
 
 @dataclass(slots=True)

@@ -9,6 +9,12 @@ snapshot only when the version it holds moved. With the pool service down, or `p
 empty, nothing changes for requests: they draft from the snapshots already held, or from the
 request-local overlay alone.
 
+Draft geometry: on first contact (and again after an outage: the pool may have been redeployed)
+the refresher reads the pool's advertised geometry (Pool.Info) and logs a warning for each way
+this decoder's drafts lose against it (common/drafting/geometry.py `pool_mismatches`: another
+key length, or a default tree deeper than the pool's n-grams reach). Drafting goes on either
+way: a trie answers any key shorter than its n-grams, so drafts get shallower, never wrong.
+
 Bounds: at most `max_pools` snapshots (the global pool not counted), least recently requested
 dropped first; at most 4 x max_pools requested keys remembered.
 
@@ -32,6 +38,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, Tracer
 
 from adaccel.v1 import pool_pb2, pool_pb2_grpc
+from common.drafting.geometry import DEFAULT_GEOMETRY, DraftGeometry, pool_mismatches
 from common.drafting.pools import GLOBAL_POOL, PoolRegistry
 from common.drafting.trie import TokenTrie, TrieSettings
 from common.rpc.streams import join_header_stream
@@ -94,7 +101,7 @@ class LockedPoolRegistry(PoolRegistry):
 class PoolSnapshots:
     def __init__(self, stub: pool_pb2_grpc.PoolStub, *, refresh_s: float = 2.0, max_pools: int = 16,
                  timeout_s: float = 5.0, registry: LockedPoolRegistry | None = None,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, geometry: DraftGeometry = DEFAULT_GEOMETRY):
         self.stub = stub
         self.tracer = tracer or trace.NoOpTracer()
         self.refresh_s = refresh_s
@@ -105,6 +112,9 @@ class PoolSnapshots:
         self.fetches = 0
         self.failures = 0
         self.available: bool | None = None  # None: not asked yet
+        self.geometry = geometry  # this decoder's draft sizes (DecoderSettings.draft_geometry)
+        self.pool_geometry: DraftGeometry | None = None  # as the pool advertised it; None: not read
+        self.geometry_problems: list[str] = []  # pool_mismatches(geometry, pool_geometry)
         self._lock = threading.Lock()
         self._wanted: OrderedDict[str, None] = OrderedDict()  # requested keys, most recent last
         self._resolved: dict[str, str] = {}  # requested key -> pool serving it, as of the last poll
@@ -183,6 +193,8 @@ class PoolSnapshots:
             keys.append(GLOBAL_POOL)
         reply = self.stub.GetVersions(pool_pb2.VersionsRequest(pool_keys=keys), timeout=self.timeout_s)
         self.polls += 1
+        if self.available is not True:  # first contact, or back after an outage
+            self._check_geometry()
         if self.available is False:
             log.info("pool service reachable again")
         self.available = True
@@ -207,6 +219,32 @@ class PoolSnapshots:
                 continue
             fetched += self._fetch(key, held or 0)
         return fetched
+
+    def _check_geometry(self) -> None:
+        """Reads the pool's draft geometry and warns about what this decoder's drafts lose
+        against it. An RpcError other than UNIMPLEMENTED (a pool without Info) propagates:
+        the poll fails and the next one asks again."""
+        try:
+            advertised = self.stub.Info(pool_pb2.PoolServiceInfoRequest(), timeout=self.timeout_s).geometry
+        except grpc.RpcError as exc:
+            if not hasattr(exc, "code") or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            log.info("pool service advertises no draft geometry; not checked")
+            return
+        try:
+            pool = DraftGeometry(
+                key_length=advertised.key_length, ngram_length=advertised.ngram_length,
+                decoding_length=advertised.decoding_length, branch_length=advertised.branch_length)
+        except ValueError as exc:
+            log.warning("pool service advertises an invalid draft geometry; not checked",
+                        extra={"error": str(exc)})
+            return
+        self.pool_geometry = pool
+        self.geometry_problems = pool_mismatches(self.geometry, pool)
+        for problem in self.geometry_problems:
+            log.warning("draft geometry differs from the pool service's: drafts are shallower",
+                        extra={"problem": problem, "pool_key_length": pool.key_length,
+                               "pool_ngram_length": pool.ngram_length})
 
     def _fetch(self, pool_key: str, have_version: int) -> int:
         with self._lock:  # the requests served by this pool since its last fetch

@@ -1,32 +1,41 @@
 """Builds the decoder's block cache from its settings: kv-store shards, placement, accuracy gate.
 
 The gate (common/blocks/calibration.py) runs once per model id and knobs, and its result is stored
-under the data dir; the calibration sample is the workload's generative-rec prompts when the
-workload is on disk (<data_dir>/workload/prompts.jsonl), else seeded random-token prompts (which
-still catch a model whose re-rotation is wrong, but say less about accuracy on real prompts).
+under the data dir (this module reads and writes that JSON file; the core only encodes it); the
+calibration sample is the workload's generative-rec prompts when the workload is on disk
+(<data_dir>/workload/prompts.jsonl), else seeded random-token prompts (which still catch a model
+whose re-rotation is wrong, but say less about accuracy on real prompts).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from common.blocks.calibration import CalibrationPrompt, GateSettings, gate, load_results, serving_mode
+from common.blocks.calibration import (
+    CalibrationPrompt,
+    CalibrationResult,
+    GateSettings,
+    calibrate,
+    decode_results,
+    encode_results,
+    log_decision,
+    serving_mode,
+    stored_decision,
+)
 from common.blocks.item_embedding import item_embedder
+from common.blocks.kv_codec import cache_model_key
 from common.blocks.placement import Placement
 from common.modeling.loading import LoadedModel
 from common.prompt_tokens import tokenize_chat
 from common.rpc.channels import open_channel
 from services.decoder.anchors import placement_buckets
-from services.decoder.block_cache import (
-    BlockCache,
-    KvStoreClient,
-    LocalBlockMemory,
-    ReuseSettings,
-    cache_model_key,
-)
+from services.decoder.block_cache import BlockCache, KvStoreClient, LocalBlockMemory, ReuseSettings
 from services.decoder.settings import DecoderSettings
 
 log = logging.getLogger(__name__)
@@ -65,6 +74,40 @@ def random_calibration_prompts(vocab_size: int, count: int, seed: int = 0) -> li
     return out
 
 
+def read_gate_results(path: Path) -> dict[str, CalibrationResult]:
+    """Gate results stored at `path` by model key (none when the file is absent or of an older format)."""
+    return decode_results(path.read_text()) if path.exists() else {}
+
+
+def save_gate_result(path: Path, result: CalibrationResult) -> None:
+    """Merges `result` into the JSON file at `path` (written atomically: temp file + rename)."""
+    results = read_gate_results(path)
+    results[result.model_id] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(encode_results(results))
+    os.replace(tmp, path)
+
+
+def gate(model, model_key: str, settings: GateSettings, store: Path,
+         sample: Callable[[], tuple[Sequence[CalibrationPrompt], str]]) -> CalibrationResult:
+    """The start-up gate: the result stored in `store` for this model key and knobs (threshold
+    re-applied), else a fresh measurement on `sample()` -> (prompts, what they are), which is then
+    stored. Logs the decision; ERROR when reuse is turned off."""
+    result = stored_decision(read_gate_results(store).get(model_key), settings)
+    if result is not None:
+        source = f"stored in {store}"
+    else:
+        prompts, what = sample()
+        log.info("calibrating block reuse on %d %s", len(prompts), what)
+        result = calibrate(model, model_key, prompts, settings)
+        save_gate_result(store, result)
+        source = f"measured on {len(prompts)} {what}, {result.positions} positions"
+    log_decision(result, settings, source)
+    return result
+
+
 def gated_mode(settings: DecoderSettings, loaded: LoadedModel, model_key: str, *, progress: bool = False) -> str:
     """The mode to serve: the configured one if the accuracy gate passes (or is off), else full."""
     mode = settings.reuse_mode
@@ -76,24 +119,23 @@ def gated_mode(settings: DecoderSettings, loaded: LoadedModel, model_key: str, *
                                  min_top1_agreement=settings.reuse_gate_min_top1)
     store = settings.reuse_gate_store or settings.data_dir / "calibration" / "block_reuse.json"
     workload = settings.data_dir / "workload" / "prompts.jsonl"
-    prompts: list[CalibrationPrompt] = []
-    known = load_results(store).get(model_key)
-    stored = known is not None and known.knobs == gate_settings.knobs() and known.prompts > 0
-    if not stored and workload.is_file() and not loaded.random_weights:
-        prompts = workload_calibration_prompts(loaded.tokenizer, workload, settings.reuse_gate_prompts,
-                                               min(settings.reuse_gate_max_tokens, settings.max_prompt_tokens))
-        source = f"workload prompts ({workload})"
-    if not prompts:
-        prompts = random_calibration_prompts(loaded.model.config.vocab_size, settings.reuse_gate_prompts)
-        source = "random-token prompts"
-    if not stored:
-        log.info("calibrating block reuse on %d %s", len(prompts), source)
+
+    def sample() -> tuple[Sequence[CalibrationPrompt], str]:
+        prompts: Sequence[CalibrationPrompt] = []
+        if workload.is_file() and not loaded.random_weights:
+            prompts = workload_calibration_prompts(loaded.tokenizer, workload, settings.reuse_gate_prompts,
+                                                   min(settings.reuse_gate_max_tokens, settings.max_prompt_tokens))
+            what = f"workload prompts ({workload})"
+        if not prompts:
+            prompts = random_calibration_prompts(loaded.model.config.vocab_size, settings.reuse_gate_prompts)
+            what = "random-token prompts"
         if progress:
             from tqdm import tqdm
 
             prompts = tqdm(prompts, desc="block-reuse accuracy gate", unit="prompt")
-    result = gate(loaded.model, model_key, prompts, gate_settings, store_path=store)
-    return serving_mode(result, mode)
+        return prompts, what
+
+    return serving_mode(gate(loaded.model, model_key, gate_settings, store, sample), mode)
 
 
 def create_block_cache(settings: DecoderSettings, loaded: LoadedModel, *, tracer_provider=None,

@@ -19,11 +19,11 @@ from common.telemetry import Telemetry
 from services.decoder.batcher import Batcher, KvAdmission, kv_bytes_per_token
 from services.decoder.cost_profile import startup_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings
+from services.decoder.intake import RequestIntake
 from services.decoder.metrics import DecoderMetrics
 from services.decoder.pool_snapshots import PoolSnapshots
 from services.decoder.publisher import GeneratedPublisher
 from services.decoder.reuse_setup import create_block_cache
-from services.decoder.runner import GenerationRunner
 from services.decoder.service import DecoderService
 from services.decoder.settings import DecoderSettings
 
@@ -63,9 +63,9 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
                                    new_producer=connect_producer if settings.kafka_bootstrap else None)
     limits = RequestLimits(max_blocks=settings.max_blocks, max_new_tokens=settings.max_new_tokens)
     adaptive = settings.adaptive_drafting
+    decoding_length, branch_length = settings.draft_geometry.tree_caps(adaptive)
     engine = DecodingEngine(loaded.model, EngineSettings(
-        decoding_length=settings.adaptive_max_tokens if adaptive else settings.decoding_length,
-        branch_length=settings.adaptive_max_depth if adaptive else settings.branch_length,
+        decoding_length=decoding_length, branch_length=branch_length,
         pad_token_id=loaded.tokenizer.pad_token_id or 0, adaptive=adaptive, lean_forward=settings.lean_forward,
         confidence_weights=settings.confidence_weights),
         cost_model=startup_cost_model(settings, loaded) if adaptive else None)
@@ -76,22 +76,29 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
         pool_channel = open_channel(settings.pool_addr, tracer_provider=telemetry.tracer_provider,
                                     max_message_bytes=settings.max_message_bytes, security=client_security(settings))
         snapshots = PoolSnapshots(pool_pb2_grpc.PoolStub(pool_channel), refresh_s=settings.pool_refresh_s,
-                                  max_pools=settings.pool_cache_pools, tracer=tracer)
+                                  max_pools=settings.pool_cache_pools, tracer=tracer,
+                                  geometry=settings.draft_geometry)
         pools = snapshots.registry
     admission = KvAdmission(budget_bytes=int(settings.kv_budget_mb * (1 << 20)),
                             bytes_per_token=kv_bytes_per_token(loaded.model), max_requests=settings.max_queue)
-    batcher = Batcher(engine, admission, max_batch_size=settings.max_batch_size).start()
     # Prompt blocks' KV from local memory / the kv-store; the accuracy gate may turn reuse off.
     block_cache, block_cache_closers = create_block_cache(settings, loaded, tracer_provider=telemetry.tracer_provider,
                                                           security=client_security(settings))
-    runner = GenerationRunner(loaded, engine, pools, device=settings.device,
-                              max_prompt_tokens=settings.max_prompt_tokens, pool_tracker=snapshots,
-                              block_cache=block_cache, report_block_limit=settings.report_block_limit,
-                              chat_frame=prompt_frame(settings, loaded))
+    # The batcher's thread is the model's one owner: block assembly, prefill, steps, publishing.
+    batcher = Batcher(engine, admission, max_batch_size=settings.max_batch_size, block_cache=block_cache).start()
+    intake = RequestIntake(loaded.tokenizer, pools, engine, max_prompt_tokens=settings.max_prompt_tokens,
+                           chat_frame=prompt_frame(settings, loaded), pool_tracker=snapshots, block_cache=block_cache)
+    info = decoder_pb2.DecoderInfo(
+        decoder_id=settings.decoder_id, model_id=loaded.model_id, vocab_size=loaded.model.config.vocab_size,
+        max_prompt_tokens=settings.max_prompt_tokens, max_new_tokens=limits.max_new_tokens,
+        # What the engine runs: the adaptive caps when drafting is adaptive, else the fixed tree.
+        decoding_length=engine.settings.decoding_length, branch_length=engine.settings.branch_length,
+        device=settings.device, random_weights=loaded.random_weights,
+    )
     decoder = DecoderService(
-        runner, publisher, decoder_id=settings.decoder_id, limits=limits,
-        batcher=batcher, decoding_length=settings.decoding_length,
-        branch_length=settings.branch_length, metrics=DecoderMetrics.create(telemetry.meter("adaccel.decoder")),
+        intake, batcher, publisher, info=info, limits=limits,
+        metrics=DecoderMetrics.create(telemetry.meter("adaccel.decoder")), tokenizer=loaded.tokenizer,
+        block_cache=block_cache, report_block_limit=settings.report_block_limit,
     )
     decoder.metrics.observe_load(queue_depth=lambda: admission.active,
                                  tokens_in_flight=lambda: admission.tokens_in_flight, batch_size=lambda: batcher.rows)
@@ -99,8 +106,8 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
         decoder.metrics.observe_block_cache(block_cache)
     handle = create_server(settings, telemetry, [(decoder_pb2_grpc.add_DecoderServicer_to_server, decoder)],
                            [SERVICE_NAME])
-    if not decoder.decoder_id:
-        decoder.decoder_id = f"decoder-{handle.port}"
+    if not info.decoder_id:
+        info.decoder_id = f"decoder-{handle.port}"
     handle.on_stop.append(batcher.stop)
     handle.on_stop.append(publisher.close)
     handle.on_stop.extend(block_cache_closers)

@@ -1,8 +1,9 @@
-"""Decoder gRPC servicer: validate, tokenize, admit, stream, publish. No model logic here.
+"""Decoder gRPC servicer: validate, prepare, admit, stream, publish. No model logic here.
 
-Requests are decoded together by the Batcher (services/decoder/batcher.py): Generate admits the
-request (RESOURCE_EXHAUSTED with a retry-after-ms hint when the KV budget or the admitted
-count is full), hands it over, and streams the step results its ticket receives.
+A request is prepared once (services/decoder/intake.py: tokenized, configured, its blocks
+looked up), admitted (RESOURCE_EXHAUSTED with a retry-after-ms hint when the KV budget or the
+admitted count is full), handed to the Batcher (the thread that owns the model), and its step
+results are streamed back through a Transcript (services/decoder/transcript.py).
 """
 
 from __future__ import annotations
@@ -13,105 +14,77 @@ import uuid
 
 import grpc
 
-from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, records_pb2
-from common.requests import RequestLimits, block_ids_of_kind, validate_generate_request
-from services.decoder.batcher import Batcher, Ticket
+from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+from common.requests import RequestLimits, validate_generate_request
+from services.decoder.batcher import Batcher
+from services.decoder.block_cache import BlockCache
+from services.decoder.intake import RequestIntake
 from services.decoder.metrics import DecoderMetrics, verification_mode
 from services.decoder.publisher import GeneratedPublisher
-from services.decoder.runner import GenerationRunner, PreparedRequest
+from services.decoder.transcript import Transcript
 
 log = logging.getLogger(__name__)
 
 
 class DecoderService(decoder_pb2_grpc.DecoderServicer):
-    def __init__(self, runner: GenerationRunner, publisher: GeneratedPublisher, *, decoder_id: str,
-                 limits: RequestLimits, batcher: Batcher, decoding_length: int, branch_length: int,
-                 metrics: DecoderMetrics):
-        self.runner = runner
-        self.metrics = metrics
-        self.publisher = publisher
-        self.decoder_id = decoder_id
-        self.limits = limits
+    def __init__(self, intake: RequestIntake, batcher: Batcher, publisher: GeneratedPublisher, *,
+                 info: decoder_pb2.DecoderInfo, limits: RequestLimits, metrics: DecoderMetrics,
+                 tokenizer, block_cache: BlockCache | None = None, report_block_limit: int = 4096):
+        self.intake = intake
         self.batcher = batcher
         self.admission = batcher.admission
-        self.decoding_length = decoding_length
-        self.branch_length = branch_length
+        self.publisher = publisher
+        self.info = info  # what Info answers (the decoder id is filled in once the port is known)
+        self.limits = limits
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.block_cache = block_cache
+        self.report_block_limit = report_block_limit
+
+    @property
+    def decoder_id(self) -> str:
+        return self.info.decoder_id
 
     def Generate(self, request: common_pb2.GenerateRequest, context: grpc.ServicerContext):
         arrived = time.perf_counter()
         validate_generate_request(request, self.limits)
         request_id = request.request_id or uuid.uuid4().hex
-        prompt_ids = self.runner.tokenize_prompt(request)
-        ticket = self.batcher.admit(len(prompt_ids), request.params.max_new_tokens)
+        prepared = self.intake.prepare(request, request_id)
+        ticket = self.batcher.admit(prepared.kv_tokens)
         # The RPC ending early (client gone, deadline passed) takes the request out of the batch.
         if not context.add_callback(ticket.cancel):
             ticket.cancel()
         try:
-            prepared = self.runner.prepare(prompt_ids, request, request_id)
-            self.batcher.submit(ticket, prepared.prompt_ids, prepared.config, prepared.pool,
-                                prepared.past_key_values)
-            yield from self._generate(request, request_id, prepared, ticket, arrived, context)
+            self.batcher.submit(ticket, self.intake.with_blocks(prepared, request))
+            transcript = Transcript(self.tokenizer, eos_token_id=self.intake.eos_token_id,
+                                    prompt_tokens=len(prepared.prompt_ids))
+            for step in ticket:
+                delta = transcript.add(step, seconds_since_arrival=time.perf_counter() - arrived,
+                                       prefill=ticket.prefill)
+                yield common_pb2.GenerateChunk(delta=delta)
+            if ticket.cancelled.is_set():
+                log.info("request ended before it finished (client gone or deadline)",
+                         extra={"request_id": request_id})
+                return
+            model_id = self.info.model_id
+            summary = transcript.summary(request_id=request_id, total_s=time.perf_counter() - arrived,
+                                         decoder_id=self.decoder_id, model_id=model_id)
+            self.metrics.record(summary.stats, verification_mode(request.params),
+                                drafting=not request.params.disable_drafting)
+            if request.publish:
+                self.publisher.publish(transcript.record(request, request_id=request_id, model_id=model_id))
+            yield common_pb2.GenerateChunk(summary=summary)
         finally:
             self.batcher.close(ticket)
 
-    def _generate(self, request, request_id, prepared: PreparedRequest, ticket: Ticket, arrived, context):
-        tokenizer = self.runner.loaded.tokenizer
-        prompt_ids = prepared.prompt_ids
-        stats = common_pb2.GenerationStats(prompt_tokens=len(prompt_ids),
-                                           cached_prompt_tokens=prepared.cached_prompt_tokens,
-                                           computed_prompt_tokens=len(prompt_ids) - prepared.cached_prompt_tokens,
-                                           recomputed_prompt_tokens=prepared.recomputed_prompt_tokens)
-        generated: list[int] = []
-        text, text_so_far = "", ""
-        finish = common_pb2.FINISH_REASON_LENGTH
-        for step in ticket:
-            if not generated:
-                stats.ttft_s = time.perf_counter() - arrived
-            generated.extend(step.token_ids)
-            stats.accepted_per_step.append(len(step.token_ids))
-            stats.drafted_per_step.append(step.drafted)
-            stats.accepted_drafts_per_step.append(step.accepted)
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            # Hold back an incomplete multi-byte character (decoded as U+FFFD) until it completes.
-            stable = text[:-1] if text.endswith("\ufffd") else text
-            delta_text, text_so_far = stable[len(text_so_far):], stable
-            yield common_pb2.GenerateChunk(delta=common_pb2.TokenDelta(token_ids=step.token_ids, text=delta_text))
-            if generated[-1] == self.runner.eos_token_id:
-                finish = common_pb2.FINISH_REASON_EOS
-        if ticket.cancelled.is_set():
-            log.info("request ended before it finished (client gone or deadline)", extra={"request_id": request_id})
-            return
-        stats.total_s = time.perf_counter() - arrived
-        stats.new_tokens = len(generated)
-        stats.steps = len(stats.accepted_per_step)
-        stats.mean_accepted_per_step = stats.new_tokens / max(stats.steps, 1)
-        self.metrics.record(stats, verification_mode(request.params), drafting=not request.params.disable_drafting)
-        summary = common_pb2.GenerationSummary(
-            request_id=request_id, text=text, token_ids=generated, stats=stats, finish_reason=finish,
-            decoder_id=self.decoder_id, model_id=self.runner.loaded.model_id,
-        )
-        if request.publish:
-            self.publisher.publish(records_pb2.GeneratedRecord(
-                request_id=request_id, pool_key=request.pool_key,
-                item_ids=block_ids_of_kind(request, common_pb2.BLOCK_KIND_ITEM),
-                user_ids=block_ids_of_kind(request, common_pb2.BLOCK_KIND_USER_HISTORY),
-                token_ids=generated, text=text, model_id=self.runner.loaded.model_id,
-            ))
-        yield common_pb2.GenerateChunk(summary=summary)
-
     def Info(self, request, context):
-        loaded = self.runner.loaded
-        return decoder_pb2.DecoderInfo(
-            decoder_id=self.decoder_id, model_id=loaded.model_id, vocab_size=loaded.model.config.vocab_size,
-            max_prompt_tokens=self.runner.max_prompt_tokens, max_new_tokens=self.limits.max_new_tokens,
-            decoding_length=self.decoding_length, branch_length=self.branch_length,
-            device=self.runner.device, random_weights=loaded.random_weights,
-        )
+        return self.info
 
     def Report(self, request, context):
-        block_hashes, block_keys = self.runner.held_blocks()
+        block_hashes, block_keys = ([], []) if self.block_cache is None else self.block_cache.report(
+            self.report_block_limit)
         return decoder_pb2.DecoderReport(
             decoder_id=self.decoder_id, queue_depth=self.admission.active,
-            tokens_in_flight=self.admission.tokens_in_flight, pool_keys=self.runner.held_pool_keys(),
+            tokens_in_flight=self.admission.tokens_in_flight, pool_keys=self.intake.held_pool_keys(),
             block_hashes=block_hashes, block_keys=block_keys,
         )

@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from common.drafting.confidence import DEFAULT_WEIGHTS, FEATURES
+from common.drafting.geometry import DEFAULT_GEOMETRY, DraftGeometry
 from common.settings import KafkaSettings, ServiceSettings
 
 
@@ -24,11 +25,12 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     kv_budget_mb: float = Field(1024.0, gt=0, description="KV memory admitted requests may need, MiB ((prompt + max_new_tokens) x per-token KV); over -> RESOURCE_EXHAUSTED")
     # Every admitted request holds an RPC thread while it streams; Report and health need more.
     workers: int = Field(24, ge=2, description="threads serving RPCs (more than max_queue: admitted streams hold one each)")
-    decoding_length: int = Field(16, ge=1, description="default draft tokens per verification step")
-    branch_length: int = Field(8, ge=1, description="default depth of a draft branch")
+    # Draft sizes: defaults from the one draft geometry (common/drafting/geometry.py).
+    decoding_length: int = Field(DEFAULT_GEOMETRY.decoding_length, ge=1, description="default draft tokens per verification step")
+    branch_length: int = Field(DEFAULT_GEOMETRY.branch_length, ge=1, description="default depth of a draft branch")
     adaptive_drafting: bool = Field(False, description="size each step's draft tree by expected tokens per second (measured step cost x draft confidence); decoding_length/branch_length then cap the candidates")
-    adaptive_max_tokens: int = Field(20, ge=1, description="adaptive drafting: candidate draft tokens per request and step at most")
-    adaptive_max_depth: int = Field(12, ge=1, description="adaptive drafting: deepest candidate branch")
+    adaptive_max_tokens: int = Field(DEFAULT_GEOMETRY.adaptive_max_tokens, ge=1, description="adaptive drafting: candidate draft tokens per request and step at most")
+    adaptive_max_depth: int = Field(DEFAULT_GEOMETRY.adaptive_max_depth, ge=1, description="adaptive drafting: deepest candidate branch")
     adaptive_confidence_weights: str = Field(
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
         description="adaptive drafting: logistic weights of draft-node acceptance over (bias, frequency log-odds, top sibling, depth, proposed by the request's own text), comma-separated; `python -m bench.draft_replay --fit` fits them for a model and workload; empty = frequency alone")
@@ -73,6 +75,15 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
         for part in parts:
             float(part)  # a non-number raises ValueError: a clear settings error at start-up
         return value
+
+    @property
+    def draft_geometry(self) -> DraftGeometry:
+        """This decoder's draft sizes (key and n-gram length are not settings: the geometry's);
+        `tree_caps(adaptive_drafting)` is what the engine is built with."""
+        return DraftGeometry(
+            key_length=DEFAULT_GEOMETRY.key_length, ngram_length=DEFAULT_GEOMETRY.ngram_length,
+            decoding_length=self.decoding_length, branch_length=self.branch_length,
+            adaptive_max_tokens=self.adaptive_max_tokens, adaptive_max_depth=self.adaptive_max_depth)
 
     @property
     def confidence_weights(self) -> tuple[float, ...] | None:

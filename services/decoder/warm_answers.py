@@ -8,70 +8,25 @@ answers to warm-split prompts here, once per model, and stores them as generated
     python -m services.decoder.warm_answers --data-dir DIR [--per-segment N]
 
 writes DIR/warm_answers/<model_id>.jsonl, one GeneratedRecord as JSON per line (request id, pool
-key, item and user ids, token ids, text, model id). `make run` publishes them to adaccel.generated
-before its job, so they enter the pools through the same updater path as live traffic.
-Held-out prompts never enter. Decoding is strict (output = greedy) with continuous batching.
+key, item and user ids, token ids, text, model id; format in common/warm_answers.py). `make run`
+publishes them to adaccel.generated before its job, so they enter the pools through the same
+updater path as live traffic. Held-out prompts never enter. Decoding is strict (output = greedy)
+with continuous batching.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from common.modeling.default_model import default_model_path
-
-WARM_DIR = "warm_answers"
-
-
-@dataclass(slots=True, frozen=True)
-class WarmAnswer:
-    request_id: str
-    pool_key: str
-    task: str
-    item_ids: tuple[str, ...]
-    user_ids: tuple[str, ...]
-    token_ids: tuple[int, ...]
-    text: str
-    model_id: str
-    max_new_tokens: int  # the limit it was decoded under: an answer cut there is reused only under it
-
-    def to_json(self) -> str:
-        return json.dumps({"request_id": self.request_id, "pool_key": self.pool_key, "task": self.task,
-                           "item_ids": list(self.item_ids), "user_ids": list(self.user_ids),
-                           "token_ids": list(self.token_ids), "text": self.text, "model_id": self.model_id,
-                           "max_new_tokens": self.max_new_tokens})
-
-    @classmethod
-    def from_json(cls, line: str) -> WarmAnswer:
-        raw = json.loads(line)
-        return cls(raw["request_id"], raw["pool_key"], raw["task"], tuple(raw["item_ids"]), tuple(raw["user_ids"]),
-                   tuple(raw["token_ids"]), raw["text"], raw["model_id"], raw["max_new_tokens"])
-
-    def record(self):
-        """The GeneratedRecord a decoder would have published for this answer."""
-        from adaccel.v1 import records_pb2
-
-        return records_pb2.GeneratedRecord(request_id=self.request_id, pool_key=self.pool_key,
-                                           item_ids=self.item_ids, user_ids=self.user_ids,
-                                           token_ids=self.token_ids, text=self.text, model_id=self.model_id)
-
-
-def answers_path(data_dir: Path, model_id: str) -> Path:
-    return data_dir / WARM_DIR / f"{model_id}.jsonl"
-
-
-def read_answers(path: Path) -> list[WarmAnswer]:
-    if not path.is_file():
-        return []
-    return [WarmAnswer.from_json(line) for line in path.read_text().splitlines() if line.strip()]
+from common.warm_answers import WarmAnswer, answers_path, read_answers, write_answers
 
 
 def warm_segments(prompts) -> dict[tuple[str, str], list]:
@@ -138,7 +93,7 @@ def generate_warm_answers(loaded, prompts, *, max_new_tokens: int, rows: int = 1
     from common.prompt_tokens import tokenize_chat
     from services.decoder.engine import DecodingEngine, EngineSettings
 
-    engine = DecodingEngine(loaded.model, EngineSettings(decoding_length=16, branch_length=8, learn_from_outputs=True))
+    engine = DecodingEngine(loaded.model, EngineSettings(learn_from_outputs=True))
     registry = PoolRegistry()
     token_ids = [tokenize_chat(loaded.tokenizer, [b.text for b in p.blocks], p.system_blocks).token_ids
                  for p in prompts]
@@ -158,14 +113,6 @@ def generate_warm_answers(loaded, prompts, *, max_new_tokens: int, rows: int = 1
         decode_greedy_batched(engine, token_ids, pools, max_new_tokens, loaded.tokenizer.eos_token_id, rows=rows,
                               on_done=on_done, progress=bar)
     return [a for a in answers if a is not None]
-
-
-def write_answers(path: Path, answers: Sequence[WarmAnswer]) -> None:
-    """Whole file or nothing: written beside, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(a.to_json() + "\n" for a in answers))
-    partial.replace(path)
 
 
 def request_id_of(prompt) -> str:

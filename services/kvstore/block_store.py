@@ -1,42 +1,26 @@
 """Block KV storage: an LRU memory tier with a byte budget over a RocksDB disk tier.
 
 A block is (header, raw bytes). Every put is checked (dtype, shape, size, checksum) before it
-is stored, and every read re-verifies the checksum, so a corrupted block is never served.
+is stored, and every read re-verifies the checksum, so a corrupted block is never served. The
+checksum and the dtype sizes are the block codec's (common/blocks/kv_codec.py), shared with the
+decoder that writes the blocks; the header stays the protobuf message here (it is stored
+serialized, so rows already on disk keep reading).
 """
 
 from __future__ import annotations
 
 import threading
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from rocksdict import Options, Rdict
 
 from adaccel.v1 import kvstore_pb2
+from common.blocks.kv_codec import DTYPE_BYTES, checksum, non_finite_values
 from common.rpc.errors import InvalidArgument, NotFound, ResourceExhausted
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
-# Float dtypes as (unsigned view, exponent mask): all exponent bits set is Inf or NaN. Bit tests
-# cover bfloat16, which numpy has no type for.
-FLOAT_EXPONENT_MASKS = {"float32": (np.uint32, 0x7F800000), "float16": (np.uint16, 0x7C00),
-                        "bfloat16": (np.uint16, 0x7F80), "float64": (np.uint64, 0x7FF0000000000000)}
 MAX_MODEL_ID_BYTES = 256
-
-
-def checksum(data: bytes) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
-
-
-def non_finite_values(dtype: str, data: bytes) -> int:
-    """How many elements of a float tensor are Inf or NaN (0 for integer dtypes)."""
-    if dtype not in FLOAT_EXPONENT_MASKS or not data:
-        return 0
-    view, mask = FLOAT_EXPONENT_MASKS[dtype]
-    bits = np.frombuffer(data, dtype=view)
-    return int(np.count_nonzero((bits & view(mask)) == view(mask)))
 
 
 def storage_key(model_id: str, block_hash: bytes) -> bytes:

@@ -2,7 +2,7 @@
 
 Column families:
   nodes:     pool_key 0x00 token path (4-byte big-endian ids)       -> output, input counts (2 x u64 BE)
-  meta:      pool_key                                               -> PoolInfo protobuf
+  meta:      pool_key                                               -> PoolInfo protobuf (PoolMeta's fields)
   offsets:   topic 0x00 partition (u32 BE)                          -> next offset (u64 BE)
   sequences: pool_key 0x00 sequence id (u64 BE)                     -> StoredSequence (see encode_sequence)
   items:     item_id 0x00 pool_key 0x00 sequence id (u64 BE)         -> b"" (item -> its sequences, all pools)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from adaccel.v1 import records_pb2
-from common.drafting.pools import GLOBAL_POOL
+from common.drafting.pool_keys import GLOBAL_POOL
 from common.drafting.trie import ngram_prefix_counts
 from common.requests import BLOCK_ID_PATTERN, POOL_KEY_PATTERN
 
@@ -70,7 +70,8 @@ Mutation = InsertSequences | RemoveItem | NoChange
 
 def ngram_node_increments(sequences: Iterable[Sequence[int]], ngram_length: int) -> Counter:
     """Counts, for each trie node (a token path), how many inserted n-grams pass through it: the
-    in-memory trie's own rule (`ngram_prefix_counts`), summed over sequences.
+    in-memory trie's own rule (`ngram_prefix_counts`), summed over sequences. The pool mirror
+    adds exactly these on insert (mirror.py), so the written rows and the trie cannot diverge.
 
     >>> sorted(ngram_node_increments([[1, 2, 3]], 2).items())
     [((1,), 1), ((1, 2), 1), ((2,), 1), ((2, 3), 1), ((3,), 1)]

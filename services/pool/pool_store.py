@@ -3,6 +3,10 @@
 The key layout is in `services.pool.layout`. This layer only reads and writes: callers build a
 `StoreBatch` (one per Kafka record or RPC, spanning column families, the consumer offset
 included) and `write` applies it atomically; a crash keeps all of a batch or none of it.
+
+Pool metadata (PoolMeta) is stored as the PoolInfo protobuf message it has always been stored
+as, so stores written before PoolMeta existed load unchanged; the message stays inside this
+module.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from rocksdict import Options, Rdict, WriteBatch
 from adaccel.v1 import pool_pb2
 from services.pool import layout
 from services.pool.layout import StoredSequence
+from services.pool.pool_meta import PoolMeta
 
 COLUMN_FAMILIES = ("nodes", "meta", "offsets", "sequences", "items", "removed")
 
@@ -26,7 +31,6 @@ class StoreBatch:
         self._batch = WriteBatch(raw_mode=True)
         self._h = handles
         self.puts = 0
-        self.deleted_sequences: set[tuple[str, int]] = set()  # (pool_key, sequence id) deleted so far
 
     def put_node(self, pool_key: str, path: Sequence[int], output: int, input_: int) -> None:
         self._batch.put(layout.node_key(pool_key, path), layout.encode_counts(output, input_), self._h["nodes"])
@@ -48,8 +52,8 @@ class StoreBatch:
         prefix = layout.pool_prefix(pool_key)
         self._batch.delete_range(prefix, layout.prefix_end(prefix), self._h["nodes"])
 
-    def put_meta(self, info: pool_pb2.PoolInfo) -> None:
-        self._batch.put(info.pool_key.encode(), info.SerializeToString(), self._h["meta"])
+    def put_meta(self, meta: PoolMeta) -> None:
+        self._batch.put(meta.pool_key.encode(), _encode_meta(meta), self._h["meta"])
 
     def delete_meta(self, pool_key: str) -> None:
         self._batch.delete(pool_key.encode(), self._h["meta"])
@@ -70,7 +74,6 @@ class StoreBatch:
         self._batch.delete(item_id.encode(), self._h["removed"])
 
     def delete_sequence(self, pool_key: str, sequence_id: int, item_ids: Sequence[str]) -> None:
-        self.deleted_sequences.add((pool_key, sequence_id))
         self._batch.delete(layout.sequence_key(pool_key, sequence_id), self._h["sequences"])
         for item in item_ids:
             self._batch.delete(layout.item_key(item, pool_key, sequence_id), self._h["items"])
@@ -105,12 +108,12 @@ class PoolStore:
         raw = self._cf["offsets"].get(layout.offset_key(topic, partition))
         return None if raw is None else int.from_bytes(raw, "big")
 
-    def pool_info(self, pool_key: str) -> pool_pb2.PoolInfo | None:
+    def pool_info(self, pool_key: str) -> PoolMeta | None:
         raw = self._cf["meta"].get(pool_key.encode())
-        return None if raw is None else pool_pb2.PoolInfo.FromString(raw)
+        return None if raw is None else _decode_meta(raw)
 
-    def pools(self) -> list[pool_pb2.PoolInfo]:
-        return [pool_pb2.PoolInfo.FromString(v) for _, v in self._scan("meta", b"")]
+    def pools(self) -> list[PoolMeta]:
+        return [_decode_meta(v) for _, v in self._scan("meta", b"")]
 
     def node_count(self, pool_key: str, path: tuple[int, ...], kind: str = "output") -> int:
         raw = self._cf["nodes"].get(layout.node_key(pool_key, path))
@@ -118,9 +121,6 @@ class PoolStore:
             return 0
         output, input_ = layout.decode_counts(raw)
         return output if kind == "output" else input_
-
-    def has_node(self, pool_key: str, path: Sequence[int]) -> bool:
-        return self._cf["nodes"].get(layout.node_key(pool_key, path)) is not None
 
     def rows(self, pool_key: str, path: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], int, int]]:
         """(path, output, input) of every node under `path` (inclusive), in key order (pre-order)."""
@@ -182,3 +182,17 @@ class PoolStore:
         self._cf.clear()
         self._handles.clear()
         self._db.close()
+
+
+def _encode_meta(meta: PoolMeta) -> bytes:
+    return pool_pb2.PoolInfo(
+        pool_key=meta.pool_key, version=meta.version, nodes=meta.nodes, capacity=meta.capacity,
+        updated_at=meta.updated_at, squeezes=meta.squeezes, sequences=meta.sequences,
+        sequence_tokens=meta.sequence_tokens, bytes=meta.size_bytes).SerializeToString()
+
+
+def _decode_meta(raw: bytes) -> PoolMeta:
+    info = pool_pb2.PoolInfo.FromString(raw)
+    return PoolMeta(pool_key=info.pool_key, version=info.version, nodes=info.nodes, capacity=info.capacity,
+                    updated_at=info.updated_at, squeezes=info.squeezes, sequences=info.sequences,
+                    sequence_tokens=info.sequence_tokens, size_bytes=info.bytes)

@@ -4,14 +4,16 @@ from pathlib import Path
 
 from pydantic import Field
 
+from common.drafting.geometry import DEFAULT_GEOMETRY
 from common.settings import KafkaSettings, ServiceSettings
 
 
 class PoolSettings(ServiceSettings, KafkaSettings):
     model_path: Path | None = Field(None, description="checkpoint whose tokenizer encodes inserted texts")
     vocab_size: int = Field(0, ge=0, description="token ids must be below this (0 = from the tokenizer, or unchecked)")
-    ngram_length: int = Field(10, ge=2, le=64,
-                              description="tokens per stored n-gram (key_length 2 + the decoders' branch_length 8)")
+    ngram_length: int = Field(DEFAULT_GEOMETRY.ngram_length, ge=2, le=64,
+                              description=f"tokens per stored n-gram (key_length {DEFAULT_GEOMETRY.key_length} "
+                                          f"+ the decoders' branch_length {DEFAULT_GEOMETRY.branch_length})")
     max_tokens_per_insert: int = Field(65_536, ge=1, description="tokens one Insert (or one record) may carry")
     pool_capacity: int = Field(1 << 17, ge=16,
                                description="trie nodes per pool; above it the pool decays (halves counts, prunes)")

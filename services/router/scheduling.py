@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from common.blocks.routing_keys import RequestBlocks
+from common.drafting.pool_keys import fallback_chain
 
 Policy = Literal["affinity", "least_loaded", "round_robin"]
 POLICIES: tuple[str, ...] = ("affinity", "least_loaded", "round_robin")
@@ -62,13 +63,9 @@ def held_share(replica: ReplicaView, blocks: RequestBlocks) -> float:
 
 
 def holds_pool(replica: ReplicaView, pool_key: str) -> bool:
-    """The request's pool or one of its parents ("a/b" falls back to "a", as the decoder does)."""
-    key = pool_key
-    while key:
-        if key in replica.pool_keys:
-            return True
-        key = key.rpartition("/")[0]
-    return False
+    """The request's pool or one of its parents ("a/b" falls back to "a", as the decoder does).
+    No last fallback to the global pool here: every replica drafts from it, so it earns no affinity."""
+    return any(key in replica.pool_keys for key in fallback_chain(pool_key))
 
 
 def affinity_score(replica: ReplicaView, footprint: Footprint, weights: AffinityWeights) -> float:

@@ -20,8 +20,9 @@ from kafka import KafkaConsumer
 from rocksdict import Options, Rdict
 
 from adaccel.v1 import kvstore_pb2, kvstore_pb2_grpc, pool_pb2, pool_pb2_grpc, records_pb2
+from common.blocks.kv_codec import checksum
 from common.rpc.channels import health_status, open_channel
-from services.kvstore.block_store import checksum, validate_block
+from services.kvstore.block_store import validate_block
 from services.stack import SERVICE_NAMES, Stack
 from tests.faults.traffic import RequestLog, SteadyStream
 from tests.fuzz.pool_model import PoolModel, mismatched_pools

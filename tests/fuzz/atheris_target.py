@@ -20,9 +20,11 @@ import atheris
 with atheris.instrument_imports(include=["services", "common"]):
     from common.rpc.channels import health_status, open_channel
     from common.telemetry import null_telemetry
-    from services.kvstore.server import SERVICE_NAME as KV_SERVICE, create_kvstore_server
+    from services.kvstore.server import SERVICE_NAME as KV_SERVICE
+    from services.kvstore.server import create_kvstore_server
     from services.kvstore.settings import KvStoreSettings
-    from services.pool.server import SERVICE_NAME as POOL_SERVICE, create_pool_server
+    from services.pool.server import SERVICE_NAME as POOL_SERVICE
+    from services.pool.server import create_pool_server
     from services.pool.settings import PoolSettings
 
 from tests.fuzz.wire import raw_method  # noqa: E402 - after the instrumented imports

@@ -11,7 +11,7 @@ import sys
 import atheris  # noqa: F401 - the child process fuzzes with it; pinned, so a missing fuzzer fails here, never skips
 
 from adaccel.v1 import kvstore_pb2, pool_pb2
-from services.kvstore.block_store import checksum
+from common.blocks.kv_codec import checksum
 from tests.fuzz.atheris_target import METHODS
 
 RUNS = 3000

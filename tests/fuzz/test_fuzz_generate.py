@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from adaccel.v1 import common_pb2, decoder_pb2, router_pb2, router_pb2_grpc
 from common.rpc.channels import health_status, open_channel
 from common.telemetry import null_telemetry
-from services.decoder.server import SERVICE_NAME as DECODER_SERVICE, create_decoder_server
+from services.decoder.server import SERVICE_NAME as DECODER_SERVICE
+from services.decoder.server import create_decoder_server
 from services.decoder.settings import DecoderSettings
-from services.router.server import SERVICE_NAME as ROUTER_SERVICE, create_router_server
+from services.router.server import SERVICE_NAME as ROUTER_SERVICE
+from services.router.server import create_router_server
 from services.router.settings import RouterSettings
 from tests.fuzz.conftest import FUZZ_SETTINGS
 from tests.fuzz.wire import INVALID_UTF8, Mutator, field_bytes, field_varint, raw_method

@@ -12,8 +12,14 @@ from kafka import KafkaConsumer, KafkaProducer
 from adaccel.v1 import pool_pb2, pool_pb2_grpc, records_pb2
 from common.rpc.channels import health_status, open_channel
 from common.telemetry import null_telemetry
-from services.pool.ngram_records import (InsertSequences, NoChange, RejectedRecord, RemoveItem,
-                                         generated_record_mutation, inventory_event_mutation)
+from services.pool.ngram_records import (
+    InsertSequences,
+    NoChange,
+    RejectedRecord,
+    RemoveItem,
+    generated_record_mutation,
+    inventory_event_mutation,
+)
 from services.pool.server import SERVICE_NAME, create_pool_server
 from services.pool.settings import PoolSettings
 from tests.fuzz.pool_model import PoolModel, mismatched_pools

@@ -4,7 +4,6 @@ every block on disk verifies (checksum, header, finite values)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,9 +11,10 @@ from hypothesis import strategies as st
 from rocksdict import Options, Rdict
 
 from adaccel.v1 import kvstore_pb2
+from common.blocks.kv_codec import DTYPE_BYTES, checksum, non_finite_values
 from common.rpc.channels import health_status, open_channel
 from common.telemetry import null_telemetry
-from services.kvstore.block_store import DTYPE_BYTES, checksum, non_finite_values, validate_block
+from services.kvstore.block_store import validate_block
 from services.kvstore.server import SERVICE_NAME, create_kvstore_server
 from services.kvstore.settings import KvStoreSettings
 from tests.fuzz.conftest import FUZZ_SETTINGS

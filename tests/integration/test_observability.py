@@ -5,8 +5,8 @@ the metric set with its units, and a Prometheus endpoint serving it."""
 from __future__ import annotations
 
 import time
-import uuid
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -21,13 +21,17 @@ from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, router_pb2_grp
 from common.broker import free_port
 from common.rpc.channels import health_status
 from common.telemetry import Telemetry, setup_telemetry
-from services.decoder.server import SERVICE_NAME as DECODER_SERVICE, create_decoder_server
+from services.decoder.server import SERVICE_NAME as DECODER_SERVICE
+from services.decoder.server import create_decoder_server
 from services.decoder.settings import DecoderSettings
-from services.kvstore.server import SERVICE_NAME as KV_SERVICE, create_kvstore_server
+from services.kvstore.server import SERVICE_NAME as KV_SERVICE
+from services.kvstore.server import create_kvstore_server
 from services.kvstore.settings import KvStoreSettings
-from services.pool.server import SERVICE_NAME as POOL_SERVICE, create_pool_server
+from services.pool.server import SERVICE_NAME as POOL_SERVICE
+from services.pool.server import create_pool_server
 from services.pool.settings import PoolSettings
-from services.router.server import SERVICE_NAME as ROUTER_SERVICE, create_router_server
+from services.router.server import SERVICE_NAME as ROUTER_SERVICE
+from services.router.server import create_router_server
 from services.router.settings import RouterSettings
 
 POOL_KEY = "shop/audio"

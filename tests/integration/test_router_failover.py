@@ -12,7 +12,6 @@ import grpc
 import pytest
 
 from adaccel.v1 import common_pb2, router_pb2, router_pb2_grpc
-from common.rpc.errors import RETRY_AFTER_MS
 from services.stack import Stack
 
 KV_BUDGET_MB = 2.0  # 4096 tokens of the tiny model (one token per character) per decoder

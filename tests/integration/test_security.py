@@ -15,8 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adaccel.v1 import (common_pb2, decoder_pb2, decoder_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, router_pb2,
-                        router_pb2_grpc)
+from adaccel.v1 import (
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    kvstore_pb2,
+    kvstore_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from common.kafka_io import security_options
 from common.rpc.channels import open_channel
 from common.rpc.security import bearer_metadata, client_security, server_credentials

@@ -9,14 +9,23 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from adaccel.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc, pool_pb2, pool_pb2_grpc, records_pb2
-from adaccel.v1 import router_pb2_grpc
+from adaccel.v1 import (
+    common_pb2,
+    kvstore_pb2,
+    kvstore_pb2_grpc,
+    pool_pb2,
+    pool_pb2_grpc,
+    records_pb2,
+    router_pb2_grpc,
+)
+from common.blocks.kv_codec import checksum
 from common.rpc.channels import health_status
 from common.telemetry import null_telemetry
-from services.kvstore.block_store import checksum
-from services.kvstore.server import SERVICE_NAME as KV_SERVICE, create_kvstore_server
+from services.kvstore.server import SERVICE_NAME as KV_SERVICE
+from services.kvstore.server import create_kvstore_server
 from services.kvstore.settings import KvStoreSettings
-from services.pool.server import SERVICE_NAME as POOL_SERVICE, create_pool_server
+from services.pool.server import SERVICE_NAME as POOL_SERVICE
+from services.pool.server import create_pool_server
 from services.pool.settings import PoolSettings
 from services.router.server import create_router_server
 from services.router.settings import RouterSettings

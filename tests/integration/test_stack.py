@@ -11,7 +11,15 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, pool_pb2, pool_pb2_grpc, router_pb2, router_pb2_grpc
+from adaccel.v1 import (
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    pool_pb2,
+    pool_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from common.modeling.loading import load_model
 from services.stack import SERVICE_NAMES
 

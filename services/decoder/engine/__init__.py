@@ -2,6 +2,9 @@
 
 from common.drafting.trie import TokenTrie
 from services.decoder.engine.config import EngineSettings, GenerationConfig, StepResult
-from services.decoder.engine.engine import DecodingEngine
+from services.decoder.engine.engine import STEP_PARTS, BatchSession, DecodingEngine, RequestState, StepTimer
 
-__all__ = ["DecodingEngine", "EngineSettings", "GenerationConfig", "StepResult", "TokenTrie"]
+__all__ = [
+    "STEP_PARTS", "BatchSession", "DecodingEngine", "EngineSettings", "GenerationConfig", "RequestState",
+    "StepResult", "StepTimer", "TokenTrie",
+]

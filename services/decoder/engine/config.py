@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from common.drafting.confidence import DEFAULT_WEIGHTS
+from common.drafting.geometry import DEFAULT_GEOMETRY
 
-# Lookahead's defaults (PIA code, also DARE's runs). On CPU a 64-token tree costs ~3.5x a
-# 1-token step, so CPU deployments may want smaller trees; they are settings, not constants.
-DEFAULT_DECODING_LENGTH = 64
-DEFAULT_BRANCH_LENGTH = 12
-DEFAULT_KEY_LENGTH = 2
+# The one draft geometry (common/drafting/geometry.py says why these sizes); the decoder's
+# settings default to the same, and benches pass their own.
+DEFAULT_DECODING_LENGTH = DEFAULT_GEOMETRY.decoding_length
+DEFAULT_BRANCH_LENGTH = DEFAULT_GEOMETRY.branch_length
+DEFAULT_KEY_LENGTH = DEFAULT_GEOMETRY.key_length
 
 
 @dataclass(slots=True, frozen=True)

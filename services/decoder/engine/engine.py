@@ -1,19 +1,25 @@
 """The decoding loop: prefill, then per step draft -> tree inputs -> forward -> verify -> keep KV.
 
-One loop serves a batch of requests; `generate` is a batch of one. Each row's cache holds the
-KV of every token but the last one (the root); a step feeds [root + draft tree], and keeps the
-KV of the root and of the accepted drafts; the bonus token becomes the next root. Prefill
-therefore covers prompt[:-1] and the very first step already drafts from the prompt's tail.
+`BatchSession` is the engine's one serving API: requests join a running batch between steps
+(each prefilled alone, then appended as a row), every step is one shared verification
+forward, and finished rows leave at the end of the step that ends them. `generate`,
+`iter_batch` and `generate_batch` are thin wrappers over a session.
+
+Each row's cache holds the KV of every token but the last one (the root); a step feeds
+[root + draft tree], and keeps the KV of the root and of the accepted drafts; the bonus token
+becomes the next root. Prefill therefore covers prompt[:-1] and the very first step already
+drafts from the prompt's tail.
 
 Batch layout: rows share one DynamicCache; because rows accept different numbers of tokens,
 each row's cache has holes (see kv_cache.py), tracked in `key_valid` [B, S] and masked out.
-Finished rows leave the batch (batch_select_indices) at the end of the step that ends them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
@@ -21,7 +27,7 @@ from transformers import DynamicCache
 from common.drafting.budget import AdaptiveDrafting
 from common.drafting.confidence import ConfidenceSettings
 from common.drafting.cost_model import StepCostModel
-from common.drafting.draft_tree import DraftTree, FlatTree, chain_tree, flatten
+from common.drafting.draft_tree import DraftTree, FlatTree, flatten
 from common.drafting.pools import DraftSettings, DraftSource, RequestDrafter
 from common.drafting.trie import TokenTrie
 from common.drafting.verification import (
@@ -38,11 +44,10 @@ from services.decoder.engine.lean_forward import LeanForward
 from services.decoder.engine.tree_inputs import TreeInputs, build_tree_inputs
 
 
-@dataclass(slots=True)
-class _Request:
-    """One request's decoding state (one batch row while it runs)."""
+@dataclass(slots=True, eq=False)
+class RequestState:
+    """One request's decoding state (one batch row while it runs); BatchSession's handle."""
 
-    index: int  # position in the caller's list
     config: GenerationConfig
     decoding_length: int
     branch_length: int
@@ -64,9 +69,19 @@ class _Request:
         return self.config.max_new_tokens - (len(self.tokens) - self.prompt_length)
 
 
+class StepTimer(Protocol):
+    """Receives the seconds each part of a step took (benchmarks' step profile)."""
+
+    def record(self, part: str, seconds: float) -> None: ...
+
+
+# The parts of a step a StepTimer hears about, in the order they run ("step" is the whole step).
+STEP_PARTS = ("draft", "inputs", "forward", "verify", "kv", "emit")
+
+
 @dataclass(slots=True)
 class _Batch:
-    requests: list[_Request]  # active rows, in cache row order
+    requests: list[RequestState]  # active rows, in cache row order
     cache: DynamicCache
     key_valid: torch.Tensor  # [B, S] bool: cache columns that hold real tokens
 
@@ -74,22 +89,29 @@ class _Batch:
 class DecodingEngine:
     """In-process lookahead decoding over a transformers causal LM (no gRPC here).
 
-    generate(): one request, yields a StepResult per forward pass.
-    generate_batch(): several requests in shared forward passes, returns each one's new
-    tokens; iter_batch() is the same as a stream of per-step results (list indexed like the
-    prompts, None for rows without a result that step).
+    Serving drives it through a BatchSession (below). generate(): one request, a StepResult
+    per forward pass; iter_batch(): several requests in shared forward passes, a list per step
+    indexed like the prompts (None for rows without a result that step); generate_batch():
+    each prompt's new tokens. All three are sessions underneath.
     """
 
     def __init__(
-        self, model: torch.nn.Module, settings: EngineSettings | None = None, *, cost_model: StepCostModel | None = None
+        self,
+        model: torch.nn.Module,
+        settings: EngineSettings | None = None,
+        *,
+        cost_model: StepCostModel | None = None,
+        step_timer: StepTimer | None = None,
     ) -> None:
         """`cost_model`: predicted step cost for adaptive drafting (settings.adaptive); None
-        profiles this model briefly on first use (services/decoder/cost_profile.py)."""
+        profiles this model briefly on first use (services/decoder/cost_profile.py).
+        `step_timer`: told how long each part of every step took (STEP_PARTS, and "step")."""
         self.model = model
         self.settings = settings or EngineSettings()
         self.device = torch.device(self.settings.device) if self.settings.device else model.device
         self.dtype = model.dtype
         self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
+        self.step_timer = step_timer
         self.adaptive: AdaptiveDrafting | None = None
         # Tree steps through the model's own parts minus transformers' per-call plumbing (same
         # logits, checked at construction; None: the plain forward).
@@ -99,9 +121,16 @@ class DecodingEngine:
                 from services.decoder.cost_profile import profile_cost_model  # torch-heavy, only when needed
 
                 cost_model = profile_cost_model(model, "", max_seconds=3.0)
-            self.adaptive = AdaptiveDrafting(cost_model, ConfidenceSettings(weights=self.settings.confidence_weights))
+            self.adaptive = AdaptiveDrafting(cost_model, ConfidenceSettings(weights=self.settings.confidence_weights),
+                                             clock=time.perf_counter)
 
-    # ------------------------------------------------------------------ public API
+    def tree_tokens(self, config: GenerationConfig) -> int:
+        """The most draft tokens one step of this request can feed (KV admission reserves them)."""
+        if not config.drafting:
+            return 0
+        return _or_default(config.decoding_length, self.settings.decoding_length)
+
+    # ------------------------------------------------------------------ thin drivers
     def generate(
         self,
         prompt_ids: Sequence[int],
@@ -114,11 +143,19 @@ class DecodingEngine:
         """Streams one request's steps. `past_key_values`: a DynamicCache (batch 1) already
         holding the KV of a prefix of prompt_ids; the engine prefills only the rest and then
         extends that cache object in place (it owns it from here on). `draft_source` replaces
-        the pool + request-overlay drafter (benchmarks: an oracle)."""
-        request = self._new_request(0, prompt_ids, config, pool, draft_source)
+        the pool + request-overlay drafter (benchmarks: an oracle). Bad input raises here; the
+        prefill runs when the first step is asked for."""
+        request = self._new_request(prompt_ids, config, pool, draft_source)
         if past_key_values is not None:
             check_prefix_cache(past_key_values)
-        return self._single_steps(request, past_key_values)
+        session = BatchSession(self)
+
+        def steps() -> Iterator[StepResult]:
+            session.join(request, past_key_values)
+            for step in session.run():
+                yield from (result for _, result in step)
+
+        return steps()
 
     def generate_batch(
         self,
@@ -143,20 +180,29 @@ class DecodingEngine:
         pools = list(pools) if pools is not None else [None] * len(prompts)
         if not len(prompts) == len(configs) == len(pools):
             raise ValueError("prompts, configs and pools must have the same length")
-        requests = [
-            self._new_request(i, p, c, pool) for i, (p, c, pool) in enumerate(zip(prompts, configs, pools))
-        ]
-        return self._batch_steps(requests, len(prompts))
+        requests = [self._new_request(p, c, pool) for p, c, pool in zip(prompts, configs, pools)]
+        index_of = {id(request): i for i, request in enumerate(requests)}
+        session = BatchSession(self)
+
+        def steps() -> Iterator[list[StepResult | None]]:
+            for request in requests:
+                session.join(request, None)
+            for step in session.run():
+                row: list[StepResult | None] = [None] * len(prompts)
+                for handle, result in step:
+                    row[index_of[id(handle)]] = result
+                yield row
+
+        return steps()
 
     # ------------------------------------------------------------------ request setup
     def _new_request(
         self,
-        index: int,
         prompt_ids: Sequence[int],
         config: GenerationConfig,
         pool: TokenTrie | None,
         draft_source: DraftSource | None = None,
-    ) -> _Request:
+    ) -> RequestState:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("prompt_ids must not be empty")
@@ -179,54 +225,32 @@ class DecodingEngine:
         generator = None
         if config.temperature > 0:
             generator = torch.Generator(device="cpu").manual_seed(config.seed)
-        return _Request(
-            index, config, decoding_length, branch_length, prompt, len(prompt), pool, drafter, generator
-        )
+        return RequestState(config, decoding_length, branch_length, prompt, len(prompt), pool, drafter, generator)
 
     # ------------------------------------------------------------------ the loop
-    def _single_steps(self, request: _Request, past_key_values: DynamicCache | None) -> Iterator[StepResult]:
-        if request.room <= 0:
-            return
-        batch = self._prefill([request], past_key_values)
-        while batch.requests:
-            (result,) = self._step(batch)
-            yield result
-
-    def _batch_steps(self, requests: list[_Request], size: int) -> Iterator[list[StepResult | None]]:
-        runnable = [r for r in requests if r.room > 0]
-        if not runnable:
-            return
-        batch = self._prefill(runnable, None)
-        while batch.requests:
-            step: list[StepResult | None] = [None] * size
-            rows = list(batch.requests)  # _step retires finished rows
-            for request, result in zip(rows, self._step(batch)):
-                step[request.index] = result
-            yield step
+    def _timed(self, part: str, method, *args, **kwargs):
+        if self.step_timer is None:
+            return method(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self.step_timer.record(part, time.perf_counter() - started)
 
     @torch.inference_mode()
-    def _prefill(self, requests: list[_Request], past_key_values: DynamicCache | None) -> _Batch:
-        """Caches every prompt token but the last (the first step's root)."""
+    def _prefill(self, request: RequestState, past_key_values: DynamicCache | None) -> _Batch:
+        """A batch of one row caching every prompt token but the last (the first step's root)."""
         cache = past_key_values if past_key_values is not None else DynamicCache(config=self.model.config)
         reused = cache_length(cache)
-        if reused:
-            assert len(requests) == 1, "a prefilled cache is only accepted for a single request"
-            excess = reused - requests[0].context_length
-            if excess > 0:  # the cache covers the root too: recompute that one token
-                cache.crop(-excess)
-                reused -= excess
-        batch = _Batch(
-            requests, cache, torch.ones((len(requests), reused), dtype=torch.bool, device=self.device)
-        )
-        chains = [chain_tree(r.tokens[reused:-1]) for r in requests]
-        if len(requests) == 1 and len(chains[0]):
-            self._prefill_dense(requests[0].tokens[reused:-1], reused, cache)
-            batch.key_valid = torch.ones((1, reused + len(chains[0])), dtype=torch.bool, device=self.device)
-        elif any(len(chain) for chain in chains):
-            inputs = self._tree_inputs(batch, chains, [reused] * len(requests))
-            self._forward(inputs, cache, logits_to_keep=1)  # only the KV is needed
-            batch.key_valid = torch.cat([batch.key_valid, inputs.real_nodes], dim=1)
-        return batch
+        excess = reused - request.context_length
+        if excess > 0:  # the cache covers the root too: recompute that one token
+            cache.crop(-excess)
+            reused -= excess
+        rest = request.tokens[reused:-1]
+        if rest:
+            self._prefill_dense(rest, reused, cache)
+        key_valid = torch.ones((1, reused + len(rest)), dtype=torch.bool, device=self.device)
+        return _Batch([request], cache, key_valid)
 
     def _prefill_dense(self, tokens: list[int], start: int, cache: DynamicCache) -> None:
         """One row over a dense cache (no holes): the model builds its own causal mask, which
@@ -237,20 +261,24 @@ class DecodingEngine:
         positions = torch.arange(start, start + len(tokens), device=self.device)[None, :]
         self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-    @torch.inference_mode()
     def _step(self, batch: _Batch) -> list[StepResult]:
         """One forward pass for every active row; returns their results in row order."""
-        drafts = self._draft_rows(batch)
+        return self._timed("step", self._step_parts, batch)
+
+    @torch.inference_mode()
+    def _step_parts(self, batch: _Batch) -> list[StepResult]:
+        timed = self._timed
+        drafts = timed("draft", self._draft_rows, batch)
         trees = [flatten(request.tokens[-1], draft) for request, draft in zip(batch.requests, drafts)]
         old_length = cache_length(batch.cache)
-        inputs = self._tree_inputs(batch, trees, [r.context_length for r in batch.requests])
-        logits = self._forward(inputs, batch.cache)  # [B, Q, V]
-        verdicts = [
+        inputs = timed("inputs", self._tree_inputs, batch, trees, [r.context_length for r in batch.requests])
+        logits = timed("forward", self._forward, inputs, batch.cache)  # [B, Q, V]
+        verdicts = timed("verify", lambda: [
             self._verify(logits[row, : len(tree)], tree, request)
             for row, (tree, request) in enumerate(zip(trees, batch.requests))
-        ]
-        self._keep_accepted_kv(batch, old_length, verdicts)
-        results = [self._emit(r, v, len(d)) for r, v, d in zip(batch.requests, verdicts, drafts)]
+        ])
+        timed("kv", self._keep_accepted_kv, batch, old_length, verdicts)
+        results = timed("emit", lambda: [self._emit(r, v, len(d)) for r, v, d in zip(batch.requests, verdicts, drafts)])
         self._retire_finished(batch)
         return results
 
@@ -271,7 +299,7 @@ class DecodingEngine:
         total = self.settings.batch_draft_tokens
         return total // rows if total is not None else 1 << 30
 
-    def _draft(self, request: _Request, budget: int) -> DraftTree:
+    def _draft(self, request: RequestState, budget: int) -> DraftTree:
         if request.drafter is None:
             return DraftTree()
         # Never draft deeper than the tokens still allowed: room - 1 drafts + the bonus.
@@ -296,7 +324,7 @@ class DecodingEngine:
         )
         return output.logits  # [B, Q, V] (or [B, 1, V] with logits_to_keep=1)
 
-    def _verify(self, logits: torch.Tensor, tree: FlatTree, request: _Request) -> Verdict:
+    def _verify(self, logits: torch.Tensor, tree: FlatTree, request: RequestState) -> Verdict:
         config = request.config
         if config.temperature > 0:
             params = SamplingParams(config.temperature, config.top_k, config.top_p)
@@ -321,7 +349,7 @@ class DecodingEngine:
             if freed > self.settings.compact_hole_fraction:
                 batch.key_valid = compact(batch.cache, batch.key_valid)
 
-    def _emit(self, request: _Request, verdict: Verdict, drafted: int) -> StepResult:
+    def _emit(self, request: RequestState, verdict: Verdict, drafted: int) -> StepResult:
         """Appends the verdict's tokens, trimmed to max_new_tokens and cut after EOS."""
         tokens = verdict.tokens[: request.room]
         eos = request.config.eos_token_id
@@ -347,7 +375,7 @@ class DecodingEngine:
             batch.key_valid = batch.key_valid[rows]
         batch.requests = [batch.requests[row] for row in alive]
 
-    def _finish(self, request: _Request) -> None:
+    def _finish(self, request: RequestState) -> None:
         if self.settings.learn_from_outputs and request.pool is not None:
             request.pool.insert(request.tokens[request.prompt_length :], "output")
         request.drafter = None  # the request-local overlay is dropped here
@@ -370,8 +398,9 @@ class BatchSession:
     add() prefills one request alone (optionally on top of a batch-1 cache holding a prefix of its
     prompt, from block reuse) and appends its row to the running batch (cache_rows.append_rows);
     step() runs one shared verification forward for every row and returns (handle, result) pairs;
-    rows that finish that step are retired by the step itself. The handle is the request's state
-    object; `handle.done` says it will get no more results. Not thread-safe: one thread owns it.
+    rows that finish that step are retired by the step itself. The handle is the request's state;
+    `handle.done` says it will get no more results. Not thread-safe: one thread owns it (in the
+    decoder, the batcher's scheduler thread, which owns the model).
     """
 
     def __init__(self, engine: DecodingEngine) -> None:
@@ -390,28 +419,39 @@ class BatchSession:
         *,
         past_key_values: DynamicCache | None = None,
         draft_source: DraftSource | None = None,
-    ) -> _Request:
-        request = self.engine._new_request(0, prompt_ids, config, pool, draft_source)
-        if request.room <= 0:
-            request.done = True
-            return request
+    ) -> RequestState:
+        """Prefills the request and appends its row; ValueError on bad ids or a bad cache."""
+        request = self.engine._new_request(prompt_ids, config, pool, draft_source)
         if past_key_values is not None:
             check_prefix_cache(past_key_values)
-        joined = self.engine._prefill([request], past_key_values)
+        self.join(request, past_key_values)
+        return request
+
+    def join(self, request: RequestState, past_key_values: DynamicCache | None) -> None:
+        """Prefills a checked request (engine._new_request) and appends its row, unless it has
+        nothing to generate (then it is done at once)."""
+        if request.room <= 0:
+            request.done = True
+            return
+        joined = self.engine._prefill(request, past_key_values)
         if not self.rows:
             self.batch = joined
         else:
             self.batch.key_valid = append_rows(self.batch.cache, self.batch.key_valid, joined.cache, joined.key_valid)
             self.batch.requests.append(request)
-        return request
 
-    def step(self) -> list[tuple[_Request, StepResult]]:
+    def step(self) -> list[tuple[RequestState, StepResult]]:
         if not self.rows:
             return []
         rows = list(self.batch.requests)  # _step retires finished rows
         return list(zip(rows, self.engine._step(self.batch)))
 
-    def remove(self, request: _Request) -> None:
+    def run(self) -> Iterator[list[tuple[RequestState, StepResult]]]:
+        """Steps until every row is done (the drivers above; serving steps one at a time)."""
+        while self.rows:
+            yield self.step()
+
+    def remove(self, request: RequestState) -> None:
         """Drops a row before it finished (its caller went away)."""
         if self.batch is not None and any(r is request for r in self.batch.requests):
             request.done = True

@@ -1,20 +1,25 @@
-"""The accuracy gate: decides by threshold, says so loudly, stores and re-uses its measurement."""
+"""The accuracy gate: decides by threshold, says so loudly, encodes its measurement and decides
+again on a stored one (the file itself is services/decoder/reuse_setup.py's, tests/unit/blocks/test_reuse_gate.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
 
 from common.blocks.calibration import (
+    RESULTS_FORMAT_VERSION,
     CalibrationPrompt,
     GateSettings,
     calibrate,
-    gate,
-    load_results,
+    decode_results,
+    encode_results,
+    log_decision,
     serving_mode,
+    stored_decision,
 )
 from tests.unit.blocks.conftest import build, llama_with_rope
 
@@ -35,8 +40,10 @@ def model():
 
 def test_threshold_above_one_disables_loudly_and_zero_enables(model, caplog):
     prompts = sample_prompts()
+    strict = GateSettings(mode="reuse", min_top1_agreement=1.01)
+    off = calibrate(model, "tiny", prompts, strict)
     with caplog.at_level(logging.INFO, logger="common.blocks.calibration"):
-        off = gate(model, "tiny", prompts, GateSettings(mode="reuse", min_top1_agreement=1.01))
+        log_decision(off, strict, "measured here")
     assert not off.enabled and "agreement" in off.reason
     assert serving_mode(off, "reuse") == "full"
     assert any(r.levelno == logging.ERROR and "DISABLED" in r.getMessage() for r in caplog.records)
@@ -75,26 +82,24 @@ def test_continuation_is_teacher_forced_greedy_of_full_prefill(model):
     assert torch.equal(greedy[:-1].argmax(-1), continuation)
 
 
-def test_stored_result_is_keyed_by_model_and_knobs(model, tmp_path):
-    store = tmp_path / "gate.json"
+def test_results_encode_round_trip_and_an_older_format_is_re_measured(model):
     settings = GateSettings(mode="epic", epic_tokens=4, min_top1_agreement=0.0)
-    first = gate(model, "tiny-a", sample_prompts(2), settings, store_path=store)
-    assert set(json.loads(store.read_text())["results"]) == {"tiny-a"}
-    # No prompts: a re-measurement would raise, so these must come from the store.
-    again = gate(model, "tiny-a", [], settings, store_path=store)
-    assert again == first
-    stricter = gate(
-        model,
-        "tiny-a",
-        [],
-        GateSettings(mode="epic", epic_tokens=4, min_top1_agreement=1.01),
-        store_path=store,
-    )
-    assert not stricter.enabled  # threshold re-applied to the stored agreement
-    with pytest.raises(ValueError, match="at least one prompt"):
-        gate(model, "tiny-a", [], GateSettings(mode="epic", epic_tokens=8), store_path=store)  # other knobs
-    gate(model, "tiny-b", sample_prompts(1), settings, store_path=store)
-    assert set(load_results(store)) == {"tiny-a", "tiny-b"}
+    results = {name: calibrate(model, name, sample_prompts(1), settings) for name in ("tiny-b", "tiny-a")}
+    text = encode_results(results)
+    assert list(json.loads(text)["results"]) == ["tiny-a", "tiny-b"]  # sorted: stable diffs
+    assert decode_results(text) == results
+    assert decode_results(json.dumps({"format": RESULTS_FORMAT_VERSION - 1, "results": {}})) == {}
+
+
+def test_a_stored_result_is_used_only_with_the_same_knobs_and_its_threshold_re_applied(model):
+    settings = GateSettings(mode="epic", epic_tokens=4, min_top1_agreement=0.0)
+    stored = calibrate(model, "tiny-a", sample_prompts(2), settings)
+    assert stored_decision(stored, settings) == stored
+    stricter = stored_decision(stored, GateSettings(mode="epic", epic_tokens=4, min_top1_agreement=1.01))
+    assert stricter is not None and not stricter.enabled  # no re-run needed to change the threshold
+    assert stored_decision(stored, GateSettings(mode="epic", epic_tokens=8)) is None  # other knobs
+    assert stored_decision(replace(stored, prompts=0), settings) is None  # measured nothing
+    assert stored_decision(None, settings) is None
 
 
 def test_unverified_rope_disables_the_model():

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.drafting.budget import AdaptiveDrafting, StepTimeCorrection, best_first_order, plan_budget, select_nodes
+from common.drafting import confidence
+from common.drafting.budget import AdaptiveDrafting, best_first_order, plan_budget, select_nodes
 from common.drafting.confidence import (
     MAX_PROBABILITY,
     AcceptanceCalibration,
@@ -20,7 +21,6 @@ from common.drafting.confidence import (
     path_gains,
     raw_probabilities,
 )
-from common.drafting import confidence
 from common.drafting.cost_model import linear_cost_model
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import RequestDrafter
@@ -188,10 +188,21 @@ def test_selection_keeps_a_tree_and_its_layout() -> None:
     assert select_nodes(tree, order[:3]).parents == [-1, 0, 1]  # 3 -> 4 -> 6, contiguous
 
 
+class FakeClock:
+    """A clock that advances `tick` seconds per reading."""
+
+    def __init__(self, tick: float = 0.0) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 def test_adaptive_drafting_sizes_trees_by_cost() -> None:
     trie = counted_trie()
-    cheap = AdaptiveDrafting(linear_cost_model(5e-3, 1e-6))
-    dear = AdaptiveDrafting(linear_cost_model(1e-3, 2e-2))
+    cheap = AdaptiveDrafting(linear_cost_model(5e-3, 1e-6), clock=FakeClock())
+    dear = AdaptiveDrafting(linear_cost_model(1e-3, 2e-2), clock=FakeClock())
     sizes = {}
     for name, adaptive in (("cheap", cheap), ("dear", dear)):
         drafter = adaptive.wrap(RequestDrafter(trie, [1, 2]), trie)
@@ -199,6 +210,14 @@ def test_adaptive_drafting_sizes_trees_by_cost() -> None:
         sizes[name] = len(tree)
     assert sizes["cheap"] == 4 and sizes["dear"] == 0
     assert cheap.size_counts[4] == 1 and dear.width_counts[1] == 1
+
+
+def test_drafting_time_read_from_the_injected_clock_is_priced_as_a_fixed_cost() -> None:
+    trie = counted_trie()
+    adaptive = AdaptiveDrafting(linear_cost_model(5e-3, 1e-6), clock=FakeClock(tick=0.01))
+    drafter = adaptive.wrap(RequestDrafter(trie, [1, 2]), trie)
+    adaptive.draft_rows([(drafter, [1, 2], 8, 2)], cache_length=10, max_total=None)
+    assert adaptive.draft_seconds == pytest.approx(0.1 * 0.01)  # running mean: one reading of 10 ms
 
 
 def test_long_run_rate_drafts_less_on_hopeless_steps() -> None:
@@ -210,20 +229,6 @@ def test_long_run_rate_drafts_less_on_hopeless_steps() -> None:
     assert plan_budget(weak, cost, fill_min_gain=0.0, rate=2.0).counts == [0]  # 0.15 < 2.0 * 0.1
     strong = [[0.95, 0.9, 0.85, 0.3]]
     assert plan_budget(strong, cost, fill_min_gain=0.0, rate=2.0).counts == [4]
-
-
-def test_step_time_correction_learns_the_real_cost_split() -> None:
-    correction = StepTimeCorrection(prior_steps=2.0)
-    rng = random.Random(1)
-    for _ in range(300):  # true step = 1.2 x fixed + 2.0 x width part, 2% noise
-        fixed, width_part = 3e-3, rng.choice([0.0, 5e-4, 1e-3, 2e-3])
-        correction.observe((1.2 * fixed + 2.0 * width_part) * rng.uniform(0.98, 1.02), fixed, width_part)
-    assert correction.alpha == pytest.approx(1.2, abs=0.05) and correction.beta == pytest.approx(2.0, abs=0.15)
-    before = (correction.alpha, correction.beta)
-    correction.observe(1.0, 3e-3, 1e-3)  # a pause between requests: ignored
-    assert (correction.alpha, correction.beta) == before
-    assert correction.corrected([3e-3, 4e-3], 1e-3) == pytest.approx(
-        [correction.alpha * 4e-3, correction.alpha * 4e-3 + correction.beta * 1e-3])
 
 
 # ---------------------------------------------------------------- feature model

@@ -72,6 +72,14 @@ def test_relaxed_accepts_a_probable_second_choice_and_picks_the_longest_branch()
     assert strictish.tokens == verify_strict(logits_preferring(rows), tree).tokens == [1, 0]
 
 
+def test_relaxed_rule_takes_the_argmax_always_and_others_only_in_the_top_k_above_the_threshold() -> None:
+    top_tokens, top_probs = [4, 1], [0.05, 0.04]  # a flat distribution: even the argmax is below min_prob
+    assert relaxed_acceptable(top_tokens, top_probs, 4, min_prob=0.1)
+    assert not relaxed_acceptable(top_tokens, top_probs, 1, min_prob=0.1)
+    assert relaxed_acceptable(top_tokens, top_probs, 1, min_prob=0.04)
+    assert not relaxed_acceptable(top_tokens, top_probs, 2, min_prob=0.0)  # outside the top-k
+
+
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.data())
 def test_relaxed_accepts_only_tokens_that_satisfy_the_rule(data) -> None:
@@ -85,10 +93,11 @@ def test_relaxed_accepts_only_tokens_that_satisfy_the_rule(data) -> None:
     )
     top_k, min_prob = data.draw(st.integers(1, 3)), data.draw(st.sampled_from([0.0, 0.1, 0.3]))
     verdict = verify_relaxed(logits, tree, top_k=top_k, min_prob=min_prob)
-    probs = torch.softmax(logits, dim=-1)
+    top = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)  # [Q, k]
     for parent, child in zip(verdict.path, verdict.path[1:]):
         assert tree.parents[child] == parent
-        assert relaxed_acceptable(probs[parent], tree.tokens[child], top_k, min_prob)
+        assert relaxed_acceptable(top.indices[parent].tolist(), top.values[parent].tolist(), tree.tokens[child],
+                                  min_prob)
     assert verdict.tokens[-1] == int(logits[verdict.path[-1]].argmax())
     # relaxed accepts at least as much as strict, and with top-1 it is strict
     assert verdict.accepted >= verify_strict(logits, tree).accepted

@@ -283,9 +283,10 @@ def test_reference_loop_matches_transformers_generate(model, greedy) -> None:
 def test_a_pool_holding_the_continuation_is_accepted_in_long_runs(model, greedy) -> None:
     prompt = [12, 200, 31, 45, 9]
     continuation, gaps = greedy(prompt, 30)
-    pool = TokenTrie()
+    settings = EngineSettings(branch_length=12)  # Lookahead's depth, deeper than the default 8
+    pool = TokenTrie(TrieSettings(ngram_length=settings.key_length + settings.branch_length))
     pool.insert(prompt + continuation)
-    engine = DecodingEngine(model)
+    engine = DecodingEngine(model, settings)
     steps = list(engine.generate(prompt, GenerationConfig(max_new_tokens=30), pool))
     assert_greedy("long runs", [t for s in steps for t in s.token_ids], continuation, gaps)
     assert len(steps) <= 3  # 30 tokens in at most 3 forward passes (branch_length 12 + bonus)

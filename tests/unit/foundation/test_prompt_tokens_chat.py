@@ -83,23 +83,20 @@ def test_raw_mode_is_the_plain_block_tokenization(chat_tokenizer):
     assert chat_frame(chat_tokenizer) is chat_frame(chat_tokenizer)  # rendered once per tokenizer
 
 
-def test_the_decoder_renders_requests_with_the_template_unless_raw(chat_tokenizer, tiny_llama_path):
+def test_the_decoder_renders_requests_with_the_template_unless_raw(chat_tokenizer):
     from adaccel.v1 import common_pb2
     from common.drafting.pools import PoolRegistry
-    from common.modeling.loading import load_model
-    from services.decoder.runner import GenerationRunner
+    from services.decoder.intake import RequestIntake
 
-    loaded = load_model(tiny_llama_path)
-    loaded.tokenizer = chat_tokenizer
-    runner = GenerationRunner(loaded, None, PoolRegistry(), device="cpu", max_prompt_tokens=4096,
-                              chat_frame=chat_frame(chat_tokenizer))
+    intake = RequestIntake(chat_tokenizer, PoolRegistry(), None, max_prompt_tokens=4096,
+                           chat_frame=chat_frame(chat_tokenizer))
     request = common_pb2.GenerateRequest(blocks=[
         common_pb2.PromptBlock(id="i", kind=common_pb2.BLOCK_KIND_INSTRUCTION, text="Write ads.\n"),
         common_pb2.PromptBlock(id="I1", kind=common_pb2.BLOCK_KIND_ITEM, text="Item I1: pan.\n"),
     ])
-    rendered = chat_tokenizer.decode(runner.tokenize_prompt(request))
+    rendered = chat_tokenizer.decode(intake.tokenize(request).token_ids)
     assert rendered == chat_tokenizer.apply_chat_template(
         [{"role": "system", "content": "Write ads.\n"}, {"role": "user", "content": "Item I1: pan.\n"}],
         tokenize=False, add_generation_prompt=True)
     request.raw_prompt = True
-    assert chat_tokenizer.decode(runner.tokenize_prompt(request)) == "Write ads.\nItem I1: pan.\n"
+    assert chat_tokenizer.decode(intake.tokenize(request).token_ids) == "Write ads.\nItem I1: pan.\n"

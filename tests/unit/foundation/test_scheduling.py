@@ -3,8 +3,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaccel.v1 import common_pb2
+from common.blocks.hashing import BlockKind
 from common.blocks.routing_keys import RequestBlocks, request_blocks, routing_key
-from services.router.scheduling import AffinityWeights, Footprint, ReplicaView, affinity_score, choose_replica, held_share
+from common.rpc.block_kinds import kinds_and_texts
+from services.router.scheduling import (
+    AffinityWeights,
+    Footprint,
+    ReplicaView,
+    affinity_score,
+    choose_replica,
+    held_share,
+)
 
 
 def view(address, healthy=True, queue=0, tokens=0):
@@ -36,7 +45,9 @@ USER, ITEM = common_pb2.BLOCK_KIND_USER_HISTORY, common_pb2.BLOCK_KIND_ITEM
 
 
 def blocks(*specs):
-    return [common_pb2.PromptBlock(id=f"b{i}", kind=kind, text=text) for i, (kind, text) in enumerate(specs)]
+    """(kind, text) pairs as the router hands them over: mapped from real protobuf blocks."""
+    return kinds_and_texts(common_pb2.PromptBlock(id=f"b{i}", kind=kind, text=text)
+                           for i, (kind, text) in enumerate(specs))
 
 
 def held(address, keys=(), pools=(), queue=0, tokens=0):
@@ -46,11 +57,12 @@ def held(address, keys=(), pools=(), queue=0, tokens=0):
 def test_routing_keys_follow_kind_and_text_not_id():
     a = common_pb2.PromptBlock(id="item-1", kind=ITEM, text="Aurora headphones.\n")
     b = common_pb2.PromptBlock(id="item-2", kind=ITEM, text="Aurora headphones.\n")
-    assert request_blocks([a]).weights == request_blocks([b]).weights
-    assert routing_key(ITEM, "x") != routing_key(USER, "x") != routing_key(ITEM, "y")
+    assert request_blocks(kinds_and_texts([a])).weights == request_blocks(kinds_and_texts([b])).weights
+    item, user = BlockKind.ITEM, BlockKind.USER_HISTORY
+    assert routing_key(item, "x") != routing_key(user, "x") != routing_key(item, "y")
     free = common_pb2.PromptBlock(id="q", kind=common_pb2.BLOCK_KIND_TEXT, text="Why?\n")
-    assert request_blocks([free]).weights == {}
-    assert 0 <= routing_key(ITEM, "x") < 2**64
+    assert request_blocks(kinds_and_texts([free])).weights == {}
+    assert 0 <= routing_key(item, "x") < 2**64
 
 
 def test_affinity_picks_the_replica_holding_most_of_the_prompt():

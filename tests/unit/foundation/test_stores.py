@@ -2,10 +2,12 @@
 
 import pytest
 
-from adaccel.v1 import kvstore_pb2, pool_pb2
+from adaccel.v1 import kvstore_pb2
+from common.blocks.kv_codec import checksum
 from common.rpc.errors import InvalidArgument, NotFound, ResourceExhausted
-from services.kvstore.block_store import BlockStore, checksum, storage_key
+from services.kvstore.block_store import BlockStore, storage_key
 from services.pool.ngram_records import ngram_node_increments
+from services.pool.pool_meta import PoolMeta
 from services.pool.pool_store import PoolStore
 
 
@@ -76,7 +78,7 @@ def test_pool_store_writes_counts_with_offsets_atomically(tmp_path):
     store = PoolStore(tmp_path)
     batch = store.batch()
     batch.put_nodes("a/b", [(p, c, 0) for p, c in ngram_node_increments([[1, 2, 3], [1, 2]], 2).items()])
-    batch.put_meta(pool_pb2.PoolInfo(pool_key="a/b", version=2, nodes=5))
+    batch.put_meta(PoolMeta(pool_key="a/b", version=2, nodes=5))
     batch.put_offset("t", 0, 2)
     store.write(batch)
     assert store.node_count("a/b", (1, 2)) == 2

@@ -19,7 +19,7 @@ from common.broker import free_port
 from common.kafka_io import trace_context, trace_headers
 from common.settings import ServiceSettings
 from common.telemetry import SkipPolls, carry_context, setup_telemetry
-from services.decoder.metrics import DecoderMetrics, accepted_drafts, verification_mode
+from services.decoder.metrics import DecoderMetrics, verification_mode
 
 
 @pytest.fixture
@@ -74,11 +74,6 @@ def test_carry_context_parents_spans_started_on_another_thread(traced):
 def stats(accepted_per_step, drafted_per_step, accepted_drafts_per_step=(), **fields):
     return common_pb2.GenerationStats(accepted_per_step=accepted_per_step, drafted_per_step=drafted_per_step,
                                       accepted_drafts_per_step=accepted_drafts_per_step, **fields)
-
-
-def test_accepted_drafts_come_from_the_stats_or_from_emitted_minus_the_bonus():
-    assert accepted_drafts(stats([3, 1, 2], [8, 8, 0], [2, 0, 1])) == [2, 0, 1]
-    assert accepted_drafts(stats([3, 1, 2], [8, 8, 0])) == [2, 0, 0]  # no drafts, none accepted
 
 
 def test_verification_mode_names_what_verified_the_steps():

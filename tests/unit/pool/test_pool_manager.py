@@ -17,12 +17,12 @@ LIMITS = PoolLimits(ngram_length=4, capacity=120, max_pools=3, squeeze_to=0.75)
 def open_manager(tmp_path):
     stores = []
 
-    def open_(limits: PoolLimits = LIMITS) -> PoolManager:
+    def open_(limits: PoolLimits = LIMITS, **options) -> PoolManager:
         for store in stores:
             store.close()
         stores.clear()
         stores.append(PoolStore(tmp_path / "pool"))
-        return PoolManager(stores[0], limits)
+        return PoolManager(stores[0], limits, **options)
 
     yield open_
     for store in stores:
@@ -32,13 +32,13 @@ def open_manager(tmp_path):
 def assert_store_mirrors(manager: PoolManager, pool_key: str) -> None:
     """Every stored row equals the in-memory trie, and the trie has no other node."""
     rows = list(manager.store.rows(pool_key))
-    assert len(rows) == manager.info(pool_key).nodes
+    assert len(rows) == manager.meta(pool_key).nodes
     for path, output, input_ in rows:
         assert (manager.count(pool_key, path), manager.count(pool_key, path, "input")) == (output, input_), path
 
 
 def assert_equals_reference(manager: PoolManager, pool_key: str, reference: TokenTrie, paths) -> None:
-    assert manager.info(pool_key).nodes == len(reference)
+    assert manager.meta(pool_key).nodes == len(reference)
     for path in paths:
         for kind in ("output", "input"):
             assert manager.count(pool_key, path, kind) == reference.count(path, kind), (path, kind)
@@ -70,14 +70,14 @@ def test_pool_equals_a_token_trie_fed_the_same_inserts_removals_and_decay(open_m
         else:
             manager.remove_item(item)
             reference.remove_source(item)
-        assert manager.info("a/b").nodes <= LIMITS.capacity  # never over its bound
-    info = manager.info("a/b")
+        assert manager.meta("a/b").nodes <= LIMITS.capacity  # never over its bound
+    info = manager.meta("a/b")
     assert info.squeezes == reference.squeeze_count > 0
     assert_equals_reference(manager, "a/b", reference, paths)
     assert_store_mirrors(manager, "a/b")
 
     reopened = open_manager()  # what a restart after kill -9 rebuilds
-    assert reopened.info("a/b") == info
+    assert reopened.meta("a/b") == info
     assert_equals_reference(reopened, "a/b", reference, paths)
     assert reopened.snapshot("a/b").nodes == info.nodes
 
@@ -91,7 +91,7 @@ def test_removing_an_item_takes_back_every_sequence_about_it_in_every_pool(open_
     assert sorted(i.pool_key for i in infos) == ["p", "q"]
     assert manager.count("p", (1, 2)) == 1 and manager.count("p", (1, 2, 3)) == 0
     assert manager.count("p", (1, 2, 4)) == 1 and manager.count("q", (1, 2, 9)) == 0
-    assert manager.info("p").nodes == 9  # emptied nodes stay (count 0) until the next decay
+    assert manager.meta("p").nodes == 9  # emptied nodes stay (count 0) until the next decay
     assert manager.remove_item("b") == []  # the sequence went with "a"
     assert manager.store.item_sequences("a") == manager.store.item_sequences("b") == []
     assert_store_mirrors(manager, "p")
@@ -114,9 +114,9 @@ def test_item_text_is_replaced_on_change_and_generated_text_stays(open_manager):
 def test_offsets_are_stored_with_the_effect_and_alone_for_records_without_one(open_manager):
     manager = open_manager()
     manager.apply(InsertSequences("p", ((1, 2),)), ("gen", 0, 5))
-    assert manager.store.next_offset("gen", 0) == 5 and manager.info("p").version == 1
+    assert manager.store.next_offset("gen", 0) == 5 and manager.meta("p").version == 1
     manager.apply(NoChange("no text"), ("inv", 0, 3))
-    assert manager.store.next_offset("inv", 0) == 3 and manager.info("p").version == 1
+    assert manager.store.next_offset("inv", 0) == 3 and manager.meta("p").version == 1
 
 
 def test_pools_beyond_max_pools_evict_the_least_recently_updated_one_entirely(open_manager):
@@ -124,30 +124,30 @@ def test_pools_beyond_max_pools_evict_the_least_recently_updated_one_entirely(op
     for key in ("a", "b", "c", "a"):
         manager.insert(key, [[1, 2, 3]], item_ids=(f"it-{key}",))
     manager.insert("d", [[4, 5]])
-    assert sorted(i.pool_key for i in manager.infos()) == ["a", "c", "d", "global"]  # b was the stalest
+    assert sorted(i.pool_key for i in manager.metas()) == ["a", "c", "d", "global"]  # b was the stalest
     assert manager.pools_evicted == 1
     store = manager.store
     assert list(store.rows("b")) == [] and store.pool_info("b") is None
     assert list(store.sequences("b")) == [] and store.item_sequences("it-b") == []
     reopened = open_manager()
-    assert sorted(i.pool_key for i in reopened.infos()) == ["a", "c", "d", "global"]
+    assert sorted(i.pool_key for i in reopened.metas()) == ["a", "c", "d", "global"]
 
 
 def test_remembered_sequences_are_bounded_and_spent_ones_forgotten(open_manager):
     manager = open_manager(PoolLimits(ngram_length=3, capacity=10_000, max_sequence_tokens=1024))
     for i in range(30):
         manager.insert("p", [[i % 7] * 50], item_ids=(f"it-{i}",))
-    info = manager.info("p")
+    info = manager.meta("p")
     assert info.sequence_tokens <= 1024 and info.sequences == info.sequence_tokens // 50
     assert len(list(manager.store.sequences("p"))) == info.sequences
     small = open_manager(PoolLimits(ngram_length=2, capacity=16, squeeze_to=0.5))
     small.insert("q", [[1]], item_ids=("one",))
     for i in range(40):  # decay passes shift a 1-token sequence's contribution to 0
         small.insert("q", [[i, i + 1, i + 2]])
-    assert small.info("q").squeezes >= 1 and small.store.item_sequences("one") == []
+    assert small.meta("q").squeezes >= 1 and small.store.item_sequences("one") == []
     for i in range(30):  # item texts replaced while decay runs: the bookkeeping stays exact
         small.insert("q", [[i % 5, 1, 2, i % 3]], "input", item_ids=(f"it-{i % 4}",), replace_item_input=True)
-        info = small.info("q")
+        info = small.meta("q")
         stored = [seq for _, seq in small.store.sequences("q")]
         assert info.sequences == len(stored) and info.sequence_tokens == sum(len(q.tokens) for q in stored)
     assert_store_mirrors(small, "q")
@@ -166,7 +166,7 @@ def test_a_failed_write_leaves_the_mirror_as_the_store_has_it(open_manager, monk
     with pytest.raises(OSError):
         manager.insert("new", [[5]])
     assert manager.count("p", (1, 2)) == 1 and manager.count("p", (2, 9)) == 0
-    assert manager.info("p").version == 1 and "new" not in manager
+    assert manager.meta("p").version == 1 and "new" not in manager
 
 
 def test_texts_about_a_removed_item_are_ignored_until_the_inventory_adds_it_back(open_manager):
@@ -177,3 +177,42 @@ def test_texts_about_a_removed_item_are_ignored_until_the_inventory_adds_it_back
     manager.apply(InsertSequences("p", ((4, 5),), "input", ("gone",), replace_item_input=True))  # added back
     manager.apply(InsertSequences("p", ((1, 2, 3),), "output", ("gone",)))
     assert manager.count("p", (1, 2, 3)) == 1 and manager.count("p", (4, 5), "input") == 1
+
+
+class _NodeReads:
+    """The store's node column family, counting point reads and scans."""
+
+    def __init__(self, nodes):
+        self._nodes, self.gets, self.scans = nodes, 0, 0
+
+    def get(self, key):
+        self.gets += 1
+        return self._nodes.get(key)
+
+    def iter(self):
+        self.scans += 1
+        return self._nodes.iter()
+
+
+def test_building_a_batch_reads_no_node_and_a_decay_scans_the_pool_once(open_manager):
+    manager = open_manager(PoolLimits(ngram_length=3, capacity=40, squeeze_to=0.5))
+    manager.insert("p", [[1, 2, 3]], item_ids=("a",))
+    reads = _NodeReads(manager.store._cf["nodes"])
+    manager.store._cf["nodes"] = reads
+    manager.insert("p", [[1, 2, 4]], item_ids=("b",))
+    manager.apply(InsertSequences("p", ((2, 3, 4),), "input", ("a",), replace_item_input=True))
+    manager.remove_item("b")
+    assert (reads.gets, reads.scans) == (0, 0)  # the mirror knows which nodes the writes touch
+    manager.insert("p", [list(range(10, 40))])  # past capacity: decays
+    assert manager.meta("p").squeezes >= 1 and (reads.gets, reads.scans) == (0, 1)
+    assert_store_mirrors(manager, "p")
+
+
+def test_metadata_times_come_from_the_managers_clock(open_manager):
+    now = [100.0]
+    manager = open_manager(PoolLimits(ngram_length=3, capacity=10_000), clock=lambda: now[0])
+    manager.insert("p", [[1, 2]], item_ids=("it",))
+    now[0] = 250.0
+    manager.remove_item("it")
+    assert manager.meta("p").updated_at == 250.0 and manager.meta("p").version == 2
+    assert manager.store.pool_info("p") == manager.meta("p")

@@ -29,8 +29,8 @@ from rich.table import Table
 from tqdm import tqdm
 
 from adaccel.v1 import common_pb2, pool_pb2, pool_pb2_grpc, router_pb2_grpc
+from common.generation_stats import accepted_drafts
 from common.rpc.channels import open_channel
-from services.decoder.metrics import accepted_drafts
 
 DEMO_ITEMS = [
     ("item-demo-1", "electronics/headphones", "Aurora wireless headphones, noise cancelling, 30 hour battery."),
@@ -80,21 +80,23 @@ def workload_requests(path: Path, count: int, max_new_tokens: int
 
 
 def publish_warm_answers(bootstrap: str, answers) -> int:
-    """Publishes the model's stored warm answers as GeneratedRecords on the generated-text topic
-    (what the decoders publish; the pool updater inserts them); returns records sent."""
+    """Publishes the model's stored warm answers as GeneratedRecords on the generated-text topic,
+    keyed by pool key as decoders publish them (one pool's records stay in order on one
+    partition), for the pool updater to insert; returns the records the broker acknowledged."""
     from common.kafka_io import ensure_topics, make_producer
     from common.settings import KafkaSettings
-    from services.decoder.publisher import GeneratedPublisher
 
     settings = KafkaSettings(kafka_bootstrap=bootstrap)
-    ensure_topics(settings, [settings.kafka_generated_topic])
-    publisher = GeneratedPublisher(make_producer(settings), settings.kafka_generated_topic)
+    topic = settings.kafka_generated_topic
+    ensure_topics(settings, [topic])
+    producer = make_producer(settings)
     try:
-        for answer in tqdm(answers, desc="publishing warm answers", unit="record", leave=False):
-            publisher.publish(answer.record())
+        sends = [producer.send(topic, key=answer.pool_key.encode(), value=answer.record().SerializeToString())
+                 for answer in tqdm(answers, desc="publishing warm answers", unit="record", leave=False)]
+        producer.flush(timeout=30)
     finally:
-        publisher.close()  # flushes
-    return publisher.published
+        producer.close(timeout=5)
+    return sum(1 for send in sends if send.succeeded())
 
 
 def warm_pools(pool_stub, texts: list[tuple[str, str]], *, per_call: int = 64) -> int:
@@ -145,7 +147,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def wait_for_ingest(pool_stub, expected: int, timeout_s: float) -> pool_pb2.PoolStats:
@@ -164,7 +166,7 @@ JOB_NEW_TOKENS = 64
 
 def run_job(stack, data_dir: Path, *, quick: bool, extra_args: list[str]) -> dict:
     from common.modeling.loading import read_model_card
-    from services.decoder.warm_answers import answers_path, read_answers
+    from common.warm_answers import answers_path, read_answers
 
     max_new_tokens = 24 if quick else JOB_NEW_TOKENS
     workload = data_dir / "workload" / "prompts.jsonl"

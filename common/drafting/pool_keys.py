@@ -1,0 +1,44 @@
+"""Pool keys and the one fallback rule: which pool serves a request's pool key (pure).
+
+Keys are paths ("vertical/category/..."). A request is served by its own pool if it exists,
+else by its nearest existing parent ("ads/shoes/running" -> "ads/shoes" -> "ads"), else by the
+global pool, which always exists. The decoder's registry, the pool service and the router's
+affinity all ask this module, so the three never disagree about which pool a key means.
+
+>>> resolve_pool_key("ads/shoes/running", {"ads", GLOBAL_POOL})
+'ads'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterator
+
+GLOBAL_POOL = "global"
+POOL_KEY_SEPARATOR = "/"
+
+
+def fallback_chain(pool_key: str | None) -> Iterator[str]:
+    """`pool_key`, then each of its parents, most specific first; the global pool is not in it
+    (it is the fallback once the chain is exhausted).
+
+    >>> list(fallback_chain("ads/shoes/running"))
+    ['ads/shoes/running', 'ads/shoes', 'ads']
+    >>> list(fallback_chain(""))
+    []
+    """
+    key = pool_key or ""
+    while key:
+        yield key
+        key = key.rpartition(POOL_KEY_SEPARATOR)[0]
+
+
+def resolve_pool_key(pool_key: str | None, existing: Container[str], global_key: str = GLOBAL_POOL) -> str:
+    """The key of the pool that serves `pool_key`: the first of its fallback chain in
+    `existing`, else `global_key` (also for an empty or missing key).
+
+    >>> resolve_pool_key("ads/books", {"ads/shoes", GLOBAL_POOL})
+    'global'
+    >>> resolve_pool_key(None, {"ads"})
+    'global'
+    """
+    return next((key for key in fallback_chain(pool_key) if key in existing), global_key)

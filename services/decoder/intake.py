@@ -1,0 +1,136 @@
+"""A Generate request turned, once, into what the decoder runs: the `PreparedRequest`.
+
+Built on the gRPC thread from the validated request, with no model forward: the prompt's
+blocks rendered through the chat template and tokenized (once), the engine's generation
+config, the draft pool and the KV tokens admission reserves (`prepare`); once admitted, the
+block-reuse lookup (local memory and kv-store reads, `with_blocks`) is attached. The assembly
+forwards and the prefill run later, on the thread that owns the model. The PreparedRequest
+flows on unchanged: servicer -> batcher -> engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from adaccel.v1 import common_pb2
+from common.drafting.pools import PoolRegistry
+from common.prompt_tokens import (
+    BlockTokenizer,
+    ChatFrame,
+    PromptTooLong,
+    TokenizedPrompt,
+    leading_instructions,
+    tokenize_blocks,
+)
+from common.rpc.errors import InvalidArgument
+from services.decoder.block_cache import BlockCache, BlockPlan
+from services.decoder.engine import GenerationConfig, TokenTrie
+
+
+def generation_config(params: common_pb2.GenerationParams, *, request_id: str, eos_token_id: int | None
+                      ) -> GenerationConfig:
+    """Maps the API's parameters to the engine's; 0 means "the decoder's default" in the API."""
+    relaxed = params.relaxed
+    sampling = params.sampling
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        mode="relaxed" if params.mode == common_pb2.VERIFICATION_MODE_RELAXED else "strict",
+        relaxed_top_k=relaxed.top_k or 2,
+        relaxed_min_prob=relaxed.min_prob or 0.1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p if 0 < sampling.top_p < 1 else 1.0,
+        top_k=sampling.top_k,
+        # A stable per-request seed, so a retried request samples the same text.
+        seed=sampling.seed or (int.from_bytes(request_id.encode()[-8:].rjust(8, b"\0"), "big") & 0x7FFFFFFF),
+        drafting=not params.disable_drafting,
+        decoding_length=params.decoding_length or None,
+        branch_length=params.branch_length or None,
+        eos_token_id=eos_token_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """One request, ready to run. kv_tokens = prompt + max_new_tokens + the request's own draft
+    tree + its root: the KV tokens it may hold at its last step (what admission reserves)."""
+
+    request_id: str
+    prompt: TokenizedPrompt
+    config: GenerationConfig
+    pool: TokenTrie | None
+    blocks: BlockPlan | None  # reused blocks found by the lookup (None: prefill everything)
+    kv_tokens: int
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompt.token_ids
+
+
+class PoolTracker(Protocol):
+    """Keeps requested pools fresh in the background (services.decoder.pool_snapshots)."""
+
+    def note(self, pool_key: str | None) -> None: ...
+
+    def held_keys(self) -> list[str]: ...
+
+
+class TreeSize(Protocol):
+    """How many draft tokens one step of a request may feed (the engine's DecodingEngine)."""
+
+    def tree_tokens(self, config: GenerationConfig) -> int: ...
+
+
+class RequestIntake:
+    """Validated GenerateRequest -> PreparedRequest (no gRPC, no model forward here)."""
+
+    def __init__(self, tokenizer, pools: PoolRegistry, tree: TreeSize, *, max_prompt_tokens: int,
+                 chat_frame: ChatFrame | None = None, pool_tracker: PoolTracker | None = None,
+                 block_cache: BlockCache | None = None):
+        # Memoised per block text: the same instruction and item blocks recur across requests.
+        self.block_tokenizer = BlockTokenizer(tokenizer)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pools = pools
+        self.tree = tree
+        self.max_prompt_tokens = max_prompt_tokens
+        # The model's chat template, or None: prompts then go to the model raw.
+        self.chat_frame = chat_frame
+        self.pool_tracker = pool_tracker
+        self.block_cache = block_cache
+
+    def tokenize(self, request: common_pb2.GenerateRequest) -> TokenizedPrompt:
+        """The request's blocks through the model's chat template (unless it asks for raw_prompt)."""
+        blocks: Sequence[common_pb2.PromptBlock] = request.blocks
+        frame = None if request.raw_prompt else self.chat_frame
+        system_blocks = leading_instructions([b.kind == common_pb2.BLOCK_KIND_INSTRUCTION for b in blocks])
+        try:
+            return tokenize_blocks(self.block_tokenizer, [b.text for b in blocks], self.max_prompt_tokens,
+                                   frame=frame, system_blocks=system_blocks)
+        except PromptTooLong as exc:
+            raise InvalidArgument(f"blocks: {exc}") from exc
+
+    def prepare(self, request: common_pb2.GenerateRequest, request_id: str) -> PreparedRequest:
+        prompt = self.tokenize(request)
+        config = generation_config(request.params, request_id=request_id, eos_token_id=self.eos_token_id)
+        # The request's pool, else its parents ("a/b" -> "a"), else the global pool; the engine adds
+        # a request-local overlay of the prompt's own n-grams on top and drops it afterwards. The
+        # tracker only records the key (a background refresh fetches it): no RPC on this path.
+        if self.pool_tracker is not None:
+            self.pool_tracker.note(request.pool_key or None)
+        pool = self.pools.resolve(request.pool_key or None)
+        kv_tokens = len(prompt.token_ids) + config.max_new_tokens + self.tree.tree_tokens(config) + 1
+        return PreparedRequest(request_id, prompt, config, pool, None, kv_tokens)
+
+    def with_blocks(self, prepared: PreparedRequest, request: common_pb2.GenerateRequest) -> PreparedRequest:
+        """The request with its reusable blocks looked up (after admission: the lookup reads the
+        kv-store and queues misses for publishing, work a rejected request must not cause)."""
+        if self.block_cache is None:
+            return prepared
+        blocks = self.block_cache.lookup(prepared.prompt, request.blocks,
+                                         reuse=not request.params.disable_block_reuse)
+        return replace(prepared, blocks=blocks)
+
+    def held_pool_keys(self) -> list[str]:
+        """Pools whose snapshot this replica holds (reported to the router for affinity)."""
+        return self.pool_tracker.held_keys() if self.pool_tracker is not None else []

@@ -1,0 +1,80 @@
+"""RequestIntake: a request tokenized once, configured, its pool chosen and its KV need counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from adaccel.v1 import common_pb2
+from common.drafting.pools import PoolRegistry
+from common.modeling.tiny import byte_tokenizer
+from common.rpc.errors import InvalidArgument
+from services.decoder.engine import GenerationConfig
+from services.decoder.intake import RequestIntake
+
+
+class FixedTree:
+    """A stand-in for the engine's tree size: 16 draft tokens unless the request names its own."""
+
+    def tree_tokens(self, config: GenerationConfig) -> int:
+        return 0 if not config.drafting else (config.decoding_length or 16)
+
+
+class Tracker:
+    def __init__(self) -> None:
+        self.noted: list[str | None] = []
+
+    def note(self, pool_key):
+        self.noted.append(pool_key)
+
+    def held_keys(self):
+        return ["shop"]
+
+
+def request(**params) -> common_pb2.GenerateRequest:
+    return common_pb2.GenerateRequest(
+        pool_key="shop/shoes",
+        blocks=[common_pb2.PromptBlock(id="i", kind=common_pb2.BLOCK_KIND_INSTRUCTION, text="Write.\n"),
+                common_pb2.PromptBlock(id="I1", kind=common_pb2.BLOCK_KIND_ITEM, text="Item I1.\n")],
+        params=common_pb2.GenerationParams(max_new_tokens=20, **params))
+
+
+@pytest.fixture
+def intake():
+    pools = PoolRegistry()
+    pools.get_or_create("shop")
+    return RequestIntake(byte_tokenizer(), pools, FixedTree(), max_prompt_tokens=64, pool_tracker=Tracker())
+
+
+def test_prepared_once_with_its_pool_config_and_kv_need(intake):
+    prepared = intake.prepare(request(), "r1")
+    tokenizer = intake.block_tokenizer.tokenizer
+    assert tokenizer.decode(prepared.prompt_ids) == "Write.\nItem I1.\n"  # raw: no chat frame here
+    assert prepared.prompt.spans == [(0, 7), (7, 16)]
+    assert prepared.pool is intake.pools.resolve("shop")  # "shop/shoes" falls back to its parent
+    assert intake.pool_tracker.noted == ["shop/shoes"]
+    assert prepared.config.max_new_tokens == 20 and prepared.config.mode == "strict"
+    assert prepared.kv_tokens == 16 + 20 + 16 + 1
+    assert intake.held_pool_keys() == ["shop"]
+
+
+def test_the_reservation_follows_the_request_s_own_tree(intake):
+    assert intake.prepare(request(decoding_length=100), "r").kv_tokens == 16 + 20 + 100 + 1
+    assert intake.prepare(request(disable_drafting=True), "r").kv_tokens == 16 + 20 + 0 + 1
+
+
+def test_without_a_block_cache_nothing_is_looked_up(intake):
+    prepared = intake.prepare(request(), "r")
+    assert intake.with_blocks(prepared, request()) is prepared and prepared.blocks is None
+
+
+def test_a_prompt_over_the_limit_names_the_field(intake):
+    long = request()
+    long.blocks[1].text = "x" * 100
+    with pytest.raises(InvalidArgument, match="blocks"):
+        intake.prepare(long, "r")
+
+
+def test_the_seed_is_stable_per_request_id(intake):
+    params = {"sampling": common_pb2.SamplingParams(temperature=0.7)}
+    assert intake.prepare(request(**params), "abc").config.seed == intake.prepare(request(**params), "abc").config.seed
+    assert intake.prepare(request(**params), "abc").config.seed != intake.prepare(request(**params), "abd").config.seed
