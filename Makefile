@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install protos model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load test-faults k8s-check clean
+.PHONY: help install protos model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load bench-publish-schedule test-faults k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -79,7 +79,7 @@ test-e2e: install
 test-faults: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --faults-json bench/results/faults.json
 
-bench: bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-prefill bench-routing bench-placement bench-load
+bench: bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-prefill bench-routing bench-placement bench-load bench-publish-schedule
 
 bench-decode: install model
 	$(PY) -m bench.decode --data-dir $(DATA_DIR)
@@ -111,6 +111,10 @@ bench-placement: install model
 # (BENCH_QUICK=1: 30 s); writes bench/results/load.json.
 bench-load: install model
 	$(PY) -m bench.load --data-dir $(DATA_DIR)
+
+# Block publishing on the model's thread: computed only while idle, or 1 / 4 blocks after every step.
+bench-publish-schedule: install model
+	$(PY) -m bench.publish_schedule --data-dir $(DATA_DIR)
 
 # Renders the chart with every values file through Helm's engine, lints it, validates the objects
 # against the Kubernetes schemas (strict, offline), then runs the chart tests.

@@ -321,7 +321,14 @@ class BlockPublisher:
 
     @property
     def queued(self) -> int:
+        """Blocks waiting for the model's owner to compute them."""
         return len(self._queue)
+
+    @property
+    def pending(self) -> int:
+        """Blocks queued, being computed or being written to the store."""
+        with self._lock:
+            return len(self._pending)
 
     def compute(self, max_blocks: int | None = None) -> int:
         """Computes up to `max_blocks` queued blocks (None: all) on the calling thread, which must
