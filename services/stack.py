@@ -215,6 +215,18 @@ def resolve_model(data_dir: Path, model_path: Path | None) -> Path:
     return stand_in
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (a supervisor, `kill`, a closed terminal) unwind like Ctrl-C, so the
+    `with stack` block stops every service and the broker; with the default handlers the parent
+    died alone and left them all running."""
+
+    def leave(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoders", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="job: a small sample (end-to-end tests)")
     args, job_args = parser.parse_known_args(argv)
+    stop_on_signals()
     data_dir = args.data_dir.resolve()
     model_path = resolve_model(data_dir, args.model_path)
     stack = Stack(data_dir=data_dir, model_path=model_path, decoders=args.decoders)
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             for proc in stack.processes:
                 print(f"  {proc.name}: gRPC {proc.address}, "
                       f"metrics http://127.0.0.1:{proc.metrics_port}/metrics")
-            print("serving; Ctrl-C stops all", flush=True)
+            print("serving; Ctrl-C or SIGTERM stops all", flush=True)
             try:
                 while all(p.process.poll() is None for p in stack.processes):
                     time.sleep(0.5)
