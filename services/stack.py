@@ -22,6 +22,7 @@ from pathlib import Path
 
 from adaccel.v1 import decoder_pb2, kvstore_pb2, pool_pb2, router_pb2
 from common.broker import EmbeddedBroker, free_port
+from common.child_processes import ending_with_parent
 from common.modeling.default_model import default_model_path
 from common.rpc.channels import health_status, open_channel
 
@@ -139,7 +140,7 @@ class Stack:
         env.update({f"ADACCEL_{k}": v for k, v in settings.items()})
         env.update({f"ADACCEL_{k}": v for k, v in self.extra_env.get(kind, {}).items()})
         log = open(log_path, "ab")
-        process = subprocess.Popen([sys.executable, "-m", f"services.{kind}"], env=env, stdout=log,
+        process = subprocess.Popen(ending_with_parent([sys.executable, "-m", f"services.{kind}"]), env=env, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         proc = ServiceProcess(name, kind, process, port_file, log_path, metrics_port=metrics_port,
                               settings=dict(settings))

@@ -1,4 +1,6 @@
-"""`python -m services.stack serve` stopped as a supervisor stops it (SIGTERM) leaves nothing running."""
+"""`python -m services.stack serve` stopped however it is stopped leaves no child running: SIGTERM (a
+supervisor, `kill`), SIGHUP (a closed terminal), SIGINT (Ctrl-C) stop the stack in order, and a
+parent killed with -9 takes its children with it (their parent-death signal)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +44,14 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_sigterm_stops_every_service_and_the_broker(tmp_path, tiny_llama_path):
+# How the parent ends for each signal: SystemExit(128 + n) for TERM/HUP, a normal exit after
+# Ctrl-C, killed outright by -9.
+EXIT_CODE = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGHUP: 128 + signal.SIGHUP, signal.SIGINT: 0,
+             signal.SIGKILL: -signal.SIGKILL}
+
+
+@pytest.mark.parametrize("sig", list(EXIT_CODE), ids=lambda s: signal.Signals(s).name)
+def test_no_child_outlives_the_stack(tmp_path, tiny_llama_path, sig):
     serve = subprocess.Popen(
         [sys.executable, "-m", "services.stack", "serve", "--data-dir", str(tmp_path), "--model-path",
          str(tiny_llama_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -56,12 +67,12 @@ def test_sigterm_stops_every_service_and_the_broker(tmp_path, tiny_llama_path):
             raise AssertionError(f"stack exited early with {serve.wait()}")
         below = descendants(serve.pid)
         assert len(below) >= 5  # broker, pool, kv-store, decoder, router
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(timeout=60) == 128 + signal.SIGTERM
+        serve.send_signal(sig)
+        assert serve.wait(timeout=60) == EXIT_CODE[sig]
         deadline = time.monotonic() + 20
         while any(alive(pid) for pid in below) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [pid for pid in below if alive(pid)], "processes left running after SIGTERM"
+        assert not [pid for pid in below if alive(pid)], f"processes left running after {signal.Signals(sig).name}"
     finally:
         if serve.poll() is None:
             serve.kill()
