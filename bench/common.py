@@ -129,9 +129,10 @@ def model_provenance(model_path: Path | str) -> dict:
 def write_results(name: str, results: dict, results_dir: Path = RESULTS_DIR, *,
                   model_path: Path | str | None = None) -> Path:
     """Writes a results JSON, stamped with the time and (from `model_path`, else the results'
-    own "model_path") the model's provenance."""
+    own "model_path", else their "model" when that is a checkpoint directory) the model's provenance."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    model_path = model_path or results.get("model_path")
+    named = str(results.get("model", ""))
+    model_path = model_path or results.get("model_path") or (named if named and Path(named).is_dir() else None)
     stamp = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command_line()}
     if model_path:
         stamp["model_provenance"] = model_provenance(model_path)

@@ -50,8 +50,8 @@ def run(args) -> dict:
         by_task = tokens_per_step_by_task(engine, pools, chosen, tokenized, args.max_new_tokens, eos)
         points.append({"served_per_segment": per_segment, "served_answers": outputs, "tokens_per_step": by_task})
         print(f"{per_segment:>3} per segment ({outputs} answers): " + ", ".join(f"{t} {v:.2f}" for t, v in by_task.items()))
-    report = {"device": device_name(), "model": loaded.model_id, "prompts": len(chosen),
-              "corpus_texts": len(warmups), "decoding_length": args.decoding_length,
+    report = {"device": device_name(), "model": loaded.model_id, "model_path": str(args.model_path),
+              "prompts": len(chosen), "corpus_texts": len(warmups), "decoding_length": args.decoding_length,
               "branch_length": args.branch_length, "max_new_tokens": args.max_new_tokens, "points": points}
     print_table(Console(width=120), report)
     path = write_results("pool_growth.json", report, args.results_dir)

@@ -21,7 +21,7 @@ def create_router_server(settings: RouterSettings, telemetry: Telemetry) -> Serv
     weights = AffinityWeights(block_weight=settings.affinity_block_weight, pool_weight=settings.affinity_pool_weight,
                               tokens_per_request=settings.tokens_per_request)
     servicer = RouterService(replicas, limits, settings.default_deadline_s, policy=settings.scheduling_policy,
-                             weights=weights)
+                             weights=weights, max_streams=settings.stream_cap)
     handle = create_server(settings, telemetry, [(router_pb2_grpc.add_RouterServicer_to_server, servicer)],
                            [SERVICE_NAME])
     # Serving while at least one decoder answers its heartbeat.

@@ -8,6 +8,7 @@ caller saw partial output).
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,14 +19,42 @@ from adaccel.v1 import common_pb2, router_pb2, router_pb2_grpc
 from common.blocks.routing_keys import request_blocks
 from common.requests import RequestLimits, validate_generate_request
 from common.rpc.block_kinds import kinds_and_texts
+from common.rpc.errors import ResourceExhausted
 from services.router.failover import stream_with_failover
 from services.router.replicas import ReplicaSet
 from services.router.scheduling import AffinityWeights, Footprint, Policy, choose_replica
 
 
+class StreamSlots:
+    """At most `limit` Generate streams at once (0: unbounded). The router is a synchronous gRPC
+    server, one thread per stream: a stream past its threads would wait in grpc's queue, where no
+    caller, metric or autoscaler sees it; past the cap it gets RESOURCE_EXHAUSTED with a retry hint
+    at once instead."""
+
+    def __init__(self, limit: int, retry_after_ms: int = 200):
+        self.limit = limit
+        self.retry_after_ms = retry_after_ms
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self.limit and self.in_use >= self.limit:
+                raise ResourceExhausted(f"router busy: {self.in_use} streams open, limit max_streams={self.limit}; "
+                                        f"retry after ~{self.retry_after_ms} ms", retry_after_ms=self.retry_after_ms)
+            self.in_use += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_use -= 1
+
+
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, replicas: ReplicaSet, limits: RequestLimits, default_deadline_s: float, policy: Policy,
-                 weights: AffinityWeights | None = None):
+                 weights: AffinityWeights | None = None, max_streams: int = 0):
+        self.streams = StreamSlots(max_streams)
         self.replicas = replicas
         self.limits = limits
         self.default_deadline_s = default_deadline_s
@@ -35,11 +64,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def Generate(self, request: common_pb2.GenerateRequest, context: grpc.ServicerContext):
         validate_generate_request(request, self.limits)
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + (remaining if remaining is not None else self.default_deadline_s)
-        streams = DecoderStreams(self.replicas, request, policy=self.policy, weights=self.weights,
-                                 turn=next(self._turns))
-        yield from stream_with_failover(streams, deadline)
+        with self.streams.held():
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + (remaining if remaining is not None else self.default_deadline_s)
+            streams = DecoderStreams(self.replicas, request, policy=self.policy, weights=self.weights,
+                                     turn=next(self._turns))
+            yield from stream_with_failover(streams, deadline)
 
     def Info(self, request, context):
         states = [

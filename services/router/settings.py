@@ -19,6 +19,12 @@ class RouterSettings(ServiceSettings):
     affinity_block_weight: float = Field(2.0, ge=0, description="affinity: a fully held prompt is worth this many queued requests")
     affinity_pool_weight: float = Field(0.5, ge=0, description="affinity: a held pool is worth this many queued requests")
     tokens_per_request: float = Field(4096.0, gt=0, description="load: tokens in flight counted as one queued request")
+    max_streams: int = Field(0, ge=0, description="concurrent Generate streams; past it RESOURCE_EXHAUSTED with a retry "
+                             "hint (0: workers - 2, leaving threads for health and Info)")
+
+    @property
+    def stream_cap(self) -> int:
+        return self.max_streams or max(1, self.workers - 2)
 
     @field_validator("decoder_addrs", mode="before")
     @classmethod

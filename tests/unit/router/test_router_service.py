@@ -148,3 +148,29 @@ def test_busy_decoders_give_back_pressure_with_the_soonest_hint():
         generate(replicas, context)
     assert context.status == (S.RESOURCE_EXHAUSTED, "all decoder replicas tried are busy (queue full (30))")
     assert context.trailing_metadata == ((RETRY_AFTER_MS, "30"),)
+
+
+def test_streams_past_the_cap_get_back_pressure_with_a_hint_and_the_slot_comes_back():
+    class Held(FakeReplica):
+        def answer(self):
+            yield chunk("a")
+            yield chunk("b")
+
+    replicas = FakeReplicaSet(a=Held())
+    servicer = RouterService(replicas, RequestLimits(), default_deadline_s=30.0, policy="least_loaded", max_streams=1)
+    handler = ErrorMappingInterceptor().intercept_service(
+        lambda _details: grpc.unary_stream_rpc_method_handler(servicer.Generate),
+        CallDetails("/adaccel.v1.Router/Generate", ()))
+    request = common_pb2.GenerateRequest(
+        request_id="r", blocks=[common_pb2.PromptBlock(id="i", kind=common_pb2.BLOCK_KIND_ITEM, text="A pan.\n")],
+        params=common_pb2.GenerationParams(max_new_tokens=8))
+    first = handler.unary_stream(request, FakeContext())
+    assert next(first).delta.text == "a"  # one stream open
+    second = FakeContext()
+    with pytest.raises(Aborted):
+        list(handler.unary_stream(request, second))
+    assert second.status[0] == S.RESOURCE_EXHAUSTED and "max_streams=1" in second.status[1]
+    assert dict(second.trailing_metadata)[RETRY_AFTER_MS] == "200"
+    assert [c.delta.text for c in first] == ["b"]  # the first stream ends and frees its slot
+    assert servicer.streams.in_use == 0
+    assert [c.delta.text for c in handler.unary_stream(request, FakeContext())] == ["a", "b"]
