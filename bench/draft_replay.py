@@ -413,7 +413,7 @@ def run(args) -> dict:
         + (f"-{args.cost_config}" if projected else "")
         + (f"-{args.cost_device}" if args.cost_device != "cpu" else "")
     )
-    path = write_results(f"{name}.json", report, args.results_dir)
+    path = write_results(f"{name}.json", report, args.results_dir, model_path=args.model_path)
     print(f"wrote {path}")
     return report
 

@@ -2,10 +2,10 @@
 
 The decoder's batcher thread is the model's one owner: besides prefill and steps it computes the
 KV of every prompt block that missed the cache (standalone, at position 0) so that later requests
-can reuse it. Policies, via Batcher(publish_blocks_per_step=N):
-  idle      N = 0: blocks are computed only while no request runs
-  1/step    N = 1: one block after every step (the decoder's default), and while idle
-  4/step    N = 4: four blocks after every step
+can reuse it. Policies, via Batcher(publish_every_steps=N), each also computing blocks while idle:
+  idle           N = 0: blocks are computed only while no request runs
+  every 16 steps N = 16: one block per 16 steps while requests run (the decoder's default)
+  every step     N = 1: one block after every step
 Scenario (per repeat, same prompts for every policy, policies interleaved): a fresh block cache in
 pure reuse mode (so every cacheable block of a prompt either hits or is queued), `--running`
 requests start together and, once they decode, `--arrivals` more arrive. Reported: decode speed
@@ -45,7 +45,7 @@ from services.decoder.block_cache import BlockCache, LocalBlockMemory, ReuseSett
 from services.decoder.engine import DecodingEngine, EngineSettings
 from services.decoder.intake import RequestIntake
 
-POLICIES = {"idle": 0, "1/step": 1, "4/step": 4}
+POLICIES = {"idle": 0, "every 16 steps": 16, "every step": 1}
 KIND = {"instruction": common_pb2.BLOCK_KIND_INSTRUCTION, "user_history": common_pb2.BLOCK_KIND_USER_HISTORY,
         "item": common_pb2.BLOCK_KIND_ITEM, "text": common_pb2.BLOCK_KIND_TEXT}
 
@@ -91,7 +91,7 @@ def run_once(loaded, engine, intake_of, running, arrivals, policy: int, max_new_
                        LocalBlockMemory(1 << 34, 1 << 34), None)
     admission = KvAdmission(budget_bytes=1 << 36, bytes_per_token=1, max_requests=64)
     batcher = Batcher(engine, admission, max_batch_size=16, block_cache=cache,
-                      publish_blocks_per_step=policy).start()
+                      publish_every_steps=policy).start()
     intake = intake_of(cache)
     t0 = time.perf_counter()
     try:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {"model": loaded.model_id, "model_path": str(args.model_path), "device": device_name(),
                "running": args.running, "arrivals": args.arrivals, "max_new_tokens": args.max_new_tokens,
                "repeats": args.repeats, "policies": POLICIES, "summary": summary, "runs": runs}
-    path = write_results("publish_schedule", results, args.results_dir)
+    path = write_results("publish_schedule.json", results, args.results_dir, model_path=args.model_path)
     fig, axes = figure(1, 3, size=(12, 3.6))
     names = list(summary)
     for ax, key, label in zip(axes, ("running_decode_tokens_per_s", "arrival_ttft_s", "all_published_s"),
