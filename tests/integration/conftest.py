@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import pytest
 
+from adaccel.v1 import pool_pb2
 from common.rpc.channels import open_channel
+from common.telemetry import null_telemetry
+from services.pool.server import create_pool_server
+from services.pool.settings import PoolSettings
 from services.stack import Stack
 
 
@@ -25,3 +29,17 @@ def channel_to():
     yield open_
     for channel in opened:
         channel.close()
+
+
+@pytest.fixture
+def pool(tmp_path):
+    """A pool service in this process, with short n-grams (4) so small tries stay readable."""
+    handle = create_pool_server(PoolSettings(data_dir=tmp_path, ngram_length=4), null_telemetry())
+    yield handle
+    handle.stop(0)
+
+
+def insert(stub, pool_key, tokens) -> int:
+    """Inserts one token sequence into a pool; returns the pool's new version."""
+    request = pool_pb2.InsertRequest(pool_key=pool_key, sequences=[pool_pb2.TokenSequence(token_ids=tokens)])
+    return stub.Insert(request, timeout=5).version

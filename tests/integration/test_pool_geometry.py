@@ -14,18 +14,7 @@ from common.telemetry import null_telemetry
 from services.decoder.pool_snapshots import PoolSnapshots
 from services.pool.server import create_pool_server
 from services.pool.settings import PoolSettings
-
-
-@pytest.fixture
-def pool(tmp_path):
-    handle = create_pool_server(PoolSettings(data_dir=tmp_path, ngram_length=4), null_telemetry())
-    yield handle
-    handle.stop(0)
-
-
-def insert(stub, pool_key, tokens):
-    request = pool_pb2.InsertRequest(pool_key=pool_key, sequences=[pool_pb2.TokenSequence(token_ids=tokens)])
-    return stub.Insert(request, timeout=5).version
+from tests.integration.conftest import insert
 
 
 def test_the_pool_advertises_its_draft_geometry(pool, channel_to):

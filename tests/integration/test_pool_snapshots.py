@@ -5,29 +5,14 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
-from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, pool_pb2, pool_pb2_grpc
+from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, pool_pb2_grpc
 from common.broker import free_port
 from common.drafting.pools import GLOBAL_POOL
 from common.telemetry import null_telemetry
 from services.decoder.pool_snapshots import PoolSnapshots, wait_for_version
 from services.decoder.server import create_decoder_server
 from services.decoder.settings import DecoderSettings
-from services.pool.server import create_pool_server
-from services.pool.settings import PoolSettings
-
-
-@pytest.fixture
-def pool(tmp_path):
-    handle = create_pool_server(PoolSettings(data_dir=tmp_path, ngram_length=4), null_telemetry())
-    yield handle
-    handle.stop(0)
-
-
-def insert(stub, pool_key, tokens):
-    return stub.Insert(pool_pb2.InsertRequest(pool_key=pool_key, sequences=[pool_pb2.TokenSequence(token_ids=tokens)]),
-                       timeout=5).version
+from tests.integration.conftest import insert
 
 
 def test_snapshots_are_fetched_only_when_the_version_moves(pool, channel_to):
