@@ -400,7 +400,9 @@ class BatchSession:
     step() runs one shared verification forward for every row and returns (handle, result) pairs;
     rows that finish that step are retired by the step itself. The handle is the request's state;
     `handle.done` says it will get no more results. Not thread-safe: one thread owns it (in the
-    decoder, the batcher's scheduler thread, which owns the model).
+    decoder, the batcher's scheduler thread, which owns the model). It drives the engine's
+    underscored step internals (_new_request, _prefill, _step, _retire_finished): a pairing private
+    to this module; nothing outside it calls them.
     """
 
     def __init__(self, engine: DecodingEngine) -> None:
