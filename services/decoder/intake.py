@@ -87,13 +87,17 @@ class RequestIntake:
 
     def __init__(self, tokenizer, pools: PoolRegistry, tree: TreeSize, *, max_prompt_tokens: int,
                  chat_frame: ChatFrame | None = None, pool_tracker: PoolTracker | None = None,
-                 block_cache: BlockCache | None = None):
+                 block_cache: BlockCache | None = None, context_limit: int | None = None):
         # Memoised per block text: the same instruction and item blocks recur across requests.
         self.block_tokenizer = BlockTokenizer(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.pools = pools
         self.tree = tree
         self.max_prompt_tokens = max_prompt_tokens
+        # The model's positions (max_position_embeddings), or None: unchecked. The engine never
+        # drafts past max_new_tokens (depth <= room - 1), so the last position a request uses,
+        # root or draft, is prompt + max_new_tokens - 1: that sum is all that must fit.
+        self.context_limit = context_limit
         # The model's chat template, or None: prompts then go to the model raw.
         self.chat_frame = chat_frame
         self.pool_tracker = pool_tracker
@@ -112,6 +116,12 @@ class RequestIntake:
 
     def prepare(self, request: common_pb2.GenerateRequest, request_id: str) -> PreparedRequest:
         prompt = self.tokenize(request)
+        total = len(prompt.token_ids) + request.params.max_new_tokens
+        if self.context_limit is not None and total > self.context_limit:
+            raise InvalidArgument(
+                f"params.max_new_tokens: prompt of {len(prompt.token_ids)} tokens + max_new_tokens "
+                f"{request.params.max_new_tokens} = {total} passes the model's context of {self.context_limit} "
+                "tokens; shorten the prompt or lower max_new_tokens")
         config = generation_config(request.params, request_id=request_id, eos_token_id=self.eos_token_id)
         # The request's pool, else its parents ("a/b" -> "a"), else the global pool; the engine adds
         # a request-local overlay of the prompt's own n-grams on top and drops it afterwards. The

@@ -85,3 +85,29 @@ def test_the_admission_reserves_the_request_s_own_tree(loaded):
     small = intake.prepare(request, "a").kv_tokens
     request.params.decoding_length = 100
     assert intake.prepare(request, "a").kv_tokens == small - engine.settings.decoding_length + 100
+
+
+def test_a_request_that_fits_the_context_exactly_decodes_greedy_and_one_more_token_is_refused(loaded):
+    """prompt + max_new_tokens == the model's positions: every step, drafts included, stays inside;
+    one token more is INVALID_ARGUMENT up front, naming the field and the limit."""
+    from common.drafting.trie import TokenTrie, TrieSettings
+    from common.rpc.errors import InvalidArgument
+
+    limit = loaded.model.config.max_position_embeddings
+    engine = DecodingEngine(loaded.model)
+    pools = PoolRegistry(TrieSettings(ngram_length=10))
+    intake = RequestIntake(loaded.tokenizer, pools, engine, max_prompt_tokens=limit, context_limit=limit)
+    request = rec_request("edge", [0, 1, 2])
+    prompt_len = len(intake.prepare(request, "edge").prompt_ids)
+    request.params.max_new_tokens = limit - prompt_len
+    prepared = intake.prepare(request, "edge")
+    # A pool that holds greedy's own continuation: drafts are long and accepted, up to the edge.
+    greedy = engine.generate_batch([prepared.prompt_ids], [GenerationConfig(max_new_tokens=limit - prompt_len,
+                                                                            drafting=False)])[0]
+    pool: TokenTrie = pools.global_pool
+    pool.insert(prepared.prompt_ids[-4:] + greedy, "output")
+    out = [t for step in engine.generate(prepared.prompt_ids, prepared.config, prepared.pool) for t in step.token_ids]
+    assert out == greedy and len(out) == limit - prompt_len
+    request.params.max_new_tokens += 1
+    with pytest.raises(InvalidArgument, match=f"params.max_new_tokens: .* context of {limit}"):
+        intake.prepare(request, "edge")
