@@ -226,6 +226,9 @@ def stop_on_signals() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, leave)
+    # A process started in the background (nohup, `cmd &`, some CI runners) inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt: restore Ctrl-C explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> None:
