@@ -229,9 +229,8 @@ class Batcher:
 
     def _start(self, request: PreparedRequest) -> PreparedPrompt:
         """The request's reused block KV assembled into its starting cache (model forwards)."""
-        if self.block_cache is None or request.blocks is None:
-            ids = request.prompt_ids
-            return PreparedPrompt(ids, None, 0, len(ids))
+        if self.block_cache is None:
+            return PreparedPrompt.uncached(request.prompt_ids)
         return self.block_cache.assemble(request.blocks, request.prompt_ids)
 
     def _join(self, ticket: Ticket) -> None:

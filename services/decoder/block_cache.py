@@ -86,6 +86,12 @@ class PreparedPrompt:
     recomputed_tokens: int = 0
     mode: str = "full"
 
+    @classmethod
+    def uncached(cls, prompt_ids: Sequence[int]) -> PreparedPrompt:
+        """Nothing reused: the engine prefills every token."""
+        ids = list(prompt_ids)
+        return cls(ids, None, 0, len(ids))
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -446,8 +452,7 @@ class BlockCache:
     def assemble(self, plan: BlockPlan | None, prompt_ids: Sequence[int]) -> PreparedPrompt:
         """The cache to start from; runs model forwards, so call it where the model is owned."""
         if plan is None:
-            ids = list(prompt_ids)
-            return PreparedPrompt(ids, None, 0, len(ids))
+            return PreparedPrompt.uncached(prompt_ids)
         s = self.settings
         assembly = assemble(self.model, plan.body, plan.tail, mode=self.mode, recompute_ratio=s.recompute_ratio,
                             check_layer=s.check_layer, epic_tokens=s.epic_tokens)

@@ -273,14 +273,19 @@ class DecodingEngine:
         old_length = cache_length(batch.cache)
         inputs = timed("inputs", self._tree_inputs, batch, trees, [r.context_length for r in batch.requests])
         logits = timed("forward", self._forward, inputs, batch.cache)  # [B, Q, V]
-        verdicts = timed("verify", lambda: [
-            self._verify(logits[row, : len(tree)], tree, request)
-            for row, (tree, request) in enumerate(zip(trees, batch.requests))
-        ])
+        verdicts = timed("verify", self._verify_rows, logits, trees, batch.requests)
         timed("kv", self._keep_accepted_kv, batch, old_length, verdicts)
-        results = timed("emit", lambda: [self._emit(r, v, len(d)) for r, v, d in zip(batch.requests, verdicts, drafts)])
+        results = timed("emit", self._emit_rows, batch.requests, verdicts, drafts)
         self._retire_finished(batch)
         return results
+
+    def _verify_rows(self, logits: torch.Tensor, trees: list[FlatTree], requests: list[RequestState]) -> list[Verdict]:
+        return [self._verify(logits[row, : len(tree)], tree, request)
+                for row, (tree, request) in enumerate(zip(trees, requests))]
+
+    def _emit_rows(self, requests: list[RequestState], verdicts: list[Verdict], drafts: list[DraftTree]
+                   ) -> list[StepResult]:
+        return [self._emit(r, v, len(d)) for r, v, d in zip(requests, verdicts, drafts)]
 
     # ------------------------------------------------------------------ step parts
     def _draft_rows(self, batch: _Batch) -> list[DraftTree]:
