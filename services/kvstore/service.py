@@ -37,6 +37,11 @@ class KvStoreService(kvstore_pb2_grpc.KvStoreServicer):
                 if header.total_bytes > self.store.max_block_bytes:
                     raise ResourceExhausted(
                         f"header.total_bytes: {header.total_bytes} bytes, limit is {self.store.max_block_bytes}")
+                # Early, before the data arrives; the store checks the exact stored size
+                # (with the key and header).
+                if self.store.disk_budget_bytes and header.total_bytes > self.store.disk_budget_bytes:
+                    raise ResourceExhausted(f"header.total_bytes: {header.total_bytes} bytes, "
+                                            f"limit is disk_budget_bytes={self.store.disk_budget_bytes}")
             elif chunk.HasField("data"):
                 if header is None:
                     raise InvalidArgument("data: sent before the header")
