@@ -16,6 +16,12 @@ after every step, 1.07x with one per 16 steps; the arrivals' TTFT and the time t
 everything moved within noise. The default, one block per 16 steps, bounds what publishing can
 take from decoding while still making progress on a decoder that is never idle.
 
+Chunked prefill (prefill_chunk_tokens per turn, default 256): a prompt is prefilled a chunk per
+turn of the loop, between the running batch's steps, oldest first for a quarter of the budget and
+then shortest remaining first. Whole-prompt prefill was the load bench's "12-second stall": a
+2,500-token generative-recommendation prompt takes ~11 s to prefill on one CPU thread with
+SmolLM2-135M, and while it ran no running row stepped and every arrival waited behind it.
+
 KV need of a request = (prompt + max_new_tokens + its own draft tree + root) tokens x
 kv_bytes_per_token (PreparedRequest.kv_tokens); the budget counts each request's own tokens. Rows of a batch share one padded cache, so the
 real footprint can be larger by the holes; the engine compacts once holes pass its threshold
@@ -36,7 +42,7 @@ import torch
 
 from common.rpc.errors import InvalidArgument, ResourceExhausted, ServiceError
 from services.decoder.block_cache import BlockCache, PreparedPrompt
-from services.decoder.engine import BatchSession, DecodingEngine, StepResult
+from services.decoder.engine import BatchSession, DecodingEngine, PendingPrefill, StepResult
 from services.decoder.intake import PreparedRequest
 
 log = logging.getLogger(__name__)
@@ -98,10 +104,13 @@ _END = object()
 @dataclass(frozen=True, slots=True)
 class PrefillStats:
     """How the prompt's KV was made: cached_tokens came from reused blocks (recomputed_tokens of
-    them recomputed by the correction), the rest were computed."""
+    them recomputed by the correction), the rest were computed; queue_s waited for the model
+    thread after submit, prefill_s assembled and prefilled (seconds)."""
 
     cached_tokens: int = 0
     recomputed_tokens: int = 0
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -118,6 +127,7 @@ class Ticket:
     cancelled: threading.Event = field(default_factory=threading.Event)
     handle: object = None  # the engine's row, once joined
     closed: bool = False
+    submitted_at: float = 0.0  # perf_counter() at submit: the queue wait starts
 
     def __iter__(self) -> Iterator[StepResult]:
         while True:
@@ -136,8 +146,10 @@ class Ticket:
 
 class Batcher:
     def __init__(self, engine: DecodingEngine, admission: KvAdmission, *, max_batch_size: int,
-                 block_cache: BlockCache | None = None, publish_every_steps: int = 16):
+                 block_cache: BlockCache | None = None, publish_every_steps: int = 16,
+                 prefill_chunk_tokens: int = 256):
         self.engine = engine
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.admission = admission
         self.max_batch_size = max_batch_size
         self.block_cache = block_cache
@@ -146,6 +158,7 @@ class Batcher:
         self.session = BatchSession(engine)
         self._waiting: deque[Ticket] = deque()
         self._running: dict[int, Ticket] = {}  # id(engine row) -> ticket
+        self._prefilling: list[tuple[Ticket, PendingPrefill, float]] = []  # (ticket, its prefill, begun at), oldest first
         self._wake = threading.Condition()
         self._stopped = False
         self._step_s = 0.05  # moving average of a step's seconds (retry hints)
@@ -159,6 +172,7 @@ class Batcher:
 
     def submit(self, ticket: Ticket, request: PreparedRequest) -> None:
         ticket.request = request
+        ticket.submitted_at = time.perf_counter()
         with self._wake:
             if self._stopped:
                 raise ServiceError("decoder is shutting down")
@@ -194,22 +208,24 @@ class Batcher:
             self._stopped = True
             self._wake.notify()
         self._thread.join(timeout=10)
-        for ticket in [*self._waiting, *self._running.values()]:
+        for ticket in [*self._waiting, *(t for t, _, _ in self._prefilling), *self._running.values()]:
             ticket.results.put(ServiceError("decoder stopped while generating"))
 
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopped or self._waiting or self.session.rows or self._blocks_queued()):
+                while not (self._stopped or self._waiting or self.session.rows or self._prefilling
+                           or self._blocks_queued()):
                     self._wake.wait()
                 if self._stopped:
                     return
                 joining = []
-                while self._waiting and self.session.rows + len(joining) < self.max_batch_size:
+                while self._waiting and self.session.rows + len(self._prefilling) + len(joining) < self.max_batch_size:
                     joining.append(self._waiting.popleft())
             for ticket in joining:
-                self._join(ticket)
+                self._begin(ticket)
+            self._advance_prefills()
             self._drop_cancelled()
             if self.session.rows:
                 self._step()
@@ -233,15 +249,16 @@ class Batcher:
             return PreparedPrompt.uncached(request.prompt_ids)
         return self.block_cache.assemble(request.blocks, request.prompt_ids)
 
-    def _join(self, ticket: Ticket) -> None:
+    def _begin(self, ticket: Ticket) -> None:
+        """Starts a request's prefill: reused block KV assembled, nothing of the rest computed yet."""
         if ticket.cancelled.is_set():
             return
         request = ticket.request
+        begun = time.perf_counter()
         try:
             start = self._start(request)
-            ticket.prefill = PrefillStats(start.cached_tokens, start.recomputed_tokens)
-            handle = self.session.add(request.prompt_ids, request.config, request.pool,
-                                      past_key_values=start.past_key_values)
+            pending = self.session.begin(request.prompt_ids, request.config, request.pool,
+                                         past_key_values=start.past_key_values)
         except ValueError as exc:  # prompt ids outside the vocabulary, a cache of the wrong shape
             ticket.results.put(InvalidArgument(f"blocks: {exc}"))
             return
@@ -249,11 +266,57 @@ class Batcher:
             log.exception("prefill failed")
             ticket.results.put(exc)
             return
-        if handle.done:  # nothing to generate
-            ticket.results.put(_END)
+        ticket.prefill = PrefillStats(start.cached_tokens, start.recomputed_tokens, queue_s=begun - ticket.submitted_at)
+        self._prefilling.append((ticket, pending, begun))
+
+    def _prefill_order(self) -> list[tuple[Ticket, PendingPrefill, float]]:
+        """Who gets this turn's prefill tokens first: the oldest prefill (so a long prompt always
+        progresses), then the shortest remaining (a short prompt behind a long one joins within
+        a turn instead of waiting for all of it)."""
+        oldest, *others = self._prefilling
+        return [oldest, *sorted(others, key=lambda entry: entry[1].remaining)]
+
+    def _advance_prefills(self) -> None:
+        """Spends at most prefill_chunk_tokens of prefill this turn (chunked prefill: the running
+        rows' next step waits for one chunk, not for a whole long prompt; 0 = no bound), then
+        appends every finished prefill's row. The oldest prefill gets up to a quarter of the
+        budget when others wait (it progresses, at worst 4x slower), the rest goes shortest first,
+        then back to the oldest."""
+        if not self._prefilling:
             return
-        ticket.handle = handle
-        self._running[id(handle)] = ticket
+        budget = self.prefill_chunk_tokens or sum(p.remaining for _, p, _ in self._prefilling)
+        order = self._prefill_order()
+        shares = [max(1, budget // 4) if len(order) > 1 else budget] + [budget] * (len(order) - 1)
+        left = budget
+        for (ticket, pending, _), share in [*zip(order, shares), (order[0], budget)]:
+            if left <= 0:
+                break
+            if ticket.cancelled.is_set() or pending.remaining == 0:
+                continue
+            try:
+                left -= self.session.advance(pending, min(share, left))
+            except Exception as exc:  # noqa: BLE001 - reported to that caller; the batch goes on
+                log.exception("prefill failed")
+                ticket.results.put(exc)
+                ticket.cancelled.set()
+        finished = [entry for entry in self._prefilling if entry[1].remaining == 0 or entry[0].cancelled.is_set()]
+        self._prefilling = [entry for entry in self._prefilling if entry not in finished]
+        for ticket, pending, begun in finished:
+            if ticket.cancelled.is_set():
+                continue
+            try:
+                handle = self.session.finish(pending)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("prefill failed")
+                ticket.results.put(exc)
+                continue
+            ticket.prefill = PrefillStats(ticket.prefill.cached_tokens, ticket.prefill.recomputed_tokens,
+                                          queue_s=ticket.prefill.queue_s, prefill_s=time.perf_counter() - begun)
+            if handle.done:  # nothing to generate
+                ticket.results.put(_END)
+                continue
+            ticket.handle = handle
+            self._running[id(handle)] = ticket
 
     def _drop_cancelled(self) -> None:
         for key, ticket in list(self._running.items()):

@@ -85,7 +85,8 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
     block_cache, block_cache_closers = create_block_cache(settings, loaded, tracer_provider=telemetry.tracer_provider,
                                                           security=client_security(settings))
     # The batcher's thread is the model's one owner: block assembly, prefill, steps, publishing.
-    batcher = Batcher(engine, admission, max_batch_size=settings.max_batch_size, block_cache=block_cache).start()
+    batcher = Batcher(engine, admission, max_batch_size=settings.max_batch_size, block_cache=block_cache,
+                      prefill_chunk_tokens=settings.prefill_chunk_tokens).start()
     intake = RequestIntake(loaded.tokenizer, pools, engine, max_prompt_tokens=settings.max_prompt_tokens,
                            chat_frame=prompt_frame(settings, loaded), pool_tracker=snapshots, block_cache=block_cache,
                            context_limit=getattr(loaded.model.config, "max_position_embeddings", None))

@@ -51,13 +51,16 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         request_id = request.request_id or uuid.uuid4().hex
         prepared = self.intake.prepare(request, request_id)
         ticket = self.batcher.admit(prepared.kv_tokens)
+        admitted = time.perf_counter()
         # The RPC ending early (client gone, deadline passed) takes the request out of the batch.
         if not context.add_callback(ticket.cancel):
             ticket.cancel()
         try:
-            self.batcher.submit(ticket, self.intake.with_blocks(prepared, request))
+            with_blocks = self.intake.with_blocks(prepared, request)
+            self.batcher.submit(ticket, with_blocks)
             transcript = Transcript(self.tokenizer, eos_token_id=self.intake.eos_token_id,
-                                    prompt_tokens=len(prepared.prompt_ids))
+                                    prompt_tokens=len(prepared.prompt_ids), prepare_s=admitted - arrived,
+                                    block_lookup_s=ticket.submitted_at - admitted)
             for step in ticket:
                 delta = transcript.add(step, seconds_since_arrival=time.perf_counter() - arrived,
                                        prefill=ticket.prefill)

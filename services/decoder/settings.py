@@ -22,6 +22,7 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     max_blocks: int = Field(256, ge=1, description="prompt blocks per request at most")
     max_queue: int = Field(16, ge=1, description="requests admitted (running + waiting); more -> RESOURCE_EXHAUSTED")
     max_batch_size: int = Field(8, ge=1, description="requests decoded together in one batch (the rest of the admitted wait)")
+    prefill_chunk_tokens: int = Field(256, ge=0, description="prompt tokens prefilled per scheduler turn, between the running batch's steps (chunked prefill: a long prompt never stalls the others; 0: whole prompts at once)")
     kv_budget_mb: float = Field(1024.0, gt=0, description="KV memory admitted requests may need, MiB ((prompt + max_new_tokens) x per-token KV); over -> RESOURCE_EXHAUSTED")
     # Every admitted request holds an RPC thread while it streams; Report and health need more.
     workers: int = Field(24, ge=2, description="threads serving RPCs (more than max_queue: admitted streams hold one each)")

@@ -15,13 +15,16 @@ from services.decoder.engine import StepResult
 
 
 class Transcript:
-    def __init__(self, tokenizer, *, eos_token_id: int | None, prompt_tokens: int):
+    def __init__(self, tokenizer, *, eos_token_id: int | None, prompt_tokens: int, prepare_s: float = 0.0,
+                 block_lookup_s: float = 0.0):
+        """prepare_s, block_lookup_s: what the request's intake took before it was submitted."""
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.token_ids: list[int] = []
         self.text = ""  # everything decoded so far (may end in a held-back U+FFFD)
         self._released = ""  # the text the deltas carried so far
-        self.stats = common_pb2.GenerationStats(prompt_tokens=prompt_tokens, computed_prompt_tokens=prompt_tokens)
+        self.stats = common_pb2.GenerationStats(prompt_tokens=prompt_tokens, computed_prompt_tokens=prompt_tokens,
+                                                prepare_s=prepare_s, block_lookup_s=block_lookup_s)
 
     @property
     def finish_reason(self) -> int:
@@ -30,10 +33,15 @@ class Transcript:
         return common_pb2.FINISH_REASON_LENGTH
 
     def add(self, step: StepResult, *, seconds_since_arrival: float, prefill: PrefillStats) -> common_pb2.TokenDelta:
-        """The delta this step adds; the first step also fixes TTFT and the prompt's KV figures."""
+        """The delta this step adds; the first step also fixes TTFT, where it went, and the prompt's
+        KV figures."""
         stats = self.stats
         if not self.token_ids:
             stats.ttft_s = seconds_since_arrival
+            stats.queue_s = prefill.queue_s
+            stats.prefill_s = prefill.prefill_s
+            before = stats.prepare_s + stats.block_lookup_s + prefill.queue_s + prefill.prefill_s
+            stats.first_step_s = max(0.0, seconds_since_arrival - before)
             stats.cached_prompt_tokens = prefill.cached_tokens
             stats.computed_prompt_tokens = stats.prompt_tokens - prefill.cached_tokens
             stats.recomputed_prompt_tokens = prefill.recomputed_tokens

@@ -238,19 +238,30 @@ class DecodingEngine:
             self.step_timer.record(part, time.perf_counter() - started)
 
     @torch.inference_mode()
-    def _prefill(self, request: RequestState, past_key_values: DynamicCache | None) -> _Batch:
-        """A batch of one row caching every prompt token but the last (the first step's root)."""
+    def _prefill_begin(self, request: RequestState, past_key_values: DynamicCache | None) -> PendingPrefill:
+        """The request's starting cache (reused prefix or empty), before any prompt token is computed."""
         cache = past_key_values if past_key_values is not None else DynamicCache(config=self.model.config)
         reused = cache_length(cache)
         excess = reused - request.context_length
         if excess > 0:  # the cache covers the root too: recompute that one token
             cache.crop(-excess)
             reused -= excess
-        rest = request.tokens[reused:-1]
-        if rest:
-            self._prefill_dense(rest, reused, cache)
-        key_valid = torch.ones((1, reused + len(rest)), dtype=torch.bool, device=self.device)
-        return _Batch([request], cache, key_valid)
+        return PendingPrefill(request, cache, computed=reused, target=len(request.tokens) - 1)
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, pending: PendingPrefill, max_tokens: int) -> int:
+        """Computes up to max_tokens more prompt positions of `pending`; returns how many."""
+        count = min(max_tokens, pending.remaining)
+        if count > 0:
+            start = pending.computed
+            self._prefill_dense(pending.request.tokens[start:start + count], start, pending.cache)
+            pending.computed += count
+        return count
+
+    def _prefilled_batch(self, pending: PendingPrefill) -> _Batch:
+        """A batch of one row caching every prompt token but the last (the first step's root)."""
+        key_valid = torch.ones((1, pending.computed), dtype=torch.bool, device=self.device)
+        return _Batch([pending.request], pending.cache, key_valid)
 
     def _prefill_dense(self, tokens: list[int], start: int, cache: DynamicCache) -> None:
         """One row over a dense cache (no holes): the model builds its own causal mask, which
@@ -397,6 +408,22 @@ def _or_default(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
+@dataclass(eq=False)
+class PendingPrefill:
+    """A request whose prompt is being prefilled (BatchSession.begin / advance / finish): its cache
+    holds prompt positions [0, computed); the row can join once `target` (every prompt token but
+    the last, which is the first step's root) are cached."""
+
+    request: RequestState
+    cache: DynamicCache
+    computed: int
+    target: int
+
+    @property
+    def remaining(self) -> int:
+        return self.target - self.computed
+
+
 class BatchSession:
     """A running batch that requests join between steps and leave when done (continuous batching).
 
@@ -406,7 +433,8 @@ class BatchSession:
     rows that finish that step are retired by the step itself. The handle is the request's state;
     `handle.done` says it will get no more results. Not thread-safe: one thread owns it (in the
     decoder, the batcher's scheduler thread, which owns the model). It drives the engine's
-    underscored step internals (_new_request, _prefill, _step, _retire_finished): a pairing private
+    underscored step internals (_new_request, _prefill_begin/_chunk, _prefilled_batch, _step,
+    _retire_finished): a pairing private
     to this module; nothing outside it calls them.
     """
 
@@ -427,25 +455,62 @@ class BatchSession:
         past_key_values: DynamicCache | None = None,
         draft_source: DraftSource | None = None,
     ) -> RequestState:
-        """Prefills the request and appends its row; ValueError on bad ids or a bad cache."""
+        """Prefills the request in one go and appends its row; ValueError on bad ids or a bad cache."""
+        pending = self.begin(prompt_ids, config, pool, past_key_values=past_key_values, draft_source=draft_source)
+        self.advance(pending, pending.remaining)
+        return self.finish(pending)
+
+    def begin(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        pool: TokenTrie | None = None,
+        *,
+        past_key_values: DynamicCache | None = None,
+        draft_source: DraftSource | None = None,
+    ) -> PendingPrefill:
+        """Checks a request and starts its prefill (nothing computed yet); advance() computes it in
+        chunks, finish() appends the row. Chunks let a scheduler run the batch's steps between
+        the pieces of a long prompt (chunked prefill). ValueError on bad ids or a bad cache."""
         request = self.engine._new_request(prompt_ids, config, pool, draft_source)
         if past_key_values is not None:
             check_prefix_cache(past_key_values)
-        self.join(request, past_key_values)
-        return request
+        return self._begin_checked(request, past_key_values)
 
     def join(self, request: RequestState, past_key_values: DynamicCache | None) -> None:
-        """Prefills a checked request (engine._new_request) and appends its row, unless it has
-        nothing to generate (then it is done at once)."""
+        """Prefills a checked request (engine._new_request) in one go and appends its row, unless
+        it has nothing to generate (then it is done at once)."""
+        pending = self._begin_checked(request, past_key_values)
+        self.advance(pending, pending.remaining)
+        self.finish(pending)
+
+    def _begin_checked(self, request: RequestState, past_key_values: DynamicCache | None) -> PendingPrefill:
         if request.room <= 0:
             request.done = True
-            return
-        joined = self.engine._prefill(request, past_key_values)
+            return PendingPrefill(request, DynamicCache(), computed=0, target=0)
+        return self.engine._prefill_begin(request, past_key_values)
+
+    def advance(self, pending: PendingPrefill, max_tokens: int) -> int:
+        """Computes up to max_tokens more of the prompt; returns how many (0 once it is all cached).
+        Chunking is exact up to float rounding: each chunk attends to the cached positions before it."""
+        if pending.request.done:
+            return 0
+        return self.engine._prefill_chunk(pending, max_tokens)
+
+    def finish(self, pending: PendingPrefill) -> RequestState:
+        """Appends a fully prefilled request's row (a request with nothing to generate is done)."""
+        request = pending.request
+        if request.done:
+            return request
+        if pending.remaining:
+            raise ValueError(f"prefill not finished: {pending.remaining} prompt tokens left")
+        joined = self.engine._prefilled_batch(pending)
         if not self.rows:
             self.batch = joined
         else:
             self.batch.key_valid = append_rows(self.batch.cache, self.batch.key_valid, joined.cache, joined.key_valid)
             self.batch.requests.append(request)
+        return request
 
     def step(self) -> list[tuple[RequestState, StepResult]]:
         if not self.rows:

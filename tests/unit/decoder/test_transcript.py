@@ -77,3 +77,16 @@ def test_the_record_names_the_request_s_items_and_users(tokenizer):
     record = transcript.record(request, request_id="r9", model_id="m")
     assert (record.request_id, record.pool_key, record.text, record.model_id) == ("r9", "shop/shoes", "hi", "m")
     assert list(record.item_ids) == ["I1", "I2"] and list(record.user_ids) == ["U7"]
+
+
+def test_ttft_is_split_into_the_waits_a_slow_request_can_be_blamed_on(tokenizer):
+    """prepare + block lookup + queue + prefill + first step == TTFT, each from its own clock."""
+    transcript = Transcript(tokenizer, eos_token_id=tokenizer.eos_token_id, prompt_tokens=4, prepare_s=0.01,
+                            block_lookup_s=0.2)
+    steps = steps_of(tokenizer, "abc", [2, 1])
+    transcript.add(steps[0], seconds_since_arrival=1.5, prefill=PrefillStats(queue_s=0.6, prefill_s=0.4))
+    transcript.add(steps[1], seconds_since_arrival=1.9, prefill=PrefillStats(queue_s=9.0, prefill_s=9.0))
+    stats = transcript.summary(request_id="r", total_s=2.0, decoder_id="d", model_id="m").stats
+    parts = (stats.prepare_s, stats.block_lookup_s, stats.queue_s, stats.prefill_s, stats.first_step_s)
+    assert parts == pytest.approx((0.01, 0.2, 0.6, 0.4, 0.29))
+    assert sum(parts) == pytest.approx(stats.ttft_s)
