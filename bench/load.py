@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="hold this share of the highest rate that kept the target")
     parser.add_argument("--kill-decoder-at-s", type=float, default=None,
                         help="kill -9 the last decoder this many seconds into the hold (failover under load)")
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                        help="the decoders' prefill_chunk_tokens (0: whole prompts at once, the old behaviour)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--deadline-s", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -443,8 +445,11 @@ def main(argv: list[str] | None = None) -> None:
         import shutil
 
         shutil.rmtree(data_dir / "load", ignore_errors=True)  # fresh stores: runs comparable
+        decoder_env = {"TORCH_THREADS": "1"}
+        if args.prefill_chunk_tokens is not None:
+            decoder_env["PREFILL_CHUNK_TOKENS"] = str(args.prefill_chunk_tokens)
         stack = Stack(data_dir=data_dir / "load", model_path=model_path, decoders=args.decoders,
-                      extra_env={"decoder": {"TORCH_THREADS": "1"}, "router": {"SCHEDULING_POLICY": args.policy}})
+                      extra_env={"decoder": decoder_env, "router": {"SCHEDULING_POLICY": args.policy}})
         console.print(f"starting the stack ({args.decoders} decoder(s), {args.policy} routing, model {model_path}) ...")
         stack.start()
     try:
@@ -488,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         "error_rate": hold.error_rate, "duration_s": hold.duration_s, "rss_growth_mb": sum(growth.values()),
         "device": device_name(), "model": model, "decoders": args.decoders, "policy": args.policy,
         "prompts": source, "max_new_tokens": args.max_new_tokens, "hold_fraction": args.hold_fraction,
+        "prefill_chunk_tokens": args.prefill_chunk_tokens if args.prefill_chunk_tokens is not None else "default",
         "offered_rate": hold.offered_rate, "requests": hold.requests, "errors": hold.errors,
         "errors_not_retryable": lost, "killed": run["killed"],
         "rss_start_mb": run["rss_start"], "rss_end_mb": run["rss_end"], "rss_growth_by_service_mb": growth,
