@@ -383,7 +383,7 @@ async def find_and_hold(args, router_address: str, workload: Workload, stack, co
         grace = grace_s(target, max(sum(len(b.text) for b in r.blocks) for r in workload.requests))
         steps: list[WindowFigures] = []
         rate, best = args.start_rate, None
-        while rate <= args.max_rate:
+        while args.hold_rate is None and rate <= args.max_rate:
             with tqdm(total=None, desc=f"step {rate:.2f} req/s", unit="req", leave=False) as bar:
                 samples, elapsed = await offer(stub, workload, rate, args.step_s, args.deadline_s, metadata, rng, bar)
             figures = WindowFigures.of(rate, samples, elapsed, args.step_s, grace, target)
@@ -398,8 +398,11 @@ async def find_and_hold(args, router_address: str, workload: Workload, stack, co
             rate *= args.step_factor
         # Headroom: a search step is short, a hold is long, and a shared CPU's speed drifts.
         hold_rate = best * args.hold_fraction if best is not None else args.start_rate
+        if args.hold_rate is not None:
+            hold_rate = args.hold_rate
         console.print(f"holding {hold_rate:.2f} req/s for {args.hold_s:.0f} s ("
-                      + (f"{args.hold_fraction:.0%} of {best:.2f}, the highest rate that kept the target)" if best
+                      + ("given, no ramp)" if args.hold_rate is not None else
+                         f"{args.hold_fraction:.0%} of {best:.2f}, the highest rate that kept the target)" if best
                          else "the target was missed even at the start rate)"))
         rss_start = services_rss(stack)
         rss_samples: list[tuple[float, float]] = []
@@ -469,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hold-s", type=float, default=30.0 if quick else 300.0)
     parser.add_argument("--hold-fraction", type=float, default=0.8,
                         help="hold this share of the highest rate that kept the target")
+    parser.add_argument("--hold-rate", type=float, default=None,
+                        help="hold this rate without a ramp (another run's hold, for before/after)")
     parser.add_argument("--kill-decoder-at-s", type=float, default=None,
                         help="kill -9 the last decoder this many seconds into the hold (failover under load)")
     parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
