@@ -13,12 +13,28 @@ Three independent switches, all off by default (loopback development):
   (PERMISSION_DENIED otherwise). The health service stays open: kubelet probes carry neither.
 
 Certificates and tokens come from files so that a Kubernetes Secret mounted as a volume
-provides them; the token file is re-read when it changes (Secrets are rotated in place).
+provides them, and Secrets are rotated in place (the kubelet swaps the volume's files under the
+running pod). What each side does with a rotation:
+
+- The token file is re-read when it changes (`TokenFile`).
+- The listening port's certificate, key and client CA are re-read when they change, without a
+  restart (`ServerCertificates`, behind grpc's dynamic server credentials): the next handshake
+  uses the new files; connections already open keep the certificate they were made with. A
+  rotation caught half-way, or a broken one, keeps the previous certificate serving (and logs a
+  warning) until the files make a valid set again.
+- Outgoing calls' CA, client certificate and key are read once, when `client_security` builds
+  the channel credentials (grpc has no reloadable channel credentials in Python). The services
+  call it and open their channels at start-up and keep those channels (reconnects included) for
+  the life of the process, so a rotated `tls_ca_file` / client certificate takes effect on the
+  next restart (rollout). Rotate a CA by first shipping a CA file that holds the old and the new
+  CA to every caller, then rotating the servers' certificates, then dropping the old CA.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +43,14 @@ from pathlib import Path
 import grpc
 
 from common.settings import ServiceSettings
+
+try:  # a dependency of this project; without it a rotated key is not checked against its certificate here
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+except ImportError:  # pragma: no cover
+    x509 = serialization = None
+
+log = logging.getLogger(__name__)
 
 # Health checks stay reachable without credentials (kubelet gRPC probes send none).
 UNGUARDED_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -50,8 +74,108 @@ def _require_pair(a: Path | None, b: Path | None, names: str) -> None:
         raise ValueError(f"{names}: set both or neither")
 
 
+class ServerCertificates:
+    """The listening port's certificate chain, private key and (optional) client CA, read from
+    files and re-read when they change, for grpc's dynamic server credentials.
+
+    Why: the files come from a Kubernetes Secret mounted as a volume, and Secrets are rotated in
+    place (cert-manager renews a certificate before it expires and the kubelet swaps the files
+    under the running pod); reading them once at start-up would serve the old certificate until
+    it expires. grpc calls `fetch` before every new TLS handshake, so it is cheap when nothing
+    changed: it compares each file's (inode, mtime_ns, size) stamp (the inode catches a file
+    replaced by one of the same size within the same timestamp tick) and reads nothing.
+
+    A changed set of files is read and checked before grpc sees it: every file non-empty and
+    PEM, and (with `cryptography`) the certificates parse and the key is the one of the leaf
+    certificate. Whatever fails (a file missing, empty or half-written mid-rotation, a key that
+    does not match the certificate yet) keeps the previous configuration serving and logs one
+    warning per broken state; the next change of the files is tried again. At start-up the same
+    failures raise instead: a port never starts with a certificate it cannot serve.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None = None):
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.client_ca_file = client_ca_file
+        self._lock = threading.Lock()
+        self._stamps = self._stamp_files()
+        self.initial = self._load()  # raises: refuse to start with an unusable certificate
+        self._rejected: tuple | None = None  # stamps of a broken set already warned about
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (self.cert_file, self.key_file) + ((self.client_ca_file,) if self.client_ca_file else ())
+
+    def _stamp_files(self) -> tuple[tuple[int, int, int], ...]:
+        stats = [os.stat(path) for path in self.paths]  # follows the Secret volume's symlinks
+        return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert, key = _read_pem(self.cert_file), _read_pem(self.key_file)
+        client_ca = _read_pem(self.client_ca_file) if self.client_ca_file is not None else None
+        _check_server_pem(self.cert_file, cert, self.key_file, key, self.client_ca_file, client_ca)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new configuration when the files changed and make a valid set, else None (keep
+        serving the current one). Called by grpc before each handshake; never raises."""
+        with self._lock:
+            try:
+                stamps = self._stamp_files()
+            except OSError as exc:  # a file missing for a moment mid-rotation
+                self._warn(("missing", str(exc)), exc)
+                return None
+            if stamps == self._stamps or stamps == self._rejected:
+                return None
+            try:
+                config = self._load()
+            except Exception as exc:  # noqa: BLE001 - a broken rotation must never break the port
+                self._warn(stamps, exc)
+                return None
+            self._stamps, self._rejected = stamps, None
+        log.info("TLS certificate reloaded", extra={"cert_file": str(self.cert_file)})
+        return config
+
+    def _warn(self, state, exc: Exception) -> None:
+        if state != self._rejected:
+            self._rejected = state
+            log.warning("TLS certificate files changed but are not usable; keeping the previous certificate",
+                        extra={"cert_file": str(self.cert_file), "error": repr(exc)})
+
+
+def _read_pem(path: Path) -> bytes:
+    data = path.read_bytes()
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{path}: {'empty' if not data.strip() else 'not PEM'}")
+    return data
+
+
+def _check_server_pem(cert_file: Path, cert: bytes, key_file: Path, key: bytes,
+                      ca_file: Path | None, ca: bytes | None) -> None:
+    """Raises ValueError unless the certificates parse and the key belongs to the leaf certificate."""
+    if x509 is None:  # pragma: no cover - grpc's own check refuses a bad set; the old one keeps serving
+        return
+    try:
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+    except ValueError as exc:
+        raise ValueError(f"{cert_file}: {exc}") from exc
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as exc:  # TypeError: an encrypted key
+        raise ValueError(f"{key_file}: {exc}") from exc
+    if ca is not None:
+        try:
+            x509.load_pem_x509_certificates(ca)
+        except ValueError as exc:
+            raise ValueError(f"{ca_file}: {exc}") from exc
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise ValueError(f"{key_file} is not the private key of {cert_file}")
+
+
 def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
-    """TLS (or mutual TLS when a client CA is set) for the listening port; None = plaintext."""
+    """TLS (or mutual TLS when a client CA is set) for the listening port; None = plaintext.
+    The certificate files are re-read when they change (see `ServerCertificates`)."""
     _require_pair(settings.tls_cert_file, settings.tls_key_file, "tls_cert_file and tls_key_file")
     if settings.tls_cert_file is None:
         if settings.tls_client_ca_file is not None or allowed_subjects(settings):
@@ -59,11 +183,11 @@ def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | No
         return None
     if allowed_subjects(settings) and settings.tls_client_ca_file is None:
         raise ValueError("allowed_client_subjects needs tls_client_ca_file (client certificates are checked by it)")
-    client_ca = _read(settings.tls_client_ca_file)
-    return grpc.ssl_server_credentials(
-        [(_read(settings.tls_key_file), _read(settings.tls_cert_file))],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+    certificates = ServerCertificates(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    return grpc.dynamic_ssl_server_credentials(
+        certificates.initial,
+        certificates.fetch,
+        require_client_authentication=settings.tls_client_ca_file is not None,
     )
 
 
@@ -108,7 +232,7 @@ class TokenFile:
     def accepts(self, presented: str) -> bool:
         candidate = presented.encode()
         # Compare with every token, in constant time each, so timing tells nothing about which matched.
-        return any([hmac.compare_digest(candidate, token) for token in self.tokens()])
+        return any([hmac.compare_digest(candidate, token) for token in self.tokens()])  # noqa: C419 - no short-circuit
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from adaccel.v1 import (
 )
 from common.kafka_io import security_options
 from common.rpc.channels import open_channel
-from common.rpc.security import bearer_metadata, client_security, server_credentials
+from common.rpc.security import ServerCertificates, bearer_metadata, client_security, server_credentials
 from common.settings import KafkaSettings
 from common.telemetry import null_telemetry
 from services.decoder.server import create_decoder_server
@@ -158,6 +160,149 @@ def test_outgoing_calls_check_the_configured_server_name(kvstore_with, pki):
     with pytest.raises(grpc.RpcError):
         kv_stats(tls_channel(server.address, pki["ca"]))
     assert kv_stats(tls_channel(server.address, pki["ca"], server_name="adaccel.internal")).shard == 0
+
+
+# --- Certificate rotation under a running server -------------------------------------------
+
+SECRET_FILES = {"cert": "tls.crt", "key": "tls.key", "ca": "ca.crt"}
+
+
+class MountedSecret:
+    """Files as a Kubernetes Secret volume provides them, rotated in place under a running server.
+
+    `atomic`: the kubelet's way, every file a link through `..data` to a versioned directory and
+    `..data` re-pointed in one rename; otherwise each file is replaced on its own (a temp file,
+    then os.replace), so a reader may see half a rotation."""
+
+    def __init__(self, root: Path, *, atomic: bool, **files: Path):
+        self.root, self.atomic, self.versions = root, atomic, 0
+        root.mkdir()
+        self.rotate(**files)
+
+    def path(self, name: str) -> Path:
+        return self.root / SECRET_FILES[name]
+
+    def rotate(self, **files: Path | bytes | None) -> None:
+        """The next contents of the named files: a file to copy, bytes, or None to remove it."""
+        contents = {name: src.read_bytes() if isinstance(src, Path) else src for name, src in files.items()}
+        if not self.atomic:
+            for name, content in contents.items():
+                target = self.path(name)
+                if content is None:
+                    target.unlink()
+                    continue
+                tmp = target.with_name(f".{target.name}.tmp")
+                tmp.write_bytes(content)
+                os.replace(tmp, target)
+            return
+        data = self.root / "..data"
+        kept = {n: (data / f).read_bytes() for n, f in SECRET_FILES.items() if (data / f).exists()}
+        self.versions += 1
+        version = self.root / f"..v{self.versions}"
+        version.mkdir()
+        for name, content in {**kept, **contents}.items():
+            (version / SECRET_FILES[name]).write_bytes(content)
+            if not self.path(name).is_symlink():
+                self.path(name).symlink_to(f"..data/{SECRET_FILES[name]}")
+        (self.root / "..data_tmp").symlink_to(version.name)
+        os.replace(self.root / "..data_tmp", data)
+
+
+def handshake(address: str, ca: Path, client: Issued | None = None) -> str:
+    """'OK' or the status code of one health check over a NEW connection trusting `ca` (the
+    channel's own subchannel pool: grpc would otherwise reuse a connection another channel made)."""
+    settings = KvStoreSettings(tls_ca_file=ca, tls_client_cert_file=client.cert if client else None,
+                               tls_client_key_file=client.key if client else None)
+    channel = grpc.secure_channel(address, client_security(settings).credentials,
+                                  options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        return "OK"
+    except grpc.RpcError as err:
+        return err.code().name
+    finally:
+        channel.close()
+
+
+@pytest.fixture
+def two_cas(tmp_path):
+    """Two CAs and a loopback server certificate from each: before and after a rotation."""
+    one, two = ThrowawayCA(tmp_path, "ca-one"), ThrowawayCA(tmp_path, "ca-two")
+    return one, two, one.issue("server-one", ips=("127.0.0.1",)), two.issue("server-two", ips=("127.0.0.1",))
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["secret-volume", "file-by-file"])
+def test_rotated_server_certificate_serves_new_handshakes_without_restart(kvstore_with, tmp_path, two_cas, atomic):
+    ca_one, ca_two, first, second = two_cas
+    secret = MountedSecret(tmp_path / "secret", atomic=atomic, cert=first.cert, key=first.key)
+    server = kvstore_with(tls_cert_file=secret.path("cert"), tls_key_file=secret.path("key"))
+    assert (handshake(server.address, ca_one.pem), handshake(server.address, ca_two.pem)) == ("OK", "UNAVAILABLE")
+    connected_before = grpc.secure_channel(server.address, grpc.ssl_channel_credentials(ca_one.pem.read_bytes()),
+                                           options=[("grpc.use_local_subchannel_pool", 1)])
+    health_before = health_pb2_grpc.HealthStub(connected_before)
+    health_before.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+
+    secret.rotate(key=second.key, cert=second.cert)
+
+    # The same server, not restarted: new handshakes present the certificate signed by CA two.
+    assert handshake(server.address, ca_two.pem) == "OK"
+    assert handshake(server.address, ca_one.pem) == "UNAVAILABLE"
+    # A connection made before the rotation is not dropped by it.
+    try:
+        reply = health_before.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        connected_before.close()
+
+
+def test_broken_certificate_rotation_keeps_serving_the_previous_certificate(kvstore_with, tmp_path, two_cas, caplog):
+    ca_one, ca_two, first, second = two_cas
+    caplog.set_level(logging.WARNING, logger="common.rpc.security")
+    secret = MountedSecret(tmp_path / "secret", atomic=False, cert=first.cert, key=first.key)
+    server = kvstore_with(tls_cert_file=secret.path("cert"), tls_key_file=secret.path("key"))
+    still_first = ("OK", "UNAVAILABLE")
+    assert (handshake(server.address, ca_one.pem), handshake(server.address, ca_two.pem)) == still_first
+    broken_states = [
+        ({"cert": b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"}, "tls.crt"),
+        ({"cert": b""}, "empty"),
+        ({"cert": second.cert}, "is not the private key"),  # half a rotation: the key is still the old one
+        ({"key": None}, "No such file"),  # the key missing for a moment
+    ]
+    for files, reason in broken_states:
+        secret.rotate(**files)
+        assert (handshake(server.address, ca_one.pem), handshake(server.address, ca_two.pem)) == still_first, files
+        warnings = [r for r in caplog.records if r.name == "common.rpc.security" and r.levelno == logging.WARNING]
+        assert warnings and reason in warnings[-1].error, (files, [w.error for w in warnings])
+    # Once the files make a valid set again, the next handshake uses it.
+    secret.rotate(key=second.key)
+    assert (handshake(server.address, ca_one.pem), handshake(server.address, ca_two.pem)) == ("UNAVAILABLE", "OK")
+
+
+def test_rotated_client_ca_applies_to_new_handshakes(kvstore_with, tmp_path, two_cas):
+    ca_one, ca_two, first, _ = two_cas
+    client_one, client_two = ca_one.issue("client-one"), ca_two.issue("client-two")
+    secret = MountedSecret(tmp_path / "secret", atomic=True, cert=first.cert, key=first.key, ca=ca_one.pem)
+    server = kvstore_with(tls_cert_file=secret.path("cert"), tls_key_file=secret.path("key"),
+                          tls_client_ca_file=secret.path("ca"))
+    assert [handshake(server.address, ca_one.pem, c) for c in (client_one, client_two)] == ["OK", "UNAVAILABLE"]
+    secret.rotate(ca=ca_two.pem)
+    assert [handshake(server.address, ca_one.pem, c) for c in (client_one, client_two)] == ["UNAVAILABLE", "OK"]
+
+
+def test_server_certificates_read_the_files_only_when_they_change(tmp_path, two_cas, monkeypatch):
+    _, _, first, second = two_cas
+    secret = MountedSecret(tmp_path / "secret", atomic=False, cert=first.cert, key=first.key)
+    certificates = ServerCertificates(secret.path("cert"), secret.path("key"))
+    loads = []
+    load = certificates._load
+    monkeypatch.setattr(certificates, "_load", lambda: loads.append(1) or load())
+    assert certificates.fetch() is None and certificates.fetch() is None and loads == []
+    secret.rotate(key=second.key, cert=second.cert)
+    assert isinstance(certificates.fetch(), grpc.ServerCertificateConfiguration)
+    assert certificates.fetch() is None and loads == [1]
+    # At start-up a key that is not the certificate's refuses to start instead.
+    with pytest.raises(ValueError, match="is not the private key"):
+        server_credentials(KvStoreSettings(tls_cert_file=first.cert, tls_key_file=second.key))
 
 
 @pytest.fixture
