@@ -5,6 +5,7 @@ from common.requests import RequestLimits
 from common.rpc.security import client_security
 from common.rpc.server import ServerHandle, create_server
 from common.telemetry import Telemetry
+from services.router.metrics import observe_router
 from services.router.replicas import ReplicaSet
 from services.router.scheduling import AffinityWeights
 from services.router.service import RouterService
@@ -22,6 +23,7 @@ def create_router_server(settings: RouterSettings, telemetry: Telemetry) -> Serv
                               tokens_per_request=settings.tokens_per_request)
     servicer = RouterService(replicas, limits, settings.default_deadline_s, policy=settings.scheduling_policy,
                              weights=weights, max_streams=settings.stream_cap)
+    observe_router(telemetry.meter("adaccel.router"), servicer.streams, replicas)
     handle = create_server(settings, telemetry, [(router_pb2_grpc.add_RouterServicer_to_server, servicer)],
                            [SERVICE_NAME])
     # Serving while at least one decoder answers its heartbeat.

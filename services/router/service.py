@@ -35,12 +35,14 @@ class StreamSlots:
         self.limit = limit
         self.retry_after_ms = retry_after_ms
         self.in_use = 0
+        self.refused = 0
         self._lock = threading.Lock()
 
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._lock:
             if self.limit and self.in_use >= self.limit:
+                self.refused += 1
                 raise ResourceExhausted(f"router busy: {self.in_use} streams open, limit max_streams={self.limit}; "
                                         f"retry after ~{self.retry_after_ms} ms", retry_after_ms=self.retry_after_ms)
             self.in_use += 1

@@ -227,7 +227,16 @@ def test_the_metric_set_has_units_and_a_prometheus_endpoint(services, channel_to
     assert pool["adaccel.pool.ingest_lag"][0] == "s" and pool["adaccel.pool.ingest_lag"][1][0].count >= 1
     assert pool["adaccel.pool.records"][0] == "{record}"
     assert {p.attributes["outcome"] for p in pool["adaccel.pool.records"][1]} == {"applied"}
-    router_rpcs = metric_units(services.readers["router"])["rpc.server.call.duration"]
+    router = metric_units(services.readers["router"])
+    router_expected = {"adaccel.router.streams_open": "{stream}", "adaccel.router.stream_limit": "{stream}",
+                       "adaccel.router.streams_refused": "{stream}",
+                       "adaccel.router.replica_queue_depth": "{request}"}
+    assert {name: router[name][0] for name in router_expected if name in router} == router_expected
+    assert router["adaccel.router.streams_open"][1][0].value == 0  # both streams are over
+    assert router["adaccel.router.stream_limit"][1][0].value > 0
+    assert [p.attributes["replica"] for p in router["adaccel.router.replica_queue_depth"][1]] == [
+        services.decoder.address]
+    router_rpcs = router["rpc.server.call.duration"]
     assert router_rpcs[0] == "s"
     assert {(p.attributes["rpc.method"], p.attributes["rpc.response.status_code"], p.count)
             for p in router_rpcs[1] if p.attributes["rpc.method"] == "adaccel.v1.Router/Generate"} == {

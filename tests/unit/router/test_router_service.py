@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from adaccel.v1 import common_pb2
 from common.requests import RequestLimits
 from common.rpc.errors import RETRY_AFTER_MS
 from common.rpc.interceptors import ErrorMappingInterceptor
+from services.router.metrics import observe_router
 from services.router.scheduling import ReplicaView
 from services.router.service import RouterService
 from tests.unit.router.test_failover_policy import FakeRpcError
@@ -158,6 +161,8 @@ def test_streams_past_the_cap_get_back_pressure_with_a_hint_and_the_slot_comes_b
 
     replicas = FakeReplicaSet(a=Held())
     servicer = RouterService(replicas, RequestLimits(), default_deadline_s=30.0, policy="least_loaded", max_streams=1)
+    reader = InMemoryMetricReader()
+    observe_router(MeterProvider(metric_readers=[reader]).get_meter("test"), servicer.streams, replicas)
     handler = ErrorMappingInterceptor().intercept_service(
         lambda _details: grpc.unary_stream_rpc_method_handler(servicer.Generate),
         CallDetails("/adaccel.v1.Router/Generate", ()))
@@ -166,11 +171,31 @@ def test_streams_past_the_cap_get_back_pressure_with_a_hint_and_the_slot_comes_b
         params=common_pb2.GenerationParams(max_new_tokens=8))
     first = handler.unary_stream(request, FakeContext())
     assert next(first).delta.text == "a"  # one stream open
+    assert router_gauges(reader) == {"adaccel.router.streams_open": 1, "adaccel.router.stream_limit": 1,
+                                     "adaccel.router.streams_refused": 0,
+                                     "adaccel.router.replica_queue_depth": {"a": 1}}
     second = FakeContext()
     with pytest.raises(Aborted):
         list(handler.unary_stream(request, second))
+    assert router_gauges(reader)["adaccel.router.streams_refused"] == 1  # the refusal is seen, not silent
     assert second.status[0] == S.RESOURCE_EXHAUSTED and "max_streams=1" in second.status[1]
     assert dict(second.trailing_metadata)[RETRY_AFTER_MS] == "200"
     assert [c.delta.text for c in first] == ["b"]  # the first stream ends and frees its slot
     assert servicer.streams.in_use == 0
+    assert router_gauges(reader)["adaccel.router.streams_open"] == 0
     assert [c.delta.text for c in handler.unary_stream(request, FakeContext())] == ["a", "b"]
+
+
+def router_gauges(reader: InMemoryMetricReader) -> dict:
+    """name -> value (per replica for the replica gauge) of the router's instruments, read now."""
+    found = {}
+    for resource_metrics in reader.get_metrics_data().resource_metrics:
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                points = list(metric.data.data_points)
+                if metric.name == "adaccel.router.replica_queue_depth":
+                    found[metric.name] = {p.attributes["replica"]: p.value for p in points}
+                else:
+                    [point] = points
+                    found[metric.name] = point.value
+    return found
