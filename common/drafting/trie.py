@@ -27,8 +27,14 @@ the pruned set is always whole subtrees.
 
 Removal of a source (e.g. an item that left inventory): `insert(..., source=...)` remembers the
 sequence; `remove_source` walks its n-grams again and decrements the counts it added, scaled
-down by the squeezes since (each halved its contribution). Nodes that reach 0 stay until the
-next squeeze/prune but are invisible to retrieval.
+down by the squeezes since (each halved its contribution) and rounded up. Rounding up is what
+makes removal complete: a node's count never exceeds the sum of its sequences' shares
+occurrences / 2^squeezes_since (a squeeze floors), and taking back the ceiling of a share
+keeps that so, so once every sequence that reached a node is taken back the node reads 0 -
+however the inserts, squeezes and removals interleaved. Rounding down left a residue: two
+sources of 1 at a node squeezed to 1, and each then took back 1 >> 1 = 0. The price: at a node
+other texts share, a removal may take up to 1 more than its share from theirs. Nodes that reach
+0 stay until the next squeeze/prune but are invisible to retrieval.
 """
 
 from __future__ import annotations
@@ -252,7 +258,8 @@ class TokenTrie:
 
     # ------------------------------------------------------------------ removal and decay
     def remove(self, tokens: Sequence[int], kind: Kind = "output", *, squeezes_since_insert: int = 0) -> None:
-        """Takes back what `insert(tokens, kind)` added, halved once per squeeze since then."""
+        """Takes back what `insert(tokens, kind)` added, halved once per squeeze since then and
+        rounded up (see the module note: what makes a removal complete)."""
         per_node: dict[int, int] = {}
         for path in extract_ngrams(tokens, self.settings.ngram_length):
             node = ROOT
@@ -263,7 +270,8 @@ class TokenTrie:
                 per_node[node] = per_node.get(node, 0) + 1
         counts = self._output if kind == "output" else self._input
         for node, occurrences in per_node.items():
-            counts[node] = max(0, counts[node] - (occurrences >> squeezes_since_insert))
+            share = -(-occurrences >> squeezes_since_insert)  # ceil(occurrences / 2^squeezes)
+            counts[node] = max(0, counts[node] - share)
             self._unsorted[self._parent[node]] = 1
 
     def remove_source(self, source: str) -> bool:

@@ -61,14 +61,3 @@ def merged_rows(stored: Iterable[Row], pending: Mapping[Path, tuple[int, int]]) 
     for path, (output, input_) in overlay[i:]:
         yield path, output, input_
 
-
-def still_contributes(length: int, squeezes_since_insert: int) -> bool:
-    """Whether a remembered sequence of `length` tokens still adds anything to the counts.
-
-    No n-gram occurs in it more than `length` times, and removal takes back occurrences >> s;
-    once that is 0 for all, the record can be forgotten.
-
-    >>> still_contributes(5, 2), still_contributes(5, 3)
-    (True, False)
-    """
-    return (length >> squeezes_since_insert) > 0

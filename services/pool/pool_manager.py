@@ -251,10 +251,10 @@ class PoolManager:
                 retract += edit.take_back(records, kinds=("input",))
         change = pool.mirror.insert(sequences, kind, retract=retract)
         writer.put_nodes(pool.key, change)
-        edit.remember(sequences, kind, item_ids, squeezes_since_insert=change.squeezes)
+        edit.remember(sequences, kind, item_ids)
         squeezes = pool.meta.squeezes + change.squeezes
         if change.squeezes:
-            edit.forget_spent(self.store.sequences(pool.key), squeezes_now=squeezes)
+            edit.forget_spent(lambda: self.store.sequences(pool.key), squeezes_now=squeezes)
         edit.forget_oldest(self.store.sequences(pool.key), max_tokens=self.limits.max_sequence_tokens)
         writer.put_ledger(pool.key, edit)
         meta = self._next_meta(pool, edit, nodes=change.nodes, squeezes=squeezes)

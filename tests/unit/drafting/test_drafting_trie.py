@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -233,16 +234,42 @@ def test_remove_source_takes_back_its_ngrams() -> None:
     assert all_counts(trie) == ngram_prefix_counts([1, 2, 9], 3)
 
 
-def test_remove_source_after_squeeze_removes_the_decayed_share() -> None:
+def test_remove_source_after_squeeze_takes_back_the_decayed_share_rounded_up() -> None:
     trie = TokenTrie(TrieSettings(ngram_length=2))
     for i in range(4):
         trie.insert([1, 2], source=f"s{i}")
     trie.squeeze()  # (1, 2): 4 -> 2
-    trie.remove_source("s0")  # its 1 occurrence is worth 1 >> 1 = 0 now
-    assert trie.count([1, 2]) == 2
+    trie.remove_source("s0")  # its 1 occurrence is worth 1/2 now: 1 taken back
+    assert trie.count([1, 2]) == 1
     trie.insert([1, 2], source="late")
     trie.remove_source("late")
-    assert trie.count([1, 2]) == 2
+    assert trie.count([1, 2]) == 1
+    for i in range(1, 4):  # the rest: the node empties (rounding down left 2 here)
+        trie.remove_source(f"s{i}")
+    assert trie.count([1, 2]) == 0 and trie.count([1]) == 0
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_removing_every_source_that_reached_a_node_empties_it_whatever_the_decay_between(seed) -> None:
+    rng = random.Random(seed)
+    trie = TokenTrie(TrieSettings(ngram_length=3))
+    item, others = [100, 101, 102, 103], []
+    sources = []
+    for step in range(rng.randint(2, 12)):
+        action = rng.random()
+        if action < 0.4:
+            sources.append(f"item-{step}")
+            trie.insert(item[: rng.randint(1, 4)] * rng.randint(1, 3), source=sources[-1])
+        elif action < 0.7:
+            others.append([rng.randrange(10) for _ in range(6)])
+            trie.insert(others[-1])
+        elif action < 0.85:
+            trie.squeeze()
+        elif sources:
+            trie.remove_source(sources.pop(rng.randrange(len(sources))))
+    for source in sources:
+        trie.remove_source(source)
+    assert all(trie.count(item[s:s + n]) == 0 for n in (1, 2, 3) for s in range(4 - n + 1))
 
 
 def test_snapshot_round_trip_keeps_counts_retrieval_and_sources() -> None:

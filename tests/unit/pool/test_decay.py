@@ -5,7 +5,7 @@ import random
 import pytest
 
 from common.drafting.trie import TokenTrie, TrieSettings, ngram_prefix_counts
-from services.pool.decay import merged_rows, squeezed_rows, still_contributes
+from services.pool.decay import merged_rows, squeezed_rows
 
 
 def random_trie(seed: int) -> tuple[TokenTrie, set]:
@@ -46,7 +46,3 @@ def test_merged_rows_lay_pending_values_over_stored_ones_in_key_order():
         ((0,), 1, 0), ((1,), 3, 0), ((1, 2), 5, 0), ((1, 2, 3), 1, 0), ((4,), 1, 1)]
     assert list(merged_rows([], pending)) == sorted((p, *v) for p, v in pending.items())
 
-
-@pytest.mark.parametrize("length, squeezes, expected", [(1, 0, True), (1, 1, False), (8, 3, True), (8, 4, False)])
-def test_a_remembered_sequence_contributes_until_decay_shifts_its_length_to_zero(length, squeezes, expected):
-    assert still_contributes(length, squeezes) is expected

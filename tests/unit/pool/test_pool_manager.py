@@ -216,3 +216,24 @@ def test_metadata_times_come_from_the_managers_clock(open_manager):
     manager.remove_item("it")
     assert manager.meta("p").updated_at == 250.0 and manager.meta("p").version == 2
     assert manager.store.pool_info("p") == manager.meta("p")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_removed_items_ngrams_are_gone_after_decay_whatever_its_texts_shared(open_manager, seed):
+    # An item's catalog text and its generated texts repeat its name: after a squeeze their
+    # shared nodes read 1, which taking each text back rounded down (1 >> 1 = 0) left drafted.
+    rng = random.Random(seed)
+    manager = open_manager(PoolLimits(ngram_length=4, capacity=200, max_pools=3, squeeze_to=0.75))
+    name = [1000 + i for i in range(8)]
+    kind = rng.choice(["output", "input"])
+    for _ in range(rng.randint(2, 4)):
+        manager.insert("p", [name[: rng.randint(4, 8)]], kind=kind, item_ids=("gone",))
+        for _ in range(rng.randint(0, 3)):
+            manager.insert("p", [[rng.randrange(50) for _ in range(8)]], item_ids=("stays",))
+    while manager.meta("p").squeezes < 1:
+        manager.insert("p", [[rng.randrange(50) for _ in range(8)]])
+    assert manager.count("p", tuple(name[:4]), kind) > 0
+    manager.remove_item("gone")
+    assert [(n, kind) for n in range(1, 5) for s in range(len(name) - n + 1) for kind in ("output", "input")
+            if manager.count("p", tuple(name[s:s + n]), kind)] == []
+    assert_store_mirrors(manager, "p")

@@ -30,16 +30,14 @@ def test_doctests() -> None:
     assert doctest.testmod(sequence_ledger).failed == 0
 
 
-@pytest.mark.parametrize("sequences, item_ids, squeezes_since_insert, kept", [
-    ([[1, 2], [3]], ("a",), 0, [(1, 2), (3,)]),
-    ([[1, 2]], (), 0, []),  # no item to remove it by: not remembered
-    ([[], [4]], ("a",), 0, [(4,)]),  # empty sequences are not remembered
-    ([[1], [1, 2]], ("a",), 1, [(1, 2)]),  # the write's own decay took the 1-token one to 0
+@pytest.mark.parametrize("sequences, item_ids, kept", [
+    ([[1, 2], [3]], ("a",), [(1, 2), (3,)]),
+    ([[1, 2]], (), []),  # no item to remove it by: not remembered
+    ([[], [4]], ("a",), [(4,)]),  # empty sequences are not remembered
 ])
-def test_inserted_sequences_are_remembered_with_consecutive_ids(sequences, item_ids, squeezes_since_insert,
-                                                                kept) -> None:
+def test_inserted_sequences_are_remembered_with_consecutive_ids(sequences, item_ids, kept) -> None:
     ledger = edit(squeezes=3, sequences=1, sequence_tokens=5)
-    ledger.remember(sequences, "input", item_ids, squeezes_since_insert=squeezes_since_insert)
+    ledger.remember(sequences, "input", item_ids)
     assert [s.tokens for _, s in ledger.remembered] == kept
     assert [i for i, _ in ledger.remembered] == list(range(10, 10 + len(kept)))
     assert ledger.next_sequence_id == 10 + len(kept)
@@ -60,16 +58,34 @@ def test_taking_back_retracts_each_record_of_the_kinds_once_halved_per_decay_sin
 
 
 @pytest.mark.parametrize("length, at, squeezes_now, spent", [
-    (1, 0, 1, True),  # 1 >> 1 = 0: taking it back would change nothing
-    (2, 0, 1, False),
-    (4, 2, 4, False),  # two squeezes since its insert: 4 >> 2 = 1
-    (4, 1, 4, True),
+    (1, 0, 1, False),  # share 1/2: not under 1/2 yet
+    (1, 0, 2, True),
+    (4, 1, 4, False),  # 4 / 2^3
+    (4, 0, 4, True),
 ])
-def test_records_decay_took_to_zero_are_forgotten(length, at, squeezes_now, spent) -> None:
+def test_a_record_alone_is_forgotten_once_its_share_is_under_half(length, at, squeezes_now, spent) -> None:
     ledger = edit(sequences=1, sequence_tokens=length)
-    ledger.forget_spent([(7, seq(length, at=at))], squeezes_now=squeezes_now)
+    ledger.forget_spent(lambda: [(7, seq(length, at=at))], squeezes_now=squeezes_now)
     assert (7 in ledger.forgotten) is spent
     assert ledger.sequences == (0 if spent else 1)
+
+
+def test_an_items_records_are_forgotten_together_only_when_their_shares_sum_under_half() -> None:
+    # Four 1-token records of one item, 3 squeezes since: each alone is worth 1/8, together 1/2,
+    # which at a node they all reach can still be a count of 1 (4 -> 2 -> 1 -> 0 needs a 3rd).
+    records = [(i, seq(1, at=0)) for i in range(1, 5)]
+    ledger = edit(sequences=4, sequence_tokens=4)
+    ledger.forget_spent(lambda: records, squeezes_now=3)
+    assert ledger.forgotten == {}
+    ledger.forget_spent(lambda: records, squeezes_now=4)
+    assert sorted(ledger.forgotten) == [1, 2, 3, 4]
+    # A record about two items stays while either item is not spent, and so does that item's
+    # own; this write's new records count too.
+    records = [(1, seq(1, at=0, items=("a", "b"))), (2, seq(1, at=0, items=("b",))), (3, seq(1, at=0, items=("c",)))]
+    ledger = edit(squeezes=5, sequences=3, sequence_tokens=3)
+    ledger.remember([[5, 6, 7]], "output", ("b",))
+    ledger.forget_spent(lambda: records, squeezes_now=5)
+    assert sorted(ledger.forgotten) == [3]
 
 
 def test_past_the_token_bound_the_oldest_records_go_down_to_half_of_it() -> None:
