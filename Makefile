@@ -76,8 +76,11 @@ test-e2e: install
 	$(PY) -m pytest -q tests/e2e
 
 # Fuzzing and fault injection alone (both also part of `make test`): writes bench/results/faults.json.
+# With the default model when it is built (the fault figures are measured on the real model).
+FAULTS_MODEL ?= $(if $(wildcard $(DATA_DIR)/models/smollm2-135m-instruct/config.json),$(DATA_DIR)/models/smollm2-135m-instruct,)
 test-faults: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --faults-json bench/results/faults.json
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --faults-json bench/results/faults.json \
+		$(if $(FAULTS_MODEL),--faults-model $(FAULTS_MODEL),)
 
 bench: bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-prefill bench-routing bench-placement bench-load bench-publish-schedule
 

@@ -66,13 +66,27 @@ class ReliabilityReport:
 def pytest_addoption(parser):
     parser.addoption("--faults-json", default=None,
                      help="write the fault/fuzz figures here at the end of the session (make test-faults)")
+    parser.addoption("--faults-model", default=None,
+                     help="the model the fault suite's stack serves (default: a tiny random one; make "
+                          "test-faults passes the default model when it is built)")
 
 
 @pytest.fixture(scope="session")
-def reliability_report(request):
+def faults_model_path(request, tiny_llama_path) -> Path:
+    given = request.config.getoption("--faults-model")
+    return Path(given) if given else tiny_llama_path
+
+
+@pytest.fixture(scope="session")
+def reliability_report(request, faults_model_path):
     report = ReliabilityReport()
     yield report
     path = request.config.getoption("--faults-json")
     if path:
+        from bench.common import model_provenance
+
+        figures = report.as_json()
+        figures["model"] = str(faults_model_path)
+        figures["model_provenance"] = model_provenance(faults_model_path)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report.as_json(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(figures, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""Faults during a steady request stream through the whole stack (real processes, tiny model):
+"""Faults during a steady request stream through the whole stack (real processes; a tiny model,
+or the one `--faults-model` names, as `make test-faults` does with the default model):
 kill -9 of each service and its restart, a broker restart, a full kv-store memory tier, a pool
 service that stops answering for seconds.
 
@@ -35,11 +36,11 @@ GENERATED_TOPIC = "adaccel.generated"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_llama_path):
+def stack(tmp_path_factory, faults_model_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("OMP_WAIT_POLICY", "PASSIVE")
-        s = Stack(data_dir=tmp_path_factory.mktemp("faults"), model_path=tiny_llama_path, decoders=2, extra_env={
+        s = Stack(data_dir=tmp_path_factory.mktemp("faults"), model_path=faults_model_path, decoders=2, extra_env={
             "decoder": {"TORCH_THREADS": "1"},
             "kvstore": {"MEMORY_BUDGET_BYTES": str(KV_MEMORY_BUDGET)},
         })
