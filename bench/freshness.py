@@ -205,6 +205,17 @@ def wait_version(stub, pool_key: str, at_least: int, timeout_s: float = 30.0) ->
         time.sleep(0.002)
 
 
+def wait_inventory_events(stub, at_least: int, timeout_s: float = 60.0) -> None:
+    """Until the pool service has applied (or dead-lettered: the bench's own records never
+    are) `at_least` inventory events."""
+    deadline = time.monotonic() + timeout_s
+    while (stats := stub.Stats(pool_pb2.PoolStatsRequest(), timeout=5)).inventory_events + \
+            stats.records_dead_lettered < at_least:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool service never applied {at_least} inventory events")
+        time.sleep(0.05)
+
+
 def version_of(stub, pool_key: str) -> int:
     reply = stub.GetVersions(pool_pb2.VersionsRequest(pool_keys=[pool_key]), timeout=5).pools[0]
     return reply.version if reply.resolved_key == pool_key else 0
@@ -373,11 +384,16 @@ def run(args) -> dict:
                            for c in checked)
 
             in_drafts_before = items_in_drafts()
+            # Every inventory event sent so far applied first: a pool version moving is no proof
+            # that a removal landed (several removed items share a pool; other events move it too).
+            events_sent = len(workload.cases) + len(background.events)
+            wait_inventory_events(stub, events_sent)
             versions = {c.pool_key: version_of(stub, c.pool_key) for c in removed}
             for case in removed:
                 event = records_pb2.InventoryEvent(item_id=case.item_id, action=REMOVED, pool_key=case.pool_key)
                 producer.send(INVENTORY, key=case.item_id.encode(), value=event.SerializeToString())
             producer.flush(10)
+            wait_inventory_events(stub, events_sent + len(removed))
             for key in versions:
                 wait_version(stub, key, versions[key] + 1)
             refresh_until_current(snapshots, stub, set(versions))
