@@ -193,27 +193,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0.0
 
 
+def poll_until(condition, what: str, timeout_s: float, interval_s: float) -> float:
+    """Seconds until `condition()` holds, polled every `interval_s`; TimeoutError naming `what`."""
+    started = time.perf_counter()
+    while not condition():
+        if time.perf_counter() - started > timeout_s:
+            raise TimeoutError(f"never: {what}")
+        time.sleep(interval_s)
+    return time.perf_counter() - started
+
+
 def wait_version(stub, pool_key: str, at_least: int, timeout_s: float = 30.0) -> float:
     """Seconds until `pool_key` reaches `at_least` (polled every 2 ms)."""
-    started = time.perf_counter()
-    while True:
-        reply = stub.GetVersions(pool_pb2.VersionsRequest(pool_keys=[pool_key]), timeout=5)
-        if reply.pools[0].resolved_key == pool_key and reply.pools[0].version >= at_least:
-            return time.perf_counter() - started
-        if time.perf_counter() - started > timeout_s:
-            raise TimeoutError(f"pool {pool_key} never reached version {at_least}")
-        time.sleep(0.002)
+    def reached() -> bool:
+        reply = stub.GetVersions(pool_pb2.VersionsRequest(pool_keys=[pool_key]), timeout=5).pools[0]
+        return reply.resolved_key == pool_key and reply.version >= at_least
+
+    return poll_until(reached, f"pool {pool_key} at version {at_least}", timeout_s, 0.002)
 
 
 def wait_inventory_events(stub, at_least: int, timeout_s: float = 60.0) -> None:
     """Until the pool service has applied (or dead-lettered: the bench's own records never
     are) `at_least` inventory events."""
-    deadline = time.monotonic() + timeout_s
-    while (stats := stub.Stats(pool_pb2.PoolStatsRequest(), timeout=5)).inventory_events + \
-            stats.records_dead_lettered < at_least:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the pool service never applied {at_least} inventory events")
-        time.sleep(0.05)
+    def applied() -> bool:
+        stats = stub.Stats(pool_pb2.PoolStatsRequest(), timeout=5)
+        return stats.inventory_events + stats.records_dead_lettered >= at_least
+
+    poll_until(applied, f"{at_least} inventory events applied", timeout_s, 0.05)
 
 
 def version_of(stub, pool_key: str) -> int:
@@ -388,15 +394,12 @@ def run(args) -> dict:
             # that a removal landed (several removed items share a pool; other events move it too).
             events_sent = len(workload.cases) + len(background.events)
             wait_inventory_events(stub, events_sent)
-            versions = {c.pool_key: version_of(stub, c.pool_key) for c in removed}
             for case in removed:
                 event = records_pb2.InventoryEvent(item_id=case.item_id, action=REMOVED, pool_key=case.pool_key)
                 producer.send(INVENTORY, key=case.item_id.encode(), value=event.SerializeToString())
             producer.flush(10)
-            wait_inventory_events(stub, events_sent + len(removed))
-            for key in versions:
-                wait_version(stub, key, versions[key] + 1)
-            refresh_until_current(snapshots, stub, set(versions))
+            wait_inventory_events(stub, events_sent + len(removed))  # each removal applied
+            refresh_until_current(snapshots, stub, {c.pool_key for c in removed})
             in_drafts_after = items_in_drafts()
             stats = stub.Stats(pool_pb2.PoolStatsRequest(), timeout=5)
         finally:
