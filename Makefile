@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install protos model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load bench-publish-schedule test-faults k8s-check clean
+.PHONY: help install lock protos model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load bench-publish-schedule test-faults gpu-check k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -21,10 +21,23 @@ help:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Pinned deps; torch==2.13.0 resolves to the CPU wheel these machines have on disk.
-$(VENV)/.installed: requirements.txt | $(PY)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+# Every extra of pyproject.toml, pinned with hashes (requirements.lock, from `make lock`). Its torch
+# pin, 2.13.0+cpu, is the CPU build these machines hold in their local wheel directory.
+$(VENV)/.installed: requirements.lock | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
 	touch $@
+
+# Regenerates the locks from pyproject.toml (keeping the pins they hold unless UPGRADE=1):
+# requirements.lock (every extra, hashed), requirements.txt (its pins without hashes) and
+# k8s/requirements-serve.lock (the serve extra, hashed, torch left to the image's torch index).
+LOCK_FLAGS := --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade,)
+lock: | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check pip-tools==7.6.2
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --all-extras --allow-unsafe -o requirements.lock pyproject.toml
+	{ echo "# Generated from requirements.lock by \`make lock\`: the same pins, without hashes. Do not edit."; \
+	  sed -n 's/^\([A-Za-z0-9][^ ]*==[^ ]*\).*/\1/p' requirements.lock; } > requirements.txt
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra serve --unsafe-package torch -c requirements.txt \
+	  -o k8s/requirements-serve.lock pyproject.toml
 
 # Generated code goes to the git-ignored package adaccel/ (import adaccel.v1.*_pb2); never edit it.
 adaccel/v1/.generated: $(PROTOS) $(VENV)/.installed
@@ -74,6 +87,12 @@ test-integration: install
 
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
+
+# The GPU checks (lossless on CUDA, Triton kernels in fp16/bf16, bench-projection, bench-decode and
+# bench-prefill in bf16 -> bench/results/*-cuda.json); fails at once where there is no CUDA GPU.
+# On a lent machine run it through the device tool: bench/gpu_check.sh says how.
+gpu-check: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bench/gpu_check.sh run
 
 # Fuzzing and fault injection alone (both also part of `make test`): writes bench/results/faults.json.
 # With the default model when it is built (the fault figures are measured on the real model).

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from common.modeling.default_model import default_model_path
+from common.modeling.dtypes import DTYPE_CHOICES, serving_dtype
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -30,10 +31,14 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--data-dir, --model-path and --workload, as the benches that decode workload prompts take them."""
+    """--data-dir, --model-path, --workload, --device and --dtype, as the benches that decode
+    workload prompts take them."""
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--model-path", type=Path, default=None, help="default: <data-dir>/models/smollm2-135m-instruct")
     parser.add_argument("--workload", type=Path, default=None, help="default: <data-dir>/workload/prompts.jsonl")
+    parser.add_argument("--device", default="cpu", help="torch device (cuda on a GPU)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="serving dtype: auto = bfloat16 on CUDA, float32 elsewhere (the decoder's setting)")
     parser.add_argument("--tasks", nargs="*", default=None,
                         help="only these tasks' prompts, timed and served (default: all; on a CPU, generative-rec "
                              "prompts of ~2,200 tokens take ~15 s each to prefill on the default model)")
@@ -70,7 +75,9 @@ def load_model_and_workload(args: argparse.Namespace):
         prompts = [p for p in prompts if p.task in tasks]
         keys = {p.pool_key for p in prompts}
         warmups = [w for w in warmups if w.pool_key in keys]
-    return load_model(args.model_path), prompts, warmups
+    device = getattr(args, "device", "cpu")
+    dtype = serving_dtype(getattr(args, "dtype", "auto"), device)
+    return load_model(args.model_path, device=device, dtype=dtype), prompts, warmups
 
 
 def resolve_model_arguments(args: argparse.Namespace) -> argparse.Namespace:

@@ -160,7 +160,7 @@ class CountSteps(StoppingCriteria):
 
 def hf_generate(loaded: LoadedModel, prompt: list[int], max_new_tokens: int, **kwargs) -> Generation:
     counter = CountSteps()
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=loaded.model.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = loaded.model.generate(
@@ -189,10 +189,10 @@ def mean_logprob(loaded: LoadedModel, prompt: list[int], output: list[int]) -> f
     """Per-token log-likelihood of `output` under the model: the quality proxy for relaxed mode."""
     if not output:
         return 0.0
-    ids = torch.tensor([prompt + output])
+    ids = torch.tensor([prompt + output], device=loaded.model.device)
     logits = loaded.model(ids).logits[0, len(prompt) - 1:-1]  # [len(output), V]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return float(logprobs.gather(1, torch.tensor(output)[:, None]).mean())
+    return float(logprobs.gather(1, torch.tensor(output, device=logprobs.device)[:, None]).mean())
 
 
 def token_agreement(a: Sequence[int], b: Sequence[int]) -> float:

@@ -49,9 +49,11 @@ from bench.common import (
     write_results,
 )
 from common.machine import device_name
+from common.modeling.dtypes import serving_dtype
 from common.modeling.loading import LoadedModel, load_model
 from common.prompt_tokens import TokenizedPrompt, tokenize_chat
 from common.workload.export import load_prompts
+from kernels.backend import resolve_backend
 from services.decoder.block_cache import BlockCache, LocalBlockMemory, ReuseSettings
 from services.decoder.engine import DecodingEngine, GenerationConfig
 
@@ -132,7 +134,8 @@ class PrefixCache:
 
     @torch.inference_mode()
     def add(self, model, tokenized: TokenizedPrompt) -> None:
-        out = model(input_ids=torch.tensor([tokenized.token_ids]), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=torch.tensor([tokenized.token_ids], device=model.device), use_cache=True,
+                    logits_to_keep=1)
         self.entries.append((tokenized.token_ids, tokenized.spans, out.past_key_values))
 
     def lookup(self, tokenized: TokenizedPrompt) -> tuple[int, DynamicCache | None]:
@@ -157,7 +160,7 @@ class PrefixCache:
 def first_token_logits(model, prompt_ids: list[int], cache: DynamicCache | None) -> torch.Tensor:
     """Next-token logits after the prompt, from `cache` as the engine uses it (last token re-run)."""
     if cache is None:
-        out = model(input_ids=torch.tensor([prompt_ids]), logits_to_keep=1)
+        out = model(input_ids=torch.tensor([prompt_ids], device=model.device), logits_to_keep=1)
         return out.logits[0, -1].float()
     cache = copy.deepcopy(cache)
     reused = cache.get_seq_length()
@@ -165,8 +168,8 @@ def first_token_logits(model, prompt_ids: list[int], cache: DynamicCache | None)
         cache.crop(len(prompt_ids) - 1 - reused)
         reused = len(prompt_ids) - 1
     rest = prompt_ids[reused:]
-    positions = torch.arange(reused, len(prompt_ids))[None]
-    out = model(input_ids=torch.tensor([rest]), position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    positions = torch.arange(reused, len(prompt_ids), device=model.device)[None]
+    out = model(input_ids=torch.tensor([rest], device=model.device), position_ids=positions, past_key_values=cache, logits_to_keep=1)
     return out.logits[0, -1].float()
 
 
@@ -201,8 +204,9 @@ def run_method(method, prompt: BenchPrompt, engine, block_cache: BlockCache, pre
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    loaded: LoadedModel = load_model(args.model_path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded: LoadedModel = load_model(args.model_path, device=args.device, dtype=serving_dtype(args.dtype, args.device))
     max_positions = loaded.model.config.max_position_embeddings
     limit = min(args.max_prompt_tokens, max_positions - GENERATED - 1)
     prompts, _ = load_prompts(args.workload)
@@ -211,7 +215,8 @@ def run(args) -> dict:
     bench_prompts = {size: build_prompts(prompts, loaded.tokenizer, size, args.prompts, limit, rng) for size in sizes}
     engine = DecodingEngine(loaded.model)
     config = GenerationConfig(max_new_tokens=GENERATED, eos_token_id=None)
-    settings = ReuseSettings(mode="cacheblend", recompute_ratio=args.recompute_ratio, epic_tokens=args.epic_tokens)
+    settings = ReuseSettings(mode="cacheblend", recompute_ratio=args.recompute_ratio, epic_tokens=args.epic_tokens,
+                             kernel_backend=resolve_backend("auto", args.device))
     block_cache = BlockCache(loaded.model, loaded.tokenizer, loaded.model_id, settings,
                              LocalBlockMemory(4 << 30, 1 << 30), None)
     prefix = PrefixCache()

@@ -141,7 +141,7 @@ def _layout(
     )
 
 
-def _reused_kv(model, spec: RopeSpec, blocks, layout: _Layout):
+def _reused_kv(model, spec: RopeSpec, blocks, layout: _Layout, backend: str):
     """Per-layer buffers [1, kv_heads, N, head_dim]: cached blocks' KV moved to their offsets,
     zeros where nothing is cached (always overwritten by computed KV before attention reads it)."""
     n_tokens = layout.token_ids.shape[0]
@@ -160,9 +160,9 @@ def _reused_kv(model, spec: RopeSpec, blocks, layout: _Layout):
                 tuple(k_cat.shape),
                 tuple(k_buf.shape),
             )
-            k_moved = rerotate_keys(k_cat.to(k_buf), delta[cached_pos], spec)
-            scatter_tokens_(k_buf, cached_pos, k_moved)
-            scatter_tokens_(v_buf, cached_pos, v_cat.to(v_buf))
+            k_moved = rerotate_keys(k_cat.to(k_buf), delta[cached_pos], spec, backend=backend)
+            scatter_tokens_(k_buf, cached_pos, k_moved, backend=backend)
+            scatter_tokens_(v_buf, cached_pos, v_cat.to(v_buf), backend=backend)
         keys.append(k_buf)
         values.append(v_buf)
     return keys, values
@@ -178,13 +178,14 @@ class _ScatterKV:
     the tokens being computed into that layer's assembled buffer and returns the whole buffer, so
     those tokens attend to all prompt tokens. Only `update` is called by Llama/Qwen2 attention."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor):
-        self.keys, self.values, self.positions = keys, values, positions
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor,
+                 backend: str):
+        self.keys, self.values, self.positions, self.backend = keys, values, positions, backend
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         # key_states, value_states [1, Hkv, R, D], already rotated at `positions`
-        scatter_tokens_(self.keys[layer_idx], self.positions, key_states)
-        scatter_tokens_(self.values[layer_idx], self.positions, value_states)
+        scatter_tokens_(self.keys[layer_idx], self.positions, key_states, backend=self.backend)
+        scatter_tokens_(self.values[layer_idx], self.positions, value_states, backend=self.backend)
         return self.keys[layer_idx], self.values[layer_idx]
 
 
@@ -204,6 +205,7 @@ def _run_layers(
     layers: range,
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
+    backend: str,
 ) -> torch.Tensor:
     """hidden [1, R, hidden] of the tokens at `positions` [R] (ascending) through `layers`."""
     assert hidden.shape[1] == positions.shape[0], (tuple(hidden.shape), tuple(positions.shape))
@@ -211,7 +213,7 @@ def _run_layers(
     mask = _additive_causal_mask(positions, n_tokens, hidden.dtype)  # [1, 1, R, N]
     position_ids = positions[None]  # [1, R]
     position_embeddings = model.model.rotary_emb(hidden, position_ids=position_ids)
-    cache = _ScatterKV(keys, values, positions)
+    cache = _ScatterKV(keys, values, positions, backend)
     for layer_idx in layers:
         out = model.model.layers[layer_idx](
             hidden,
@@ -225,9 +227,9 @@ def _run_layers(
     return hidden
 
 
-def _gather_hidden(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _gather_hidden(hidden: torch.Tensor, positions: torch.Tensor, backend: str) -> torch.Tensor:
     # [1, N, hidden] -> [1, R, hidden], through the [B, H, T, D] kernel with H = 1
-    return gather_tokens(hidden[:, None], positions)[:, 0]
+    return gather_tokens(hidden[:, None], positions, backend=backend)[:, 0]
 
 
 def _full_prefill(model, layout: _Layout) -> Assembly:
@@ -283,7 +285,7 @@ def _validate(model, blocks, tail_ids, mode, recompute_ratio, check_layer, epic_
 
 
 def _cacheblend_pass(
-    model, embeds, keys, values, candidates, recompute_ratio, check_layer, deviation_on
+    model, embeds, keys, values, candidates, recompute_ratio, check_layer, deviation_on, backend
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs layers 0..check_layer for all N tokens (their fresh KV replaces the reused one there),
     then picks the ceil(ratio * candidates) candidates whose K or V deviates most on check_layer.
@@ -292,8 +294,8 @@ def _cacheblend_pass(
     target = values if deviation_on == "value" else keys
     reused_check = target[check_layer].clone()  # [1, Hkv, N, D], before fresh KV overwrites it
     all_positions = torch.arange(n_tokens, device=embeds.device)  # [N]
-    hidden = _run_layers(model, embeds, all_positions, range(check_layer + 1), keys, values)
-    scores = token_deviation(target[check_layer], reused_check)[0]  # [N]
+    hidden = _run_layers(model, embeds, all_positions, range(check_layer + 1), keys, values, backend)
+    scores = token_deviation(target[check_layer], reused_check, backend=backend)[0]  # [N]
     # The epsilon keeps float noise (0.15 * 60 = 9.000000000000002) from adding a token.
     n_pick = math.ceil(recompute_ratio * int(candidates.sum()) - 1e-9)
     picked = select_top_tokens(scores, candidates, n_pick)  # [n_pick]
@@ -311,12 +313,13 @@ def assemble(
     check_layer: int = 1,
     epic_tokens: int = 16,
     deviation_on: str = "value",
+    backend: str = "torch",
 ) -> Assembly:
     """KV and last-position logits of the prompt blocks + tail; see the module doc for the modes.
 
     blocks: (token_ids, BlockKV from `compute_block_kv`, or None on a cache miss), in prompt order.
     Raises UnsupportedRopeError (from `rope_spec`) for models whose RoPE is not verified, in every
-    mode but "full".
+    mode but "full". backend: the tensor steps' implementation, "torch" or "triton" (kernels/).
     """
     _validate(model, blocks, tail_ids, mode, recompute_ratio, check_layer, epic_tokens, deviation_on)
     layout = _layout(blocks, tail_ids, model.device)
@@ -326,7 +329,7 @@ def assemble(
     spec = rope_spec(model)
     n_tokens = layout.token_ids.shape[0]
     n_layers = _num_layers(model)
-    keys, values = _reused_kv(model, spec, blocks, layout)
+    keys, values = _reused_kv(model, spec, blocks, layout, backend)
     not_cached = ~layout.cached  # [N]: misses and tail, computed in every layer
     # Cached tokens outside an exact prefix: the only ones whose reused KV is approximate.
     candidates = layout.cached & (layout.block_start > 0)  # [N]
@@ -344,6 +347,7 @@ def assemble(
             recompute_ratio,
             check_layer,
             deviation_on,
+            backend,
         )  # [1, N, hidden], [N]
         token_layers += n_tokens * (check_layer + 1)
         first_rest_layer = check_layer + 1
@@ -359,8 +363,8 @@ def assemble(
     compute_mask = not_cached | recompute  # [N]
     positions = compute_mask.nonzero().squeeze(1)  # [R] ascending; the last prompt token is in it
     assert positions[-1].item() == n_tokens - 1 and hidden.shape[1] == n_tokens
-    hidden = _gather_hidden(hidden, positions)  # [1, R, hidden]
-    hidden = _run_layers(model, hidden, positions, range(first_rest_layer, n_layers), keys, values)
+    hidden = _gather_hidden(hidden, positions, backend)  # [1, R, hidden]
+    hidden = _run_layers(model, hidden, positions, range(first_rest_layer, n_layers), keys, values, backend)
     token_layers += positions.shape[0] * (n_layers - first_rest_layer)
 
     last_hidden = model.model.norm(hidden[:, -1:])  # [1, 1, hidden]

@@ -113,6 +113,7 @@ class ReuseSettings:
     check_layer: int = 1
     epic_tokens: int = 16
     min_block_tokens: int = 4
+    kernel_backend: str = "torch"  # the tensor steps' implementation: torch | triton (kernels/backend.py)
 
 
 # ----------------------------------------------------------------------------- local memory
@@ -455,7 +456,7 @@ class BlockCache:
             return PreparedPrompt.uncached(prompt_ids)
         s = self.settings
         assembly = assemble(self.model, plan.body, plan.tail, mode=self.mode, recompute_ratio=s.recompute_ratio,
-                            check_layer=s.check_layer, epic_tokens=s.epic_tokens)
+                            check_layer=s.check_layer, epic_tokens=s.epic_tokens, backend=s.kernel_backend)
         stats = assembly.stats
         return PreparedPrompt(plan.prompt_ids, assembly.cache, stats.cached_tokens, stats.computed_tokens,
                               stats.recomputed_tokens, self.mode)

@@ -33,13 +33,16 @@ QUICK_CACHE_LENGTHS = (64, 512, 2048)  # ads prompts run from ~100 to ~2,500 tok
 
 
 def device_string(model: torch.nn.Module) -> str:
-    """Where and how steps run: the device, and "+lean" when tree steps take the lean forward
-    (a profile of the plain forward would overstate their cost)."""
-    device = next(model.parameters()).device
+    """Where and how steps run: the device, the dtype unless float32 (a bfloat16 step costs what
+    it costs), and "+lean" when tree steps take the lean forward (a profile of the plain forward
+    would overstate their cost)."""
+    parameter = next(model.parameters())
+    device = parameter.device
     forward = "+lean" if LeanForward.for_model(model) is not None else ""
+    dtype = "" if parameter.dtype == torch.float32 else f":{str(parameter.dtype).removeprefix('torch.')}"
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}{forward}"
-    return f"cpu:{torch.get_num_threads()}t{forward}"
+        return f"cuda:{torch.cuda.get_device_name(device)}{dtype}{forward}"
+    return f"cpu:{torch.get_num_threads()}t{dtype}{forward}"
 
 
 def _sync(device: torch.device) -> None:
@@ -193,18 +196,20 @@ def main(argv: list[str] | None = None) -> None:
     profiles again and stores the result where the decoder looks for it at start-up."""
     import argparse
 
+    from common.modeling.dtypes import DTYPE_CHOICES, serving_dtype
     from common.modeling.loading import load_model
 
     parser = argparse.ArgumentParser(prog="python -m services.decoder.cost_profile", description=main.__doc__)
     parser.add_argument("--model-path", type=Path, default=Path("data/models/smollm2-135m-instruct"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bfloat16 on CUDA, else float32")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=30.0, help="profiling time limit")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model_path, device=args.device)
+    loaded = load_model(args.model_path, device=args.device, dtype=serving_dtype(args.dtype, args.device))
     path = profile_path(args.data_dir, loaded.model_id)
     fitted = load_or_profile(loaded.model, loaded.model_id, path, refresh=True, max_seconds=args.seconds)
     print(f"{path}: {fitted.meta['points']} probes in {fitted.meta['profiled_s']:.1f} s on {fitted.device}")

@@ -31,9 +31,11 @@ from common.blocks.calibration import (
 from common.blocks.item_embedding import item_embedder
 from common.blocks.kv_codec import cache_model_key
 from common.blocks.placement import Placement
+from common.modeling.dtypes import serving_dtype
 from common.modeling.loading import LoadedModel
 from common.prompt_tokens import tokenize_chat
 from common.rpc.channels import open_channel
+from kernels.backend import resolve_backend
 from services.decoder.anchors import placement_buckets
 from services.decoder.block_cache import BlockCache, KvStoreClient, LocalBlockMemory, ReuseSettings
 from services.decoder.settings import DecoderSettings
@@ -145,7 +147,8 @@ def create_block_cache(settings: DecoderSettings, loaded: LoadedModel, *, tracer
         return None, []
     reuse = ReuseSettings(mode=settings.reuse_mode, recompute_ratio=settings.recompute_ratio,
                           check_layer=settings.check_layer, epic_tokens=settings.epic_tokens,
-                          min_block_tokens=settings.min_block_tokens)
+                          min_block_tokens=settings.min_block_tokens,
+                          kernel_backend=resolve_backend(settings.kernel_backend, settings.device))
     memory = LocalBlockMemory(int(settings.block_memory_mb * MiB), int(settings.replicated_memory_mb * MiB))
     store = None
     closers: list = []
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_path = args.model_path or default_model_path(args.data_dir)
     settings = DecoderSettings(data_dir=args.data_dir, model_path=model_path)
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, device=settings.device, dtype=serving_dtype(settings.dtype, settings.device))
     mode = gated_mode(settings, loaded, cache_model_key(loaded.model_id, loaded.model.dtype), progress=True)
     print(f"block reuse for {loaded.model_id}: serving mode {mode!r} (configured {settings.reuse_mode!r})")
 

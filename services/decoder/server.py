@@ -9,6 +9,7 @@ import torch
 from adaccel.v1 import decoder_pb2, decoder_pb2_grpc, pool_pb2_grpc
 from common.drafting.pools import PoolRegistry
 from common.kafka_io import ensure_topics, make_producer
+from common.modeling.dtypes import serving_dtype
 from common.modeling.loading import load_model
 from common.prompt_tokens import ChatFrame, chat_frame
 from common.requests import RequestLimits
@@ -16,6 +17,7 @@ from common.rpc.channels import open_channel
 from common.rpc.security import client_security
 from common.rpc.server import ServerHandle, create_server
 from common.telemetry import Telemetry
+from kernels.backend import resolve_backend
 from services.decoder.batcher import Batcher, KvAdmission, kv_bytes_per_token
 from services.decoder.cost_profile import startup_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings
@@ -43,7 +45,11 @@ def prompt_frame(settings: DecoderSettings, loaded) -> ChatFrame | None:
 def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> ServerHandle:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    loaded = load_model(settings.model_path, device=settings.device)
+    dtype = serving_dtype(settings.dtype, settings.device)
+    kernel_backend = resolve_backend(settings.kernel_backend, settings.device)  # refuses a backend that cannot run
+    loaded = load_model(settings.model_path, device=settings.device, dtype=dtype)
+    log.info("model loaded", extra={"model_id": loaded.model_id, "device": settings.device,
+                                    "dtype": str(dtype).removeprefix("torch."), "kernel_backend": kernel_backend})
     if loaded.random_weights:
         log.warning("model has RANDOM weights (a stand-in): outputs and acceptance figures mean nothing",
                     extra={"model_id": loaded.model_id})

@@ -16,6 +16,8 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     chat_template: bool = Field(True, description="render prompts with the model's chat template (instruction blocks as the system message, the rest as the user message); a request may still ask for raw_prompt; a model without a template always gets raw prompts")
     decoder_id: str = Field("", description="replica id (default: decoder-<port>)")
     device: str = Field("cpu", description="torch device")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="serving dtype of the weights, every KV cache and the blocks sent to the kv-store (auto: bfloat16 on CUDA, float32 elsewhere); block KV and the reuse gate are keyed by it")
+    kernel_backend: Literal["auto", "torch", "triton"] = Field("auto", description="block-reuse tensor steps (re-rotation, deviation, gather/scatter): auto = the Triton kernels on CUDA when triton is installed, else the torch references; triton asked for where it cannot run fails at start-up")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch default)")
     max_prompt_tokens: int = Field(4096, ge=16, description="longest prompt accepted, in tokens")
     max_new_tokens: int = Field(512, ge=1, description="largest max_new_tokens accepted")

@@ -2,8 +2,9 @@
 
 Property tests over random prompts, random pools (random token sequences, and pools built
 from the greedy continuation itself, intact or mutated, so long acceptances really happen),
-random tree budgets and lookup keys, fixed or adaptive drafting, on tiny Llama and Qwen2 (fp32, CPU); single requests and
-batches of prompts of different lengths. The reference is a plain one-token-at-a-time loop
+random tree budgets and lookup keys, fixed or adaptive drafting, on tiny Llama and Qwen2 (fp32, CPU; on a GPU
+with ADACCEL_TEST_DEVICE=cuda, as bench/gpu_check.sh runs it); single requests and batches of prompts of
+different lengths. The reference is a plain one-token-at-a-time loop
 over a DynamicCache (checked against transformers' generate once).
 
 Float caveat: a tree step and a one-token step add the same numbers in a different order
@@ -14,6 +15,7 @@ counts such cases (none have been observed).
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -28,6 +30,8 @@ from common.modeling.tiny import build_tiny_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
 
 TIE_GAP = 1e-4
+# Where the models run: the CPU here; bench/gpu_check.sh sets cuda on a lent GPU.
+DEVICE = torch.device(os.environ.get("ADACCEL_TEST_DEVICE", "cpu"))
 MAX_NEW = 40
 PROPERTY = settings(
     max_examples=50,
@@ -53,14 +57,15 @@ class Greedy:
         key = tuple(prompt)
         if key not in self._memo or len(self._memo[key][0]) < n:
             cache = DynamicCache(config=self.model.config)
-            logits = self.model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[0, -1]
+            ids = torch.tensor([prompt], device=self.model.device)
+            logits = self.model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
             tokens, gaps = [], []
             for _ in range(max(n, MAX_NEW)):
                 top = torch.topk(logits, 2).values
                 tokens.append(int(logits.argmax()))
                 gaps.append(float(top[0] - top[1]))
                 logits = self.model(
-                    torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True
+                    torch.tensor([[tokens[-1]]], device=self.model.device), past_key_values=cache, use_cache=True
                 ).logits[0, -1]
             self._memo[key] = (tokens, gaps)
         tokens, gaps = self._memo[key]
@@ -75,7 +80,7 @@ def arch(request) -> str:
 @pytest.fixture(scope="module")
 def model(arch):
     model, _ = build_tiny_model(arch, seed=0)
-    return model
+    return model.to(DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +276,8 @@ def test_reference_loop_matches_transformers_generate(model, greedy) -> None:
     prompt = [17, 99, 4, 250, 61, 61, 8]
     model.generation_config.eos_token_id = None
     generated = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        torch.tensor([prompt], device=model.device),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=model.device),
         do_sample=False,
         max_new_tokens=MAX_NEW,
         pad_token_id=0,
@@ -300,7 +305,7 @@ def test_prefilled_cache_is_reused(model, greedy) -> None:
     for cached in (1, 5, 7, 8):  # 8: the cache already covers the root token
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(torch.tensor([prompt[:cached]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([prompt[:cached]], device=model.device), past_key_values=cache, use_cache=True)
         output = [
             t
             for s in engine.generate(prompt, GenerationConfig(max_new_tokens=12), past_key_values=cache)
@@ -359,6 +364,6 @@ def test_invalid_requests_are_rejected(model) -> None:
         engine.generate_batch([[1]], [], [])
     two_rows = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.tensor([[5, 6], [7, 8]]), past_key_values=two_rows, use_cache=True)
+        model(torch.tensor([[5, 6], [7, 8]], device=model.device), past_key_values=two_rows, use_cache=True)
     with pytest.raises(ValueError):
         engine.generate([5, 6, 7], GenerationConfig(max_new_tokens=3), past_key_values=two_rows)
