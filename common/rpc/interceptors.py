@@ -1,25 +1,53 @@
-"""Server interceptor that maps domain errors to status codes, for unary and streaming handlers."""
+"""Server interceptor that maps domain errors to rich statuses, for unary and streaming handlers.
+
+A ServiceError aborts the call with its code, its message and its google.rpc.Status details
+(common/rpc/errors.py); anything else is a bug: logged with the trace id, and the caller gets
+INTERNAL with that id only, never the exception's text.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 
 import grpc
+from grpc_status import rpc_status
+from opentelemetry import trace
 
-from common.rpc.errors import InvalidArgument, ServiceError
+from common.rpc.errors import STATUS_DETAILS_KEY, Internal, InvalidArgument, Reason, ServiceError
 
 log = logging.getLogger(__name__)
 
 
+def current_trace_id() -> str | None:
+    """The current span's trace id as 32 hex digits, None without a valid span."""
+    context = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid else None
+
+
+def status_of(exc: ServiceError) -> grpc.Status:
+    """The grpc.Status a ServiceError aborts with: code, message, the rich status in
+    `grpc-status-details-bin`, and the error's own trailing metadata (e.g. `retry-after-ms`)."""
+    status = rpc_status.to_status(exc.rich_status())
+    extra = tuple((k, v) for k, v in exc.trailing_metadata if k != STATUS_DETAILS_KEY)
+    return status._replace(trailing_metadata=tuple(status.trailing_metadata) + extra)
+
+
+def abort_with(context: grpc.ServicerContext, exc: ServiceError) -> None:
+    """Ends the call with `exc`'s rich status (raises, as context.abort does)."""
+    context.abort_with_status(status_of(exc))
+
+
 def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
     if isinstance(exc, ServiceError):
-        log.info("rpc failed", extra={"method": method, "code": exc.code.name, "detail": str(exc)})
-        if exc.trailing_metadata:
-            context.set_trailing_metadata(exc.trailing_metadata)
-        context.abort(exc.code, str(exc))
-    log.exception("rpc crashed", extra={"method": method})
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        log.info("rpc failed", extra={"method": method, "code": exc.code.name, "reason": str(exc.reason),
+                                      "detail": str(exc)})
+        abort_with(context, exc)
+    trace_id = current_trace_id()
+    error_id = None if trace_id else uuid.uuid4().hex
+    log.exception("rpc crashed", extra={"method": method, "trace_id": trace_id, "error_id": error_id})
+    abort_with(context, Internal.logged_as(trace_id, error_id))
 
 
 class MalformedRequest:
@@ -48,7 +76,7 @@ def _tolerant(deserialize: Callable | None, method: str) -> Callable | None:
 
 def _checked(request):
     if isinstance(request, MalformedRequest):
-        raise InvalidArgument(request.reason)
+        raise InvalidArgument(request.reason, reason=Reason.MALFORMED_REQUEST)
     return request
 
 

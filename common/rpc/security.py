@@ -42,6 +42,8 @@ from pathlib import Path
 
 import grpc
 
+from common.rpc.errors import PermissionDenied, ServiceError, Unauthenticated
+from common.rpc.interceptors import abort_with
 from common.settings import ServiceSettings
 
 try:  # a dependency of this project; without it a rotated key is not checked against its certificate here
@@ -250,24 +252,24 @@ class CallerCheckInterceptor(grpc.ServerInterceptor):
         self.tokens = tokens
         self.allowed_subjects = frozenset(s.encode() for s in allowed_subjects)
 
-    def refusal(self, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+    def refusal(self, context: grpc.ServicerContext) -> ServiceError | None:
         if self.tokens is not None:
             token = bearer_token(context.invocation_metadata())
             if token is None:
-                return grpc.StatusCode.UNAUTHENTICATED, "authorization: a 'Bearer <token>' header is required"
+                return Unauthenticated("authorization: a 'Bearer <token>' header is required")
             if not self.tokens.accepts(token):
-                return grpc.StatusCode.UNAUTHENTICATED, "authorization: token not accepted"
+                return Unauthenticated("authorization: token not accepted")
         if self.allowed_subjects:
             names = context.auth_context().get("x509_common_name", [])
             if not any(name in self.allowed_subjects for name in names):
-                return grpc.StatusCode.PERMISSION_DENIED, "client certificate: subject not allowed to call this service"
+                return PermissionDenied("client certificate: subject not allowed to call this service")
         return None
 
     def _guard_unary(self, fn: Callable) -> Callable:
         def handler(request, context):
             refused = self.refusal(context)
             if refused is not None:
-                context.abort(*refused)
+                abort_with(context, refused)  # rich status: ErrorInfo UNAUTHENTICATED / ...
             return fn(request, context)
 
         return handler
@@ -276,7 +278,7 @@ class CallerCheckInterceptor(grpc.ServerInterceptor):
         def handler(request, context) -> Iterator:
             refused = self.refusal(context)
             if refused is not None:
-                context.abort(*refused)
+                abort_with(context, refused)  # rich status: ErrorInfo UNAUTHENTICATED / ...
             yield from fn(request, context)
 
         return handler

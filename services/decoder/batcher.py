@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.rpc.errors import InvalidArgument, ResourceExhausted, ServiceError
+from common.rpc.errors import InvalidArgument, Reason, ResourceExhausted, ServiceError
 from services.decoder.block_cache import BlockCache, PreparedPrompt
 from services.decoder.engine import BatchSession, DecodingEngine, PendingPrefill, StepResult
 from services.decoder.intake import PreparedRequest
@@ -77,16 +77,19 @@ class KvAdmission:
         if need > self.budget_bytes:
             raise ResourceExhausted(
                 f"request needs {need} bytes of KV ({tokens} tokens), more than this decoder's whole budget "
-                f"of {self.budget_bytes} bytes; shorten the prompt or max_new_tokens")
+                f"of {self.budget_bytes} bytes; shorten the prompt or max_new_tokens",
+                reason=Reason.KV_REQUEST_TOO_LARGE, limit=self.budget_bytes)
         with self._lock:
             if self.active >= self.max_requests:
                 raise ResourceExhausted(
                     f"decoder busy: {self.active} requests admitted, limit {self.max_requests}; "
-                    f"retry after ~{retry_after_ms} ms", retry_after_ms=retry_after_ms)
+                    f"retry after ~{retry_after_ms} ms", retry_after_ms=retry_after_ms,
+                    reason=Reason.DECODER_BUSY, limit=self.max_requests)
             if self.reserved_bytes + need > self.budget_bytes:
                 raise ResourceExhausted(
                     f"decoder KV budget full: {self.reserved_bytes} of {self.budget_bytes} bytes reserved, this "
-                    f"request needs {need}; retry after ~{retry_after_ms} ms", retry_after_ms=retry_after_ms)
+                    f"request needs {need}; retry after ~{retry_after_ms} ms", retry_after_ms=retry_after_ms,
+                    reason=Reason.KV_BUDGET, limit=self.budget_bytes)
             self.active += 1
             self.tokens_in_flight += tokens
             self.reserved_bytes += need

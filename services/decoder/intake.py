@@ -24,29 +24,40 @@ from common.prompt_tokens import (
     leading_instructions,
     tokenize_blocks,
 )
-from common.rpc.errors import InvalidArgument
+from common.rpc.errors import InvalidArgument, Reason
 from services.decoder.block_cache import BlockCache, BlockPlan
 from services.decoder.engine import GenerationConfig, TokenTrie
+
+# The API's defaults of its optional fields (GenerationConfig's, DARE's run scripts: top-2, p >= 0.1).
+DEFAULT_RELAXED_TOP_K = 2
+DEFAULT_RELAXED_MIN_PROB = 0.1
+
+
+def default_seed(request_id: str) -> int:
+    """A stable per-request seed, so a retried request samples the same text."""
+    return int.from_bytes(request_id.encode()[-8:].rjust(8, b"\0"), "big") & 0x7FFFFFFF
 
 
 def generation_config(params: common_pb2.GenerationParams, *, request_id: str, eos_token_id: int | None
                       ) -> GenerationConfig:
-    """Maps the API's parameters to the engine's; 0 means "the decoder's default" in the API."""
+    """Maps the API's parameters to the engine's. The proto3 `optional` fields (relaxed.top_k,
+    relaxed.min_prob, sampling.seed) take the default only when unset, so their 0 is a value;
+    in `advanced`, 0 still means "the decoder's default"."""
     relaxed = params.relaxed
     sampling = params.sampling
+    advanced = params.advanced
     return GenerationConfig(
         max_new_tokens=params.max_new_tokens,
         mode="relaxed" if params.mode == common_pb2.VERIFICATION_MODE_RELAXED else "strict",
-        relaxed_top_k=relaxed.top_k or 2,
-        relaxed_min_prob=relaxed.min_prob or 0.1,
+        relaxed_top_k=relaxed.top_k if relaxed.HasField("top_k") else DEFAULT_RELAXED_TOP_K,
+        relaxed_min_prob=relaxed.min_prob if relaxed.HasField("min_prob") else DEFAULT_RELAXED_MIN_PROB,
         temperature=sampling.temperature,
         top_p=sampling.top_p if 0 < sampling.top_p < 1 else 1.0,
         top_k=sampling.top_k,
-        # A stable per-request seed, so a retried request samples the same text.
-        seed=sampling.seed or (int.from_bytes(request_id.encode()[-8:].rjust(8, b"\0"), "big") & 0x7FFFFFFF),
-        drafting=not params.disable_drafting,
-        decoding_length=params.decoding_length or None,
-        branch_length=params.branch_length or None,
+        seed=sampling.seed if sampling.HasField("seed") else default_seed(request_id),
+        drafting=not advanced.disable_drafting,
+        decoding_length=advanced.decoding_length or None,
+        branch_length=advanced.branch_length or None,
         eos_token_id=eos_token_id,
     )
 
@@ -112,7 +123,8 @@ class RequestIntake:
             return tokenize_blocks(self.block_tokenizer, [b.text for b in blocks], self.max_prompt_tokens,
                                    frame=frame, system_blocks=system_blocks)
         except PromptTooLong as exc:
-            raise InvalidArgument(f"blocks: {exc}") from exc
+            raise InvalidArgument(f"blocks: {exc}", reason=Reason.PROMPT_TOO_LONG, field="blocks",
+                                  limit=self.max_prompt_tokens) from exc
 
     def prepare(self, request: common_pb2.GenerateRequest, request_id: str) -> PreparedRequest:
         prompt = self.tokenize(request)
@@ -121,7 +133,8 @@ class RequestIntake:
             raise InvalidArgument(
                 f"params.max_new_tokens: prompt of {len(prompt.token_ids)} tokens + max_new_tokens "
                 f"{request.params.max_new_tokens} = {total} passes the model's context of {self.context_limit} "
-                "tokens; shorten the prompt or lower max_new_tokens")
+                "tokens; shorten the prompt or lower max_new_tokens",
+                reason=Reason.MODEL_CONTEXT, field="params.max_new_tokens", limit=self.context_limit)
         config = generation_config(request.params, request_id=request_id, eos_token_id=self.eos_token_id)
         # The request's pool, else its parents ("a/b" -> "a"), else the global pool; the engine adds
         # a request-local overlay of the prompt's own n-grams on top and drops it afterwards. The
@@ -138,7 +151,7 @@ class RequestIntake:
         if self.block_cache is None:
             return prepared
         blocks = self.block_cache.lookup(prepared.prompt, request.blocks,
-                                         reuse=not request.params.disable_block_reuse)
+                                         reuse=not request.params.advanced.disable_block_reuse)
         return replace(prepared, blocks=blocks)
 
     def held_pool_keys(self) -> list[str]:

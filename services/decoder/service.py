@@ -73,7 +73,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
             summary = transcript.summary(request_id=request_id, total_s=time.perf_counter() - arrived,
                                          decoder_id=self.decoder_id, model_id=model_id)
             self.metrics.record(summary.stats, verification_mode(request.params),
-                                drafting=not request.params.disable_drafting)
+                                drafting=not request.params.advanced.disable_drafting)
             if request.publish:
                 self.publisher.publish(transcript.record(request, request_id=request_id, model_id=model_id))
             yield common_pb2.GenerateChunk(summary=summary)

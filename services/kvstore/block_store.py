@@ -25,7 +25,7 @@ from rocksdict import Options, Rdict, ReadOptions, WriteBatch
 
 from adaccel.v1 import kvstore_pb2
 from common.blocks.kv_codec import DTYPE_BYTES, checksum, non_finite_values
-from common.rpc.errors import InvalidArgument, NotFound, ResourceExhausted
+from common.rpc.errors import InvalidArgument, NotFound, Reason, ResourceExhausted
 
 MAX_MODEL_ID_BYTES = 256
 # Why a block left the disk tier (the stats name the counters after these).
@@ -100,7 +100,8 @@ def validate_block(header: kvstore_pb2.KvHeader, data: bytes, max_block_bytes: i
     if not header.shape or any(d <= 0 for d in header.shape):
         raise InvalidArgument(f"header.shape: positive dimensions required, got {list(header.shape)}")
     if header.total_bytes > max_block_bytes:
-        raise ResourceExhausted(f"header.total_bytes: {header.total_bytes} bytes, limit is {max_block_bytes}")
+        raise ResourceExhausted(f"header.total_bytes: {header.total_bytes} bytes, limit is {max_block_bytes}",
+                                field="header.total_bytes", limit=max_block_bytes)
     expected = DTYPE_BYTES[header.dtype]
     for d in header.shape:
         expected *= d
@@ -207,7 +208,8 @@ class BlockStore:
         size = len(key) + 4 + len(header_bytes) + len(data)
         if self.disk_budget_bytes and size > self.disk_budget_bytes:
             raise ResourceExhausted(f"block: {size} bytes stored (key, header and data), "
-                                    f"limit is disk_budget_bytes={self.disk_budget_bytes}")
+                                    f"limit is disk_budget_bytes={self.disk_budget_bytes}",
+                                    field="data", limit=self.disk_budget_bytes)
         with self._lock:
             if self._touch_stored(key):
                 return False
@@ -235,7 +237,8 @@ class BlockStore:
                 self._touch_model(state, now)
             entry = self._disk.get(key)
             if entry is None:
-                raise NotFound(f"block {block_hash.hex()} of model {model_id!r} is not stored")
+                raise NotFound(f"block {block_hash.hex()} of model {model_id!r} is not stored",
+                               reason=Reason.BLOCK_NOT_FOUND)
             entry.last_access = now
             self._disk.move_to_end(key)
             block = self._memory.get(key)
@@ -253,14 +256,16 @@ class BlockStore:
                 if from_disk and raw is None:
                     if current:  # deleted behind the index's back: the index follows the DB
                         self._unindex(key)
-                    raise NotFound(f"block {block_hash.hex()} of model {model_id!r} is not stored")
+                    raise NotFound(f"block {block_hash.hex()} of model {model_id!r} is not stored",
+                                   reason=Reason.BLOCK_NOT_FOUND)
                 if current:
                     # Never serve a corrupted block: drop it so the caller recomputes and re-puts.
                     del self._db[key]
                     self._unindex(key)
                     self.dropped_corrupt_blocks += 1
                 what = "failed its checksum" if block is not None else "is malformed (its row does not parse)"
-                raise NotFound(f"block {block_hash.hex()} {what} and was dropped")
+                raise NotFound(f"block {block_hash.hex()} {what} and was dropped",
+                               reason=Reason.BLOCK_NOT_FOUND)
             self.hits += 1
             if from_disk and current:
                 self._remember(key, block)

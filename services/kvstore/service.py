@@ -35,13 +35,16 @@ class KvStoreService(kvstore_pb2_grpc.KvStoreServicer):
                     raise InvalidArgument("header: sent twice")
                 header = chunk.header
                 if header.total_bytes > self.store.max_block_bytes:
+                    limit = self.store.max_block_bytes
                     raise ResourceExhausted(
-                        f"header.total_bytes: {header.total_bytes} bytes, limit is {self.store.max_block_bytes}")
+                        f"header.total_bytes: {header.total_bytes} bytes, limit is {limit}",
+                        field="header.total_bytes", limit=limit)
                 # Early, before the data arrives; the store checks the exact stored size
                 # (with the key and header).
                 if self.store.disk_budget_bytes and header.total_bytes > self.store.disk_budget_bytes:
                     raise ResourceExhausted(f"header.total_bytes: {header.total_bytes} bytes, "
-                                            f"limit is disk_budget_bytes={self.store.disk_budget_bytes}")
+                                            f"limit is disk_budget_bytes={self.store.disk_budget_bytes}",
+                                            field="header.total_bytes", limit=self.store.disk_budget_bytes)
             elif chunk.HasField("data"):
                 if header is None:
                     raise InvalidArgument("data: sent before the header")
@@ -65,7 +68,9 @@ class KvStoreService(kvstore_pb2_grpc.KvStoreServicer):
 
     def Contains(self, request, context):
         if len(request.block_hashes) > MAX_CONTAINS_HASHES:
-            raise ResourceExhausted(f"block_hashes: {len(request.block_hashes)} hashes, limit is {MAX_CONTAINS_HASHES}")
+            raise ResourceExhausted(
+                f"block_hashes: {len(request.block_hashes)} hashes, limit is {MAX_CONTAINS_HASHES}",
+                field="block_hashes", limit=MAX_CONTAINS_HASHES)
         _check_names(request.model_id, request.block_hashes)
         return kvstore_pb2.ContainsReply(present=self.store.contains(request.model_id, list(request.block_hashes)))
 

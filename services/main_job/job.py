@@ -138,8 +138,8 @@ def without_acceleration(request: common_pb2.GenerateRequest) -> common_pb2.Gene
     plain.CopyFrom(request)
     plain.request_id = f"{request.request_id}-plain"
     plain.publish = False
-    plain.params.disable_drafting = True
-    plain.params.disable_block_reuse = True
+    plain.params.advanced.disable_drafting = True
+    plain.params.advanced.disable_block_reuse = True
     return plain
 
 

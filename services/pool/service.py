@@ -9,7 +9,14 @@ from adaccel.v1 import pool_pb2, pool_pb2_grpc
 from common.drafting.geometry import DEFAULT_GEOMETRY, DraftGeometry
 from common.drafting.pool_keys import GLOBAL_POOL
 from common.requests import BLOCK_ID_PATTERN, POOL_KEY_PATTERN, RequestLimits
-from common.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, require
+from common.rpc.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Reason,
+    ResourceExhausted,
+    require,
+)
 from services.pool.ngram_records import RejectedRecord, check_token_ids
 from services.pool.pool_manager import PoolManager, UnknownPool
 from services.pool.pool_meta import PoolMeta
@@ -41,7 +48,7 @@ def _require_tokens(token_ids: Sequence[int], vocab_size: int, field: str) -> No
     try:
         check_token_ids(token_ids, vocab_size, field)
     except RejectedRecord as exc:
-        raise InvalidArgument(str(exc)) from exc
+        raise InvalidArgument(str(exc), field=field) from exc
 
 
 class PoolService(pool_pb2_grpc.PoolServicer):
@@ -66,7 +73,9 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         require(0 <= request.key_length <= MAX_KEY_LENGTH, "key_length",
                 f"must be in 0..{MAX_KEY_LENGTH} (0 = {DEFAULT_KEY_LENGTH})")
         if len(request.context) > self.max_tokens_per_insert:
-            raise ResourceExhausted(f"context: {len(request.context)} tokens, limit is {self.max_tokens_per_insert}")
+            raise ResourceExhausted(
+                f"context: {len(request.context)} tokens, limit is {self.max_tokens_per_insert}",
+                field="context", limit=self.max_tokens_per_insert)
         _require_tokens(request.context, self.vocab_size, "context")
         try:
             used, version, tree = self.pools.retrieve(
@@ -74,7 +83,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
                 branch_length=request.branch_length or DEFAULT_BRANCH_LENGTH,
                 key_length=request.key_length or DEFAULT_KEY_LENGTH, exact=request.exact)
         except UnknownPool:
-            raise NotFound(f"pool_key: no pool {pool_key!r} (exact lookup; set exact=false to fall back)") from None
+            raise NotFound(f"pool_key: no pool {pool_key!r} (exact lookup; set exact=false to fall back)",
+                           reason=Reason.POOL_NOT_FOUND, field="pool_key") from None
         return pool_pb2.DraftTree(tokens=tree.tokens, parents=tree.parents, scores=tree.scores,
                                   pool_version=version, pool_key=used)
 
@@ -83,7 +93,7 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         require(request.have_version >= 0, "have_version", "must be >= 0")
         meta = self.pools.meta(pool_key)
         if meta is None:
-            raise NotFound(f"pool_key: no pool {pool_key!r}")
+            raise NotFound(f"pool_key: no pool {pool_key!r}", reason=Reason.POOL_NOT_FOUND, field="pool_key")
         if request.have_version and request.have_version == meta.version:
             yield pool_pb2.SnapshotChunk(header=pool_pb2.SnapshotHeader(
                 pool_key=pool_key, version=meta.version, total_bytes=0, nodes=meta.nodes))
@@ -91,7 +101,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         try:
             snapshot = self.pools.snapshot(pool_key)
         except UnknownPool:  # evicted between the two calls
-            raise NotFound(f"pool_key: no pool {pool_key!r}") from None
+            raise NotFound(f"pool_key: no pool {pool_key!r}", reason=Reason.POOL_NOT_FOUND,
+                           field="pool_key") from None
         data = snapshot.data
         yield pool_pb2.SnapshotChunk(header=pool_pb2.SnapshotHeader(
             pool_key=pool_key, version=snapshot.version, total_bytes=len(data), nodes=snapshot.nodes))
@@ -107,18 +118,22 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         require(request.kind in _KINDS, "kind", "unknown sequence kind")
         total = sum(len(s.token_ids) for s in request.sequences) + sum(len(t) for t in request.texts) // 8
         if total > self.max_tokens_per_insert:  # before tokenizing: refuse huge texts cheaply
-            raise ResourceExhausted(f"sequences: at least {total} tokens, limit is {self.max_tokens_per_insert}")
+            raise ResourceExhausted(
+                f"sequences: at least {total} tokens, limit is {self.max_tokens_per_insert}",
+                field="sequences", limit=self.max_tokens_per_insert)
         sequences = [list(s.token_ids) for s in request.sequences]
         for i, seq in enumerate(sequences):
             _require_tokens(seq, self.vocab_size, f"sequences[{i}]")
         if request.texts:
             if self.tokenizer is None:
-                raise FailedPrecondition("texts: this pool service has no tokenizer (set ADACCEL_MODEL_PATH)")
+                raise FailedPrecondition("texts: this pool service has no tokenizer (set ADACCEL_MODEL_PATH)",
+                                         reason=Reason.NO_TOKENIZER, field="texts")
             sequences += [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in request.texts]
         total = sum(len(s) for s in sequences)
         require(total > 0, "sequences", "nothing to insert")
         if total > self.max_tokens_per_insert:
-            raise ResourceExhausted(f"sequences: {total} tokens, limit is {self.max_tokens_per_insert}")
+            raise ResourceExhausted(f"sequences: {total} tokens, limit is {self.max_tokens_per_insert}",
+                                    field="sequences", limit=self.max_tokens_per_insert)
         meta = self.pools.insert(pool_key, sequences, _KINDS[request.kind],
                                  item_ids=(request.item_id,) if request.item_id else ())
         if meta is None:  # about an item removed from the inventory: ignored
@@ -132,7 +147,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
         if request.pool_key:
             pool_key = _require_pool_key(request.pool_key, allow_empty=False)
             if pool_key not in self.pools:
-                raise NotFound(f"pool_key: no pool {pool_key!r}")
+                raise NotFound(f"pool_key: no pool {pool_key!r}", reason=Reason.POOL_NOT_FOUND,
+                               field="pool_key")
         before = {m.pool_key: m.sequences for m in self.pools.metas()}
         metas = self.pools.remove_item(request.item_id, pool_key)
         return pool_pb2.DeleteItemReply(
@@ -142,7 +158,8 @@ class PoolService(pool_pb2_grpc.PoolServicer):
 
     def GetVersions(self, request: pool_pb2.VersionsRequest, context) -> pool_pb2.VersionsReply:
         if len(request.pool_keys) > MAX_VERSION_KEYS:
-            raise ResourceExhausted(f"pool_keys: {len(request.pool_keys)} keys, limit is {MAX_VERSION_KEYS}")
+            raise ResourceExhausted(f"pool_keys: {len(request.pool_keys)} keys, limit is {MAX_VERSION_KEYS}",
+                                    field="pool_keys", limit=MAX_VERSION_KEYS)
         reply = pool_pb2.VersionsReply()
         for i, key in enumerate(request.pool_keys):
             _require_pool_key(key, f"pool_keys[{i}]", allow_empty=True)

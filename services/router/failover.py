@@ -27,12 +27,13 @@ from typing import Protocol, TypeVar
 import grpc
 
 from common.rpc.errors import (
-    RETRY_AFTER_MS,
     DeadlineExceeded,
+    Reason,
     ResourceExhausted,
     ServiceError,
     Unavailable,
     UpstreamStatus,
+    retry_delay_ms,
 )
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,8 @@ class Failure:
 
     @property
     def retry_after_ms(self) -> int | None:
-        """The replica's retry hint (trailer `retry-after-ms`), None without a valid one."""
-        for key, value in self.trailing_metadata:
-            if key == RETRY_AFTER_MS:
-                try:
-                    return int(value)
-                except ValueError:
-                    return None
-        return None
+        """The replica's retry hint (RetryInfo, else trailer `retry-after-ms`), None without a valid one."""
+        return retry_delay_ms(self.trailing_metadata)
 
 
 def final_error(failure: Failure, *, attempt: int, busy: list[Failure]) -> ServiceError | None:
@@ -97,19 +92,20 @@ def final_error(failure: Failure, *, attempt: int, busy: list[Failure]) -> Servi
         return UpstreamStatus(code, failure.details, failure.trailing_metadata)
     if failure.streamed:
         return Unavailable(f"decoder {failure.address} failed mid-stream ({code.name}): "
-                           "partial output was sent; retry the request")
+                           "partial output was sent; retry the request", reason=Reason.STREAM_INTERRUPTED)
     if attempt + 1 < MAX_ATTEMPTS:
         return None
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return all_busy(busy)
-    return Unavailable(f"decoders failed twice, last {failure.address}: {failure.details}")
+    return Unavailable(f"decoders failed twice, last {failure.address}: {failure.details}",
+                       reason=Reason.REPLICAS_FAILED)
 
 
 def all_busy(busy: list[Failure]) -> ResourceExhausted:
     """Every replica tried refused for load: back-pressure to the caller, with the soonest hint."""
     hints = [f.retry_after_ms for f in busy if f.retry_after_ms is not None]
     return ResourceExhausted(f"all decoder replicas tried are busy ({busy[-1].details})",
-                             retry_after_ms=min(hints) if hints else None)
+                             retry_after_ms=min(hints) if hints else None, reason=Reason.ALL_REPLICAS_BUSY)
 
 
 def stream_with_failover(replicas: ReplicaStreams[T], deadline: float, *,
@@ -123,7 +119,8 @@ def stream_with_failover(replicas: ReplicaStreams[T], deadline: float, *,
         if address is None:
             if busy:
                 raise all_busy(busy)
-            raise Unavailable("no healthy decoder replica" + (" left to retry on" if tried else ""))
+            raise Unavailable("no healthy decoder replica" + (" left to retry on" if tried else ""),
+                              reason=Reason.NO_HEALTHY_REPLICA)
         tried.add(address)
         timeout_s = deadline - clock()
         if timeout_s <= 0:

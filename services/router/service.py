@@ -19,7 +19,7 @@ from adaccel.v1 import common_pb2, router_pb2, router_pb2_grpc
 from common.blocks.routing_keys import request_blocks
 from common.requests import RequestLimits, validate_generate_request
 from common.rpc.block_kinds import kinds_and_texts
-from common.rpc.errors import ResourceExhausted
+from common.rpc.errors import Reason, ResourceExhausted
 from services.router.failover import stream_with_failover
 from services.router.replicas import ReplicaSet
 from services.router.scheduling import AffinityWeights, Footprint, Policy, choose_replica
@@ -44,7 +44,9 @@ class StreamSlots:
             if self.limit and self.in_use >= self.limit:
                 self.refused += 1
                 raise ResourceExhausted(f"router busy: {self.in_use} streams open, limit max_streams={self.limit}; "
-                                        f"retry after ~{self.retry_after_ms} ms", retry_after_ms=self.retry_after_ms)
+                                        f"retry after ~{self.retry_after_ms} ms",
+                                        retry_after_ms=self.retry_after_ms, reason=Reason.STREAM_LIMIT,
+                                        limit=self.limit)
             self.in_use += 1
         try:
             yield

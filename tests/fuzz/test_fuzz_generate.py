@@ -53,7 +53,8 @@ def request(text: str = "Aurora headphones, 30 h battery.", **params) -> common_
 
 SEEDS = [request().SerializeToString(),
          request("x" * 50, mode=common_pb2.VERIFICATION_MODE_RELAXED).SerializeToString(),
-         request(disable_drafting=True, decoding_length=4, branch_length=2).SerializeToString()]
+         request(advanced=common_pb2.AdvancedParams(disable_drafting=True, decoding_length=4,
+                                                    branch_length=2)).SerializeToString()]
 
 
 @pytest.mark.parametrize("service, method, shape, seeds", [
@@ -99,11 +100,12 @@ def generate_requests(draw) -> bytes:
     params = field_varint(1, pick(draw(st.integers(1, MAX_NEW_TOKENS)), [0, MAX_NEW_TOKENS + 1, -1, 2**31 - 1]))
     name = "mode"
     params += field_varint(2, pick(draw(st.integers(0, 2)), [3, -7]))
-    params += field_varint(5, draw(st.integers(0, 1)))
+    advanced = field_varint(1, draw(st.integers(0, 1)))  # params.advanced (9): disable_drafting
     name = "decoding_length"
-    params += field_varint(6, pick(draw(st.sampled_from([0, 4, 16])), [129, -1]))
+    advanced += field_varint(2, pick(draw(st.sampled_from([0, 4, 16])), [129, -1]))
     name = "branch_length"
-    params += field_varint(7, pick(draw(st.sampled_from([0, 2, 8])), [33, -1]))
+    advanced += field_varint(3, pick(draw(st.sampled_from([0, 2, 8])), [33, -1]))
+    params += field_bytes(9, advanced)
     name = "temperature"  # float32 NaN / +Inf / -1 as raw fixed32
     params += field_bytes(4, pick(b"", [b"\x0d\x00\x00\xc0\x7f", b"\x0d\x00\x00\x80\x7f", b"\x0d\x00\x00\x80\xbf"]))
     name = "request_id"

@@ -62,7 +62,8 @@ def request(item_order, *, reuse=True, request_id="r"):
     blocks += [common_pb2.PromptBlock(id=f"I{i}", kind=common_pb2.BLOCK_KIND_ITEM, text=ITEMS[i]) for i in item_order]
     blocks.append(common_pb2.PromptBlock(id="q", kind=common_pb2.BLOCK_KIND_TEXT, text=QUESTION))
     return common_pb2.GenerateRequest(request_id=request_id, blocks=blocks, params=common_pb2.GenerationParams(
-        max_new_tokens=8, disable_drafting=True, disable_block_reuse=not reuse))
+        max_new_tokens=8,
+        advanced=common_pb2.AdvancedParams(disable_drafting=True, disable_block_reuse=not reuse)))
 
 
 def generate(stub, req) -> common_pb2.GenerationSummary:
@@ -174,7 +175,8 @@ def test_items_are_sharded_by_learned_anchors_and_replicas_read_them_back(tmp_pa
         blocks += [common_pb2.PromptBlock(id=f"S{i}", kind=common_pb2.BLOCK_KIND_ITEM, text=items[i]) for i in order]
         blocks.append(common_pb2.PromptBlock(id="q", kind=common_pb2.BLOCK_KIND_TEXT, text=QUESTION))
         return common_pb2.GenerateRequest(request_id="s", blocks=blocks, params=common_pb2.GenerationParams(
-            max_new_tokens=8, disable_drafting=True, disable_block_reuse=not reuse))
+            max_new_tokens=8,
+            advanced=common_pb2.AdvancedParams(disable_drafting=True, disable_block_reuse=not reuse)))
 
     decoders = []
     try:

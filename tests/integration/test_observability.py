@@ -110,7 +110,8 @@ def generate(stub, *, block_reuse: bool = True) -> common_pb2.GenerationSummary:
                 common_pb2.PromptBlock(id="item-42", kind=common_pb2.BLOCK_KIND_ITEM,
                                        text="Aurora headphones, wireless, 30 h battery.\n"),
                 common_pb2.PromptBlock(id="q", kind=common_pb2.BLOCK_KIND_TEXT, text="Selling points:\n")],
-        params=common_pb2.GenerationParams(max_new_tokens=24, disable_block_reuse=not block_reuse))
+        params=common_pb2.GenerationParams(
+            max_new_tokens=24, advanced=common_pb2.AdvancedParams(disable_block_reuse=not block_reuse)))
     return list(stub.Generate(request, timeout=60))[-1].summary
 
 

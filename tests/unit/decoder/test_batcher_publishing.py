@@ -83,7 +83,7 @@ def test_the_admission_reserves_the_request_s_own_tree(loaded):
     intake = RequestIntake(loaded.tokenizer, PoolRegistry(), engine, max_prompt_tokens=4096)
     request = rec_request("a", [0])
     small = intake.prepare(request, "a").kv_tokens
-    request.params.decoding_length = 100
+    request.params.advanced.decoding_length = 100
     assert intake.prepare(request, "a").kv_tokens == small - engine.settings.decoding_length + 100
 
 

@@ -9,7 +9,7 @@ from common.drafting.pools import PoolRegistry
 from common.modeling.tiny import byte_tokenizer
 from common.rpc.errors import InvalidArgument
 from services.decoder.engine import GenerationConfig
-from services.decoder.intake import RequestIntake
+from services.decoder.intake import RequestIntake, default_seed, generation_config
 
 
 class FixedTree:
@@ -58,8 +58,10 @@ def test_prepared_once_with_its_pool_config_and_kv_need(intake):
 
 
 def test_the_reservation_follows_the_request_s_own_tree(intake):
-    assert intake.prepare(request(decoding_length=100), "r").kv_tokens == 16 + 20 + 100 + 1
-    assert intake.prepare(request(disable_drafting=True), "r").kv_tokens == 16 + 20 + 0 + 1
+    own_tree = request(advanced=common_pb2.AdvancedParams(decoding_length=100))
+    assert intake.prepare(own_tree, "r").kv_tokens == 16 + 20 + 100 + 1
+    no_drafts = request(advanced=common_pb2.AdvancedParams(disable_drafting=True))
+    assert intake.prepare(no_drafts, "r").kv_tokens == 16 + 20 + 0 + 1
 
 
 def test_without_a_block_cache_nothing_is_looked_up(intake):
@@ -78,3 +80,42 @@ def test_the_seed_is_stable_per_request_id(intake):
     params = {"sampling": common_pb2.SamplingParams(temperature=0.7)}
     assert intake.prepare(request(**params), "abc").config.seed == intake.prepare(request(**params), "abc").config.seed
     assert intake.prepare(request(**params), "abc").config.seed != intake.prepare(request(**params), "abd").config.seed
+
+
+def config_of(**params) -> GenerationConfig:
+    return generation_config(common_pb2.GenerationParams(max_new_tokens=8, **params), request_id="req-1",
+                             eos_token_id=None)
+
+
+def test_optional_fields_left_unset_take_the_defaults():
+    config = config_of()
+    assert (config.relaxed_top_k, config.relaxed_min_prob, config.seed) == (2, 0.1, default_seed("req-1"))
+    assert config.seed != 0
+
+
+def test_optional_fields_set_to_zero_are_honoured():
+    config = config_of(relaxed=common_pb2.RelaxedParams(min_prob=0.0),
+                       sampling=common_pb2.SamplingParams(seed=0))
+    assert config.relaxed_min_prob == 0.0  # any top-k token is accepted
+    assert config.seed == 0  # a seed, not "derive one"
+    assert config.relaxed_top_k == 2  # still unset
+
+
+def test_optional_fields_set_reach_the_engine_as_given():
+    config = config_of(relaxed=common_pb2.RelaxedParams(top_k=5, min_prob=0.25),
+                       sampling=common_pb2.SamplingParams(seed=42))
+    assert (config.relaxed_top_k, config.relaxed_min_prob, config.seed) == (5, 0.25, 42)
+
+
+def test_a_zero_min_prob_reaches_the_prepared_request(intake):
+    prepared = intake.prepare(request(mode=common_pb2.VERIFICATION_MODE_RELAXED,
+                                      relaxed=common_pb2.RelaxedParams(min_prob=0.0)), "r")
+    assert prepared.config.mode == "relaxed" and prepared.config.relaxed_min_prob == 0.0
+    assert intake.prepare(request(), "r").config.relaxed_min_prob == 0.1
+
+
+def test_presence_survives_the_wire():
+    sent = common_pb2.GenerationParams(relaxed=common_pb2.RelaxedParams(min_prob=0.0))
+    received = common_pb2.GenerationParams.FromString(sent.SerializeToString())
+    assert received.relaxed.HasField("min_prob") and not received.relaxed.HasField("top_k")
+    assert not received.sampling.HasField("seed")

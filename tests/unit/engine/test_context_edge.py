@@ -328,7 +328,8 @@ def intake(model, guard) -> RequestIntake:
 
 def text_request(chars: int, max_new: int, decoding_length: int) -> common_pb2.GenerateRequest:
     block = common_pb2.PromptBlock(id="t", kind=common_pb2.BLOCK_KIND_TEXT, text="ab c" * (chars // 4) + "x" * (chars % 4))
-    params = common_pb2.GenerationParams(max_new_tokens=max_new, decoding_length=decoding_length)
+    params = common_pb2.GenerationParams(max_new_tokens=max_new,
+                                         advanced=common_pb2.AdvancedParams(decoding_length=decoding_length))
     return common_pb2.GenerateRequest(request_id="edge", blocks=[block], raw_prompt=True, params=params)
 
 

@@ -45,7 +45,9 @@ def mutate(fn):
     (lambda r: setattr(r.params.sampling, "temperature", math.nan), "params.sampling.temperature"),
     (lambda r: setattr(r.params.sampling, "top_p", 1.5), "params.sampling.top_p"),
     (lambda r: setattr(r.params.relaxed, "min_prob", -0.1), "params.relaxed.min_prob"),
-    (lambda r: setattr(r.params, "decoding_length", 10_000), "params.decoding_length"),
+    (lambda r: setattr(r.params.advanced, "decoding_length", 10_000), "params.advanced.decoding_length"),
+    (lambda r: setattr(r.params.relaxed, "top_k", 0), "params.relaxed.top_k"),  # set: 0 is a value, not valid
+    (lambda r: setattr(r.params.relaxed, "top_k", 65), "params.relaxed.top_k"),
     (lambda r: (setattr(r.params, "mode", common_pb2.VERIFICATION_MODE_RELAXED),
                 setattr(r.params.sampling, "temperature", 0.7)), "params.mode"),
 ])
@@ -53,6 +55,12 @@ def test_invalid_requests_name_the_field(mutation, field):
     with pytest.raises(InvalidArgument) as err:
         validate_generate_request(mutate(mutation), LIMITS)
     assert str(err.value).startswith(field)
+    assert err.value.field == field and err.value.reason == "INVALID_FIELD"
+
+
+def test_zero_is_a_valid_min_prob_and_seed():
+    validate_generate_request(mutate(lambda r: (setattr(r.params.relaxed, "min_prob", 0.0),
+                                                setattr(r.params.sampling, "seed", 0))), LIMITS)
 
 
 @pytest.mark.parametrize("mutation, field", [
@@ -64,6 +72,8 @@ def test_oversized_requests_are_resource_exhausted(mutation, field):
     with pytest.raises(ResourceExhausted) as err:
         validate_generate_request(mutate(mutation), LIMITS)
     assert str(err.value).startswith(field)
+    assert (err.value.field, err.value.reason) == (field, "FIELD_TOO_LARGE")
+    assert err.value.limit in (LIMITS.max_blocks, LIMITS.max_block_chars, LIMITS.max_prompt_chars)
 
 
 def test_blocks_tokenize_alone_and_spans_cover_the_prompt():

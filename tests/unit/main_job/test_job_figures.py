@@ -34,7 +34,8 @@ def test_the_baseline_is_the_same_request_without_acceleration_and_unpublished()
                                        text="Write.\n")],
         params=common_pb2.GenerationParams(max_new_tokens=16))
     plain = without_acceleration(request)
-    assert (plain.request_id, plain.publish, plain.params.disable_drafting, plain.params.disable_block_reuse) == (
+    assert (plain.request_id, plain.publish, plain.params.advanced.disable_drafting,
+            plain.params.advanced.disable_block_reuse) == (
         "r7-plain", False, True, True)
     assert plain.blocks == request.blocks and request.publish  # the original is untouched
     assert task_of(request) == "item_knowledge"

@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from adaccel.v1 import common_pb2
 from common.requests import RequestLimits
-from common.rpc.errors import RETRY_AFTER_MS
+from common.rpc.errors import RETRY_AFTER_MS, STATUS_DETAILS_KEY, retry_delay_ms, rich_status_of
 from common.rpc.interceptors import ErrorMappingInterceptor
 from services.router.metrics import observe_router
 from services.router.scheduling import ReplicaView
@@ -100,6 +101,21 @@ class FakeContext:
         self.status = (code, details)
         raise Aborted(details)
 
+    def abort_with_status(self, status):
+        self.trailing_metadata = tuple(status.trailing_metadata)
+        self.abort(status.code, status.details)
+
+    def plain_trailers(self):
+        """The trailing metadata less the rich status."""
+        return tuple((k, v) for k, v in self.trailing_metadata if k != STATUS_DETAILS_KEY)
+
+    def error_info(self) -> error_details_pb2.ErrorInfo:
+        (info,) = [d for d in rich_status_of(self.trailing_metadata).details
+                   if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+        out = error_details_pb2.ErrorInfo()
+        info.Unpack(out)
+        return out
+
 
 def generate(replicas: FakeReplicaSet, context: FakeContext) -> list[str]:
     """Router.Generate as a server runs it: behind the shared error-mapping interceptor."""
@@ -137,7 +153,8 @@ def test_a_decoders_verdict_reaches_the_caller_with_its_code_details_and_trailer
     with pytest.raises(Aborted):
         generate(replicas, context)
     assert context.status == (S.INVALID_ARGUMENT, "blocks[0].text: must not be empty")
-    assert context.trailing_metadata == (("x-why", "empty"),)
+    assert context.plain_trailers() == (("x-why", "empty"),)
+    assert context.error_info().reason == "UPSTREAM_ERROR"  # the fake decoder sent no rich status
     assert replicas.replicas["b"].calls == [] and replicas.inflight == {"a": 0, "b": 0}
 
 
@@ -150,7 +167,9 @@ def test_busy_decoders_give_back_pressure_with_the_soonest_hint():
     with pytest.raises(Aborted):
         generate(replicas, context)
     assert context.status == (S.RESOURCE_EXHAUSTED, "all decoder replicas tried are busy (queue full (30))")
-    assert context.trailing_metadata == ((RETRY_AFTER_MS, "30"),)
+    assert context.plain_trailers() == ((RETRY_AFTER_MS, "30"),)
+    assert retry_delay_ms(context.trailing_metadata) == 30  # RetryInfo
+    assert context.error_info().reason == "ALL_REPLICAS_BUSY"
 
 
 def test_streams_past_the_cap_get_back_pressure_with_a_hint_and_the_slot_comes_back():
@@ -180,6 +199,7 @@ def test_streams_past_the_cap_get_back_pressure_with_a_hint_and_the_slot_comes_b
     assert router_gauges(reader)["adaccel.router.streams_refused"] == 1  # the refusal is seen, not silent
     assert second.status[0] == S.RESOURCE_EXHAUSTED and "max_streams=1" in second.status[1]
     assert dict(second.trailing_metadata)[RETRY_AFTER_MS] == "200"
+    assert second.error_info().reason == "STREAM_LIMIT" and second.error_info().metadata["limit"] == "1"
     assert [c.delta.text for c in first] == ["b"]  # the first stream ends and frees its slot
     assert servicer.streams.in_use == 0
     assert router_gauges(reader)["adaccel.router.streams_open"] == 0
