@@ -5,6 +5,8 @@ Every service gets its own providers (passed down from `main()`, never read from
 service code), so several services can run in one process (tests) without sharing exporters.
 Background polls (health checks, the router's replica reports, the decoders' pool version polls)
 are measured by the RPC metrics but not traced: a root span per poll would bury the request traces.
+Which request traces are kept is `traces_sampler` (OTEL_TRACES_SAMPLER and its ratio
+OTEL_TRACES_SAMPLER_ARG, or their ADACCEL_* names), wrapped in `SkipPolls` whatever it is.
 """
 
 from __future__ import annotations
@@ -27,11 +29,19 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, SpanKind, get_current_span
 from opentelemetry.util.types import Attributes
 
-from common.settings import ServiceSettings
+from common.settings import TRACES_SAMPLERS, ServiceSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,25 +64,52 @@ UNTRACED_METHODS = frozenset({
 
 
 class SkipPolls(Sampler):
-    """Root sampler: drops the root spans of background polls, samples everything else.
+    """Wraps the configured sampler: drops the spans of background polls whatever it decides.
 
-    Wrapped in ParentBased, the drop carries over: the poll's client span propagates an unsampled
-    context, so the callee's server span is dropped too.
+    A poll's span (by name) is dropped unless its parent is a sampled span; a span whose parent is
+    a local span that was not sampled is dropped too, so a poll's own children never become orphans
+    under samplers that ignore the parent (always_on, traceidratio). The poll's client span
+    propagates an unsampled context and the callee's server span has the poll's name: dropped too.
+    Everything else is the wrapped sampler's decision.
     """
 
-    def __init__(self, untraced: frozenset[str] = UNTRACED_METHODS, root: Sampler = ALWAYS_ON):
+    def __init__(self, inner: Sampler = ALWAYS_ON, untraced: frozenset[str] = UNTRACED_METHODS):
+        self.inner = inner
         self.untraced = untraced
-        self.root = root
 
     def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
                       kind: SpanKind | None = None, attributes: Attributes = None,
                       links: Sequence[Link] | None = None, trace_state=None) -> SamplingResult:
-        if name in self.untraced:
+        parent = get_current_span(parent_context).get_span_context()
+        parent_sampled = parent.is_valid and parent.trace_flags.sampled
+        if parent.is_valid and not parent.is_remote and not parent_sampled:
             return SamplingResult(Decision.DROP)
-        return self.root.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        if name in self.untraced and not parent_sampled:
+            return SamplingResult(Decision.DROP)
+        return self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
     def get_description(self) -> str:
-        return f"SkipPolls{{{self.root.get_description()}}}"
+        return f"SkipPolls{{{self.inner.get_description()}}}"
+
+
+def configured_sampler(name: str, ratio: float = 1.0) -> Sampler:
+    """The sampler named as OTEL_TRACES_SAMPLER names it (common.settings.TRACES_SAMPLERS), without
+    the poll filter; `ratio` is the traceidratio samplers' share of traces kept."""
+    roots: dict[str, Callable[[], Sampler]] = {
+        "always_on": lambda: ALWAYS_ON,
+        "always_off": lambda: ALWAYS_OFF,
+        "traceidratio": lambda: TraceIdRatioBased(ratio),
+    }
+    base = name.removeprefix("parentbased_")
+    if base not in roots:
+        raise ValueError(f"unknown trace sampler {name!r}; one of {', '.join(TRACES_SAMPLERS)}")
+    root = roots[base]()
+    return ParentBased(root=root) if name.startswith("parentbased_") else root
+
+
+def traces_sampler(settings: ServiceSettings) -> Sampler:
+    """The service's sampler: the configured one, with background polls dropped."""
+    return SkipPolls(configured_sampler(settings.traces_sampler, settings.traces_sampler_arg))
 
 
 @dataclass(slots=True)
@@ -121,7 +158,8 @@ def setup_telemetry(service: str, settings: ServiceSettings, *, install_global: 
     providers (main only). `span_processors` and `metric_readers` are added to the configured ones
     (tests pass in-memory exporters here)."""
     resource = Resource.create({"service.name": f"adaccel-{service}"})
-    tracer_provider = TracerProvider(resource=resource, sampler=ParentBased(root=SkipPolls()))
+    sampler = traces_sampler(settings)
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
     readers: list[MetricReader] = list(metric_readers)
     exporter = "otlp" if settings.otlp_endpoint else settings.telemetry_exporter
     interval_ms = settings.telemetry_interval_s * 1000
@@ -146,6 +184,7 @@ def setup_telemetry(service: str, settings: ServiceSettings, *, install_global: 
         readers.append(reader)
         on_shutdown.append(stop)
         log.info("prometheus metrics served", extra={"host": settings.host, "metrics_port": metrics_port})
+    log.info("trace sampler", extra={"sampler": sampler.get_description()})
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     if install_global:
         trace.set_tracer_provider(tracer_provider)
