@@ -5,15 +5,20 @@ For the chart defaults and every values file under k8s/values/:
   2. `helm lint --strict` with those values,
   3. render, then every object against the Kubernetes JSON schema of the pinned version in
      strict mode (unknown fields fail), via kubernetes-validate,
+     Custom resources (ServiceMonitor, PodMonitor, PrometheusRule) are not in those schemas:
+     their spec is validated against k8s/crd_schemas.py, their metadata by kubernetes-validate,
   4. each container's environment, assembled as the kubelet would (ConfigMap envFrom, then env,
      `$(VAR)` expansion, the pod name for fieldRefs, the kvstore shard from the ordinal), parsed
-     by that service's pydantic settings class; an ADACCEL_* name that is not a field fails.
+     by that service's pydantic settings class; an ADACCEL_* name that is not a field fails,
+  5. every metric the PrometheusRule alerts and the Grafana dashboard query is a series one of
+     the services' OpenTelemetry instruments exports (k8s/metric_names.py).
 Prints one table row per values file and exits 1 on any failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections import Counter
@@ -23,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import jsonschema
 import kubernetes_validate
 import yaml
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource
 from pydantic_settings.sources.utils import parse_env_vars
 
+from k8s import metric_names
+from k8s.crd_schemas import SCHEMAS as CRD_SCHEMAS
 from k8s.settings_catalog import BY_NAME, ENV_PREFIX
 
 K8S_DIR = Path(__file__).parent
@@ -40,8 +48,10 @@ NAMESPACE = "ads"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 KIND_ABBREVIATIONS = {"ConfigMap": "cm", "Deployment": "deploy", "HorizontalPodAutoscaler": "hpa",
-                      "PodDisruptionBudget": "pdb", "Service": "svc", "ServiceAccount": "sa",
-                      "StatefulSet": "sts"}
+                      "NetworkPolicy": "netpol", "Pod": "pod", "PodDisruptionBudget": "pdb",
+                      "PodMonitor": "podmon", "PrometheusRule": "prule", "Service": "svc",
+                      "ServiceAccount": "sa", "ServiceMonitor": "svcmon", "StatefulSet": "sts"}
+DASHBOARD_LABEL = "grafana_dashboard"
 
 
 def load_values(path: Path | None) -> dict[str, Any]:
@@ -64,6 +74,10 @@ def render_objects(chart: helm.Chart, values: Mapping[str, Any], *, release: str
 def validate_objects(objects: Iterable[dict[str, Any]], kube_version: str) -> list[str]:
     failures = []
     for obj in objects:
+        crd_schema = CRD_SCHEMAS.get((obj.get("apiVersion"), obj.get("kind")))
+        if crd_schema is not None:
+            failures += validate_custom_resource(obj, crd_schema, kube_version)
+            continue
         try:
             kubernetes_validate.validate(obj, kube_version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -71,6 +85,46 @@ def validate_objects(objects: Iterable[dict[str, Any]], kube_version: str) -> li
             failures.append(f"{_ref(obj)}: {where}: {exc.message}")
         except kubernetes_validate.SchemaNotFoundError as exc:
             failures.append(f"{_ref(obj)}: {exc.message}")
+    return failures
+
+
+def validate_custom_resource(obj: dict[str, Any], schema: dict[str, Any], kube_version: str) -> list[str]:
+    """A custom resource (not in kubernetes-validate's schemas): the object against its schema in
+    k8s/crd_schemas.py, its metadata as that of a built-in object (names, labels, annotations)."""
+    failures = []
+    for error in jsonschema.Draft202012Validator(schema).iter_errors(obj):
+        where = "/".join(str(p) for p in error.absolute_path)
+        failures.append(f"{_ref(obj)}: {where}: {error.message}")
+    try:
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj.get("metadata", {})},
+                                     kube_version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        failures.append(f"{_ref(obj)}: {where}: {exc.message}")
+    return failures
+
+
+def dashboards(objects: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(ConfigMap/name:key, dashboard) of every Grafana dashboard ConfigMap (label grafana_dashboard)."""
+    for obj in objects:
+        if obj["kind"] == "ConfigMap" and DASHBOARD_LABEL in obj["metadata"].get("labels", {}):
+            for key, text in obj.get("data", {}).items():
+                yield f"{_ref(obj)}:{key}", json.loads(text)
+
+
+def check_metrics(objects: list[dict[str, Any]]) -> list[str]:
+    """Every metric the alerts and dashboards query is exported by an instrument in the code."""
+    known = metric_names.exported_series()
+    failures = []
+    for obj in objects:
+        if obj["kind"] == "PrometheusRule":
+            failures += [f"{_ref(obj)}: {f}" for f in metric_names.unknown_metrics(metric_names.rule_queries(obj), known)]
+    try:
+        for where, dashboard in dashboards(objects):
+            failures += [f"{where}: {f}" for f in metric_names.unknown_metrics(
+                metric_names.dashboard_queries(dashboard), known)]
+    except json.JSONDecodeError as exc:
+        failures.append(f"dashboard JSON: {exc}")
     return failures
 
 
@@ -190,6 +244,7 @@ def check_case(chart: helm.Chart, name: str, values: dict[str, Any], kube_versio
     result.kinds = Counter(o["kind"] for o in objects)
     result.failures["k8s"] = validate_objects(objects, kube_version)
     result.failures["settings"] = check_settings(objects)
+    result.failures["metrics"] = check_metrics(objects)
     return result
 
 
@@ -213,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     console = Console(width=max(Console().width, 120))  # CI logs are not terminals: keep rows on one line
-    stages = ("schema", "lint", "render", "k8s", "settings")
+    stages = ("schema", "lint", "render", "k8s", "settings", "metrics")
     table = Table(title=f"adaccel chart: offline checks (Kubernetes {args.kube_version}, strict schemas)")
     table.add_column("values")
     table.add_column("objects", justify="right")

@@ -105,6 +105,45 @@ DEFS: dict[str, Schema] = {
             "type": "string",
             "enum": ["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany", "ReadOnlyMany"]}},
     }),
+    "duration": _str("a Prometheus duration", pattern="^([0-9]+(ms|s|m|h|d|w|y))+$"),
+    "stringMap": {"type": "object", "additionalProperties": {"type": "string"}},
+    "topologySpreadConstraint": {
+        "type": "object",
+        "description": "a Kubernetes TopologySpreadConstraint; labelSelector defaults to the component's selector labels",
+        "required": ["maxSkew", "topologyKey", "whenUnsatisfiable"],
+        "properties": {
+            "maxSkew": _int(1),
+            "topologyKey": _str(minLength=1),
+            "whenUnsatisfiable": _str(enum=["DoNotSchedule", "ScheduleAnyway"]),
+            "labelSelector": {"type": "object"},
+            "matchLabelKeys": {"type": "array", "items": {"type": "string"}},
+            "minDomains": _int(1),
+            "nodeAffinityPolicy": _str(enum=["Honor", "Ignore"]),
+            "nodeTaintsPolicy": _str(enum=["Honor", "Ignore"]),
+        },
+        "additionalProperties": False,
+    },
+    "networkPolicyPeer": {
+        "type": "object",
+        "description": "a Kubernetes NetworkPolicyPeer",
+        "minProperties": 1,
+        "propertyNames": {"enum": ["podSelector", "namespaceSelector", "ipBlock"]},
+    },
+    "monitor": _obj({
+        "enabled": _bool(),
+        "labels": _ref("stringMap"),
+        "interval": _ref("duration"),
+        "scrapeTimeout": _ref("duration"),
+    }),
+    "alert": {
+        **_obj({
+            "thresholdSeconds": {"type": "number", "exclusiveMinimum": 0},
+            "threshold": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "for": _ref("duration"),
+            "severity": _str(minLength=1),
+        }, required=["for", "severity"]),
+        "oneOf": [{"required": ["thresholdSeconds"]}, {"required": ["threshold"]}],
+    },
     "seccompProfile": {
         "type": "object",
         "additionalProperties": False,
@@ -150,12 +189,14 @@ def _component(component: Component) -> Schema:
         "probes": _ref("probes"),
         "customLivenessProbe": _ref("customProbe"),
         "customReadinessProbe": _ref("customProbe"),
+        "customStartupProbe": _ref("customProbe"),
         "terminationGracePeriodSeconds": _int(1, description="must exceed settings.grace_s"),
         "extraEnv": {"type": "array", "items": _ref("envVar")},
         "podAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
         "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
         "tolerations": {"type": "array", "items": {"type": "object"}},
         "affinity": _free_map("Kubernetes affinity"),
+        "topologySpreadConstraints": {"type": "array", "items": _ref("topologySpreadConstraint")},
         "serviceAccount": _ref("serviceAccount"),
     }
     if component.stateful:
@@ -171,6 +212,10 @@ def _component(component: Component) -> Schema:
         props["gpu"] = _obj({
             "count": _int(0, description="GPUs per decoder pod; 0 runs on CPU"),
             "resourceName": _str(pattern="^[a-z0-9.-]+/[a-z0-9.-]+$"),
+        })
+        props["dataVolume"] = _obj({
+            "persistent": _bool("/data on a PVC per pod (volumeClaimTemplate) instead of an emptyDir"),
+            **DEFS["persistence"]["properties"],
         })
     if component.name in ("kvstore", "pool"):
         props["persistence"] = _ref("persistence")
@@ -238,6 +283,50 @@ def build_schema() -> Schema:
             "secretName": _str("Secret mounted into every pod (TLS files, tokens); empty = none",
                                pattern="^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"),
             "mountPath": _str(pattern="^/"),
+        }),
+        "metrics": _obj({
+            "serviceMonitor": _ref("monitor"),
+            "podMonitor": _ref("monitor"),
+            "prometheusRule": _obj({
+                "enabled": _bool(),
+                "labels": _ref("stringMap"),
+                "seriesSelector": _str("PromQL label matchers, e.g. namespace=\"ads\",cluster=\"eu\"",
+                                       pattern="^[^{}]*$"),
+                "rateWindow": _ref("duration"),
+                "ttftP99": _ref("alert"),
+                "errorRatio": _ref("alert"),
+                "kafkaIngestLag": _ref("alert"),
+            }),
+        }),
+        "grafana": _obj({
+            "dashboard": _obj({
+                "enabled": _bool(),
+                "namespace": _str(pattern="^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$", maxLength=63),
+                "labels": _ref("stringMap"),
+                "annotations": _ref("stringMap"),
+            }),
+        }),
+        "networkPolicy": _obj({
+            "enabled": _bool(),
+            "router": _obj({"ingressFrom": {"type": "array", "items": _ref("networkPolicyPeer")}}),
+            "metrics": _obj({"namespaceSelector": _free_map("a LabelSelector of namespaces"),
+                             "podSelector": _free_map("a LabelSelector of pods")}),
+            "dns": _obj({"to": {"type": "array", "items": _ref("networkPolicyPeer")}}),
+            "kafka": _obj({"to": {"type": "array", "items": _ref("networkPolicyPeer")},
+                           "ports": {"type": "array", "items": _int(1, 65535)}}),
+            "otlp": _obj({"to": {"type": "array", "items": _ref("networkPolicyPeer")}}),
+            "extraEgress": {"type": "array", "items": _free_map("a Kubernetes NetworkPolicyEgressRule")},
+        }),
+        "tests": _obj({
+            "enabled": _bool(),
+            "timeoutSeconds": _int(1),
+            "resources": _ref("resources"),
+            "tls": _obj({
+                "caFile": _str(pattern="^(/.*)?$"),
+                "clientCertFile": _str(pattern="^(/.*)?$"),
+                "clientKeyFile": _str(pattern="^(/.*)?$"),
+                "serverName": _str(),
+            }),
         }),
     }
     for component in COMPONENTS:

@@ -183,6 +183,24 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- include "adaccel.topologySpread" . }}
+{{- end -}}
+
+{{/* <component>.topologySpreadConstraints; one without a labelSelector spreads this component's pods. */}}
+{{- define "adaccel.topologySpread" -}}
+{{- $selector := include "adaccel.selectorLabels" . | fromYaml -}}
+{{- $constraints := list -}}
+{{- range .values.topologySpreadConstraints -}}
+{{- $constraint := deepCopy . -}}
+{{- if not (hasKey $constraint "labelSelector") -}}
+{{- $_ := set $constraint "labelSelector" (dict "matchLabels" $selector) -}}
+{{- end -}}
+{{- $constraints = append $constraints $constraint -}}
+{{- end -}}
+{{- with $constraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{/* Container-level fields shared by every service container. */}}
@@ -226,6 +244,8 @@ envFrom:
 {{/*
 Native gRPC probes on the stock grpc.health.v1 service: readiness asks for the named service
 (SERVING only once warm), liveness and startup for the empty name (the process answers).
+The kubelet's gRPC probes speak plaintext only: with tls_cert_file set the port speaks TLS only,
+so such a component needs custom{Liveness,Readiness,Startup}Probe exec probes (k8s/README.md).
 Arguments: the component dict plus "values" and "service" (the full gRPC service name).
 */}}
 {{- define "adaccel.grpcProbe" -}}
@@ -256,7 +276,10 @@ readinessProbe:
 readinessProbe:
   {{- include "adaccel.grpcProbe" (dict "port" $port "service" .service "probe" $probes.readiness) | nindent 2 }}
 {{- end }}
-{{- if $probes.startup.enabled }}
+{{- if .values.customStartupProbe }}
+startupProbe:
+  {{- toYaml .values.customStartupProbe | nindent 2 }}
+{{- else if $probes.startup.enabled }}
 startupProbe:
   {{- include "adaccel.grpcProbe" (dict "port" $port "service" "" "probe" $probes.startup) | nindent 2 }}
 {{- end }}
@@ -358,9 +381,10 @@ which win over the hints.
 checksum/config: {{ include (printf "adaccel.%s.config" .component) .ctx | sha256sum }}
 {{- end -}}
 
-{{/* The RocksDB volume of a StatefulSet pod, mounted at /data (ADACCEL_DATA_DIR). */}}
+{{/* The /data volume (ADACCEL_DATA_DIR) of a StatefulSet pod: RocksDB (kvstore, pool: .values.persistence)
+or the decoder's profiles and gate results (decoder.dataVolume, passed as "persistence"). */}}
 {{- define "adaccel.dataClaimTemplate" -}}
-{{- $p := .values.persistence -}}
+{{- $p := .persistence | default .values.persistence -}}
 - apiVersion: v1
   kind: PersistentVolumeClaim
   metadata:
@@ -376,4 +400,27 @@ checksum/config: {{ include (printf "adaccel.%s.config" .component) .ctx | sha25
     resources:
       requests:
         storage: {{ $p.size }}
+{{- end -}}
+
+{{/* adaccel.labels plus .extra (a map of user labels); the chart's own labels win. */}}
+{{- define "adaccel.labelsWith" -}}
+{{- $labels := include "adaccel.labels" . | fromYaml -}}
+{{- toYaml (merge $labels (deepCopy (default (dict) .extra))) -}}
+{{- end -}}
+
+{{/* Label matchers of the release's own pods (every component, and the helm test pod). */}}
+{{- define "adaccel.releasePodSelector" -}}
+app.kubernetes.io/name: {{ include "adaccel.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The Prometheus Operator monitors need the metrics port; only one of them may be on. */}}
+{{- define "adaccel.monitorCheck" -}}
+{{- $m := .Values.metrics -}}
+{{- if and $m.serviceMonitor.enabled $m.podMonitor.enabled -}}
+{{- fail "metrics.serviceMonitor and metrics.podMonitor would both scrape every pod: enable one of them" -}}
+{{- end -}}
+{{- if and (or $m.serviceMonitor.enabled $m.podMonitor.enabled) (eq (include "adaccel.metricsPort" . | int) 0) -}}
+{{- fail "metrics.serviceMonitor / metrics.podMonitor need telemetry.metricsPort > 0" -}}
+{{- end -}}
 {{- end -}}

@@ -76,6 +76,11 @@ def _one(objects, kind: str, component: str) -> dict[str, Any]:
     return found
 
 
+def _service_config_maps(objects) -> list[dict[str, Any]]:
+    """The services' ConfigMaps (ADACCEL_* settings), not the Grafana dashboard's."""
+    return [o for o in objects if o["kind"] == "ConfigMap" and _component(o) in BY_NAME]
+
+
 def _parsed_settings(objects, component: str, ordinal: int = 0):
     workload = next(w for w in _workloads(objects) if _component(w) == component)
     config_maps = check.config_maps_by_name(objects)
@@ -114,7 +119,7 @@ def test_each_component_renders_one_workload(rendered, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_configmap_keys_are_fields_of_the_service_settings(rendered, case):
-    for cm in (o for o in rendered[case] if o["kind"] == "ConfigMap"):
+    for cm in _service_config_maps(rendered[case]):
         component = BY_NAME[_component(cm)]
         for key in cm["data"]:
             assert key.startswith("ADACCEL_"), key
@@ -200,10 +205,10 @@ def test_large_integers_render_as_integers(rendered):
 
 
 def test_otlp_endpoint_switches_every_service_to_otlp(rendered):
-    for cm in (o for o in rendered["prod-gpu.yaml"] if o["kind"] == "ConfigMap"):
+    for cm in _service_config_maps(rendered["prod-gpu.yaml"]):
         assert cm["data"]["ADACCEL_TELEMETRY_EXPORTER"] == "otlp"
         assert cm["data"]["ADACCEL_OTLP_ENDPOINT"].endswith(":4317")
-    for cm in (o for o in rendered["dev-cpu.yaml"] if o["kind"] == "ConfigMap"):
+    for cm in _service_config_maps(rendered["dev-cpu.yaml"]):
         assert "ADACCEL_OTLP_ENDPOINT" not in cm["data"]
 
 
@@ -253,17 +258,29 @@ def test_grpc_service_names_match_the_protos():
     assert {c.name: c.grpc_service for c in COMPONENTS} == generated
 
 
+def _health_probe_target(probe: dict[str, Any], port: int) -> str:
+    """The grpc.health.v1 service a probe asks for: the kubelet's gRPC probe on the container's
+    port, or (custom<Probe> values, TLS-capable) an exec probe running a grpc_health script with
+    the service as its first argument; anything else fails."""
+    if "grpc" in probe:
+        assert probe["grpc"]["port"] == port
+        return probe["grpc"]["service"]
+    command = probe["exec"]["command"]
+    assert command[:2] == ["python", "-c"] and "grpc_health.v1" in command[2], command[:2]
+    assert "ADACCEL_PORT" in command[2] and "ADACCEL_TLS_CERT_FILE" in command[2]
+    return command[3] if len(command) > 3 else ""
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_every_container_has_grpc_health_probes(rendered, case):
     for workload in _workloads(rendered[case]):
         component = BY_NAME[_component(workload)]
         for container in _containers(workload, init=False):
             port = container["ports"][0]["containerPort"]
-            live, ready = container["livenessProbe"], container["readinessProbe"]
-            assert live["grpc"] == {"port": port, "service": ""}
-            assert ready["grpc"] == {"port": port, "service": component.grpc_service}
+            assert _health_probe_target(container["livenessProbe"], port) == ""
+            assert _health_probe_target(container["readinessProbe"], port) == component.grpc_service
             if "startupProbe" in container:
-                assert container["startupProbe"]["grpc"] == {"port": port, "service": ""}
+                assert _health_probe_target(container["startupProbe"], port) == ""
 
 
 @pytest.mark.parametrize("case", CASES)
