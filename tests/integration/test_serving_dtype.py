@@ -4,8 +4,17 @@ KV is keyed by model and dtype, so two dtypes of one checkpoint cannot mix)."""
 
 from __future__ import annotations
 
+import pytest
+
 from adaccel.v1 import decoder_pb2, decoder_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
-from tests.integration.test_block_reuse import generate, kvstore, request, start_decoder, wait_for  # noqa: F401
+from tests.integration.test_block_reuse import generate, request, start_decoder, start_kvstore, wait_for
+
+
+@pytest.fixture
+def kvstore(tmp_path):
+    handle, store = start_kvstore(tmp_path)
+    yield handle, store
+    handle.stop(0)
 
 
 def test_a_bfloat16_decoder_publishes_half_size_blocks_a_float32_one_never_reads(

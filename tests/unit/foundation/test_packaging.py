@@ -98,3 +98,84 @@ def test_the_image_copies_what_its_ignore_file_lets_through() -> None:
         assert (ROOT / src).exists(), f"the Dockerfile copies {src}, which is not in the repository"
         assert src in allowed, f"the Dockerfile copies {src}, which k8s/Dockerfile.dockerignore leaves out"
     assert "requirements-serve.lock" in dockerfile and "--require-hashes" in dockerfile
+
+
+def imported_modules(folders: list[str], *, module_level_only: bool) -> dict[str, str]:
+    """Full names of the third-party modules the code imports -> one file importing each. Module
+    level only: the imports a module cannot run without (not those inside functions or try blocks)."""
+    import ast
+    import sys
+
+    found: dict[str, str] = {}
+    local = {"adaccel", "common", "services", "kernels", "bench", "tests", "k8s", "clients", "adaccel_client"}
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            nodes = tree.body if module_level_only else list(ast.walk(tree))
+            for node in nodes:
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    # The names may be modules (`from google.rpc import status_pb2`): the longest
+                    # known prefix decides in distribution_of.
+                    names = [f"{node.module}.{alias.name}" for alias in node.names]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in local and top != "__future__":
+                        found.setdefault(name, str(path.relative_to(ROOT)))
+    return found
+
+
+def distribution_of(module: str, owners: dict[str, str]) -> str | None:
+    """The installed distribution that holds `module`: its longest package prefix that one
+    distribution ships (namespace packages such as opentelemetry span many distributions, so
+    `opentelemetry.instrumentation.logging` decides, not `opentelemetry`)."""
+    parts = module.split(".")
+    for depth in range(len(parts), 0, -1):
+        owner = owners.get("/".join(parts[:depth]))
+        if owner is not None:
+            return owner
+    return None  # a bare namespace (`import opentelemetry`), or not installed here
+
+
+def installed_files() -> dict[str, str]:
+    """Module paths ("a/b" for a/b/__init__.py or a/b.py, "m" for an extension module m.*.so) -> the
+    distribution that ships them, from the installed distributions' RECORD files."""
+    owners: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        for file in dist.files or []:
+            path = str(file)
+            if path.endswith("/__init__.py"):
+                owners.setdefault(path.removesuffix("/__init__.py"), name)
+            elif path.endswith(".py"):
+                owners.setdefault(path.removesuffix(".py"), name)
+            elif "/" not in path and path.endswith(".so"):
+                owners.setdefault(path.split(".")[0], name)
+    return owners
+
+
+# The embedded broker of `make run` / `make test` (services/stack.py): never started in the image.
+LOCAL_RUN_ONLY = {"common/broker.py"}
+
+
+def test_what_the_code_imports_is_declared() -> None:
+    files = installed_files()
+    groups = declared()
+    everything = serving_closure([req for reqs in groups.values() for req in reqs])
+    serving = serving_closure(groups["base"] + groups["serve"])
+    for module, where in imported_modules(["common", "services", "kernels", "bench", "k8s", "tests"],
+                                          module_level_only=False).items():
+        owner = distribution_of(module, files)
+        if owner is None:
+            continue  # not installed here: an optional import the code guards (a GPU-only package, say)
+        assert owner in everything, f"{where} imports {module} ({owner}), which no group of pyproject.toml declares"
+    for module, where in imported_modules(["common", "services", "kernels"], module_level_only=True).items():
+        if where in LOCAL_RUN_ONLY:
+            continue
+        owner = distribution_of(module, files)
+        if owner is None and module.split(".")[0] == module:
+            continue  # a bare namespace package
+        assert owner in serving, f"{where} needs {module} ({owner}) to import, but base + serve lacks it"
