@@ -63,7 +63,11 @@ class PoolRegistry:
 
     def resolve(self, pool_key: str | None) -> TokenTrie:
         """The most specific existing pool for `pool_key`, else the global pool (pool_keys.py)."""
-        return self._pools[resolve_pool_key(pool_key, self._pools, self.global_key)]
+        return self._pools[self.resolve_key(pool_key)]
+
+    def resolve_key(self, pool_key: str | None) -> str:
+        """The key of the pool `resolve` returns (what a request's stats report it drafted from)."""
+        return resolve_pool_key(pool_key, self._pools, self.global_key)
 
 
 @dataclass(slots=True, frozen=True)

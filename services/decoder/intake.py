@@ -10,6 +10,7 @@ flows on unchanged: servicer -> batcher -> engine.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -27,6 +28,8 @@ from common.prompt_tokens import (
 from common.rpc.errors import InvalidArgument, Reason
 from services.decoder.block_cache import BlockCache, BlockPlan
 from services.decoder.engine import GenerationConfig, TokenTrie
+
+log = logging.getLogger(__name__)
 
 # The API's defaults of its optional fields (GenerationConfig's, DARE's run scripts: top-2, p >= 0.1).
 DEFAULT_RELAXED_TOP_K = 2
@@ -73,6 +76,7 @@ class PreparedRequest:
     pool: TokenTrie | None
     blocks: BlockPlan | None  # reused blocks found by the lookup (None: prefill everything)
     kv_tokens: int
+    pool_key: str = ""  # the pool drafted from (the request's key, a parent or "global"; "" = none)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -141,9 +145,14 @@ class RequestIntake:
         # tracker only records the key (a background refresh fetches it): no RPC on this path.
         if self.pool_tracker is not None:
             self.pool_tracker.note(request.pool_key or None)
-        pool = self.pools.resolve(request.pool_key or None)
+        pool_key = self.pools.resolve_key(request.pool_key or None)
+        pool = self.pools.resolve(pool_key)
         kv_tokens = len(prompt.token_ids) + config.max_new_tokens + self.tree.tree_tokens(config) + 1
-        return PreparedRequest(request_id, prompt, config, pool, None, kv_tokens)
+        if pool_key != (request.pool_key or pool_key):
+            log.debug("pool key not held here: drafting from its fallback",
+                     extra={"request_id": request_id, "pool_key": request.pool_key, "pool_key_used": pool_key})
+        return PreparedRequest(request_id, prompt, config, pool, None, kv_tokens,
+                               pool_key=pool_key if config.drafting else "")
 
     def with_blocks(self, prepared: PreparedRequest, request: common_pb2.GenerateRequest) -> PreparedRequest:
         """The request with its reusable blocks looked up (after admission: the lookup reads the

@@ -61,6 +61,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
             transcript = Transcript(self.tokenizer, eos_token_id=self.intake.eos_token_id,
                                     prompt_tokens=len(prepared.prompt_ids), prepare_s=admitted - arrived,
                                     block_lookup_s=ticket.submitted_at - admitted)
+            transcript.stats.pool_key_used = prepared.pool_key
             for step in ticket:
                 delta = transcript.add(step, seconds_since_arrival=time.perf_counter() - arrived,
                                        prefill=ticket.prefill)

@@ -101,3 +101,14 @@ def test_a_request_larger_than_the_whole_budget_is_refused_without_a_hint(decode
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "whole budget" in err.value.details()
     assert RETRY_AFTER_MS not in dict(err.value.trailing_metadata())
+
+
+def test_an_unknown_pool_key_falls_back_to_the_global_pool_and_says_so(decoder, channel_to):
+    stub = decoder_pb2_grpc.DecoderStub(channel_to(decoder.address))
+    unknown = request("pool-unknown", "likes hiking boots\n", 8)
+    unknown.pool_key = "garden/tools"
+    summary = list(stub.Generate(unknown, timeout=60))[-1].summary
+    assert summary.stats.new_tokens == 8 and summary.stats.pool_key_used == "global"
+    plain = request("pool-off", "likes hiking boots\n", 8)
+    plain.params.advanced.disable_drafting = True
+    assert list(stub.Generate(plain, timeout=60))[-1].summary.stats.pool_key_used == ""

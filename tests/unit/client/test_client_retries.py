@@ -355,3 +355,12 @@ def test_retry_policy_rejects_nonsense():
         RetryPolicy(max_retries=-1)
     with pytest.raises(ValueError):
         RetryPolicy(multiplier=0.5)
+
+
+def test_the_typed_stats_carry_every_field_of_the_message() -> None:
+    import dataclasses
+
+    from adaccel_client._stubs import common_pb2
+    from adaccel_client.types import Stats
+
+    assert {f.name for f in dataclasses.fields(Stats)} == set(common_pb2.GenerationStats.DESCRIPTOR.fields_by_name)

@@ -57,6 +57,18 @@ def test_prepared_once_with_its_pool_config_and_kv_need(intake):
     assert intake.held_pool_keys() == ["shop"]
 
 
+def test_the_pool_drafted_from_is_named_fallbacks_included(intake):
+    assert intake.prepare(request(), "r").pool_key == "shop"  # "shop/shoes" is not held: its parent
+    unknown = request()
+    unknown.pool_key = "garden/tools"
+    assert intake.prepare(unknown, "r").pool_key == "global"  # an unknown key is no error: global
+    exact = request()
+    exact.pool_key = "shop"
+    assert intake.prepare(exact, "r").pool_key == "shop"
+    off = request(advanced=common_pb2.AdvancedParams(disable_drafting=True))
+    assert intake.prepare(off, "r").pool_key == ""  # drafted from no pool
+
+
 def test_the_reservation_follows_the_request_s_own_tree(intake):
     own_tree = request(advanced=common_pb2.AdvancedParams(decoding_length=100))
     assert intake.prepare(own_tree, "r").kv_tokens == 16 + 20 + 100 + 1

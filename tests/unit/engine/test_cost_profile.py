@@ -63,3 +63,22 @@ def test_decoder_start_up_uses_the_stored_profile_or_a_short_one(tiny_llama_path
     assert measured.model_id == loaded.model_id and measured.batches[0] == 1 and max(measured.batches) <= 2
     assert profile_path(tmp_path, loaded.model_id).exists()
     assert startup_cost_model(off, loaded) == measured  # stored: reused even with profiling off
+
+
+def test_a_profile_that_cannot_be_measured_falls_back_to_the_conservative_curve_loudly(
+        tiny_llama_path, tmp_path, monkeypatch, caplog) -> None:
+    from services.decoder import cost_profile
+
+    loaded = load_model(tiny_llama_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(cost_profile, "load_or_profile", broken)
+    settings = DecoderSettings(data_dir=tmp_path, adaptive_drafting=True, cost_profile_s=0.5)
+    with caplog.at_level("WARNING", logger=cost_profile.__name__):
+        fallback = startup_cost_model(settings, loaded)
+    assert fallback == cost_profile.conservative_cost_model()
+    assert "could not be measured" in caplog.text and "out of memory" in caplog.records[-1].error
+    # 16 draft tokens cost 2.5 one-token steps: a tree must be likely accepted to pay.
+    assert 2.4 < fallback.predict(17, 1, 512) / fallback.predict(1, 1, 512) < 2.7

@@ -148,6 +148,7 @@ class Stats:
     queue_s: float = 0.0
     prefill_s: float = 0.0
     first_step_s: float = 0.0
+    pool_key_used: str = ""  # the draft pool it drafted from ("global" when its key fell back)
 
     @classmethod
     def from_proto(cls, stats: common_pb2.GenerationStats) -> Stats:
