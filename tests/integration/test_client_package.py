@@ -45,6 +45,11 @@ ALLOWED_DISTRIBUTIONS = {"adaccel-client", "grpcio", "grpcio-status", "protobuf"
                          "typing-extensions"}
 
 
+# The fresh venv's processes see nothing of this checkout: `make test` exports PYTHONPATH=<repo>,
+# which would put the repository's own generated adaccel/ package on their path.
+FRESH_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
 def _bin(venv: Path, name: str) -> Path:
     return venv / ("Scripts" if os.name == "nt" else "bin") / name
 
@@ -65,7 +70,7 @@ def client_venv(tmp_path_factory) -> Path:
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(_bin(venv, "python")), "install", "-q",
          "--disable-pip-version-check", str(checkout / "clients" / "python")],
-        capture_output=True, text=True, timeout=240)
+        capture_output=True, text=True, timeout=240, env=FRESH_ENV)
     assert install.returncode == 0, install.stdout + install.stderr
     print(f"fresh venv + pip install clients/python: {time.monotonic() - started:.1f} s")
     return venv
@@ -73,7 +78,7 @@ def client_venv(tmp_path_factory) -> Path:
 
 def venv_python(venv: Path, code: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(_bin(venv, "python")), "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=venv.parent)
+                          cwd=venv.parent, env=FRESH_ENV)
 
 
 @pytest.mark.slow
@@ -119,7 +124,7 @@ def secure_router(tmp_path_factory, tiny_llama_path, one_torch_thread):
 
 def cli(venv: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(_bin(venv, "adaccel-client")), *args], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, cwd=venv.parent, env=FRESH_ENV)
 
 
 @pytest.mark.slow
