@@ -31,7 +31,7 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     # Draft sizes: defaults from the one draft geometry (common/drafting/geometry.py).
     decoding_length: int = Field(DEFAULT_GEOMETRY.decoding_length, ge=1, description="default draft tokens per verification step")
     branch_length: int = Field(DEFAULT_GEOMETRY.branch_length, ge=1, description="default depth of a draft branch")
-    adaptive_drafting: bool = Field(False, description="size each step's draft tree by expected tokens per second (measured step cost x draft confidence); decoding_length/branch_length then cap the candidates")
+    adaptive_drafting: bool = Field(True, description="size each step's draft tree by expected tokens per second (measured step cost x draft confidence), drafting nothing where nothing pays, among candidates within adaptive_max_tokens x adaptive_max_depth; false = the fixed decoding_length x branch_length tree every step")
     adaptive_max_tokens: int = Field(DEFAULT_GEOMETRY.adaptive_max_tokens, ge=1, description="adaptive drafting: candidate draft tokens per request and step at most")
     adaptive_max_depth: int = Field(DEFAULT_GEOMETRY.adaptive_max_depth, ge=1, description="adaptive drafting: deepest candidate branch")
     adaptive_confidence_weights: str = Field(

@@ -35,20 +35,7 @@ SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.ku
 
 # ---- fixtures: load and render once -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def chart():
-    with helm.Chart.load(check.CHART_DIR) as loaded:
-        yield loaded
-
-
-@pytest.fixture(scope="module")
-def values_by_case() -> dict[str, dict[str, Any]]:
-    return {name: check.load_values(path) for name, path in check.cases()}
-
-
-@pytest.fixture(scope="module")
-def rendered(chart, values_by_case) -> dict[str, list[dict[str, Any]]]:
-    return {name: check.render_objects(chart, values) for name, values in values_by_case.items()}
+# chart, values_by_case, rendered: tests/unit/k8s/conftest.py
 
 
 def _workloads(objects) -> list[dict[str, Any]]:

@@ -39,20 +39,7 @@ PROD_CASE = "prod-gpu.yaml"
 
 # ---- fixtures and helpers ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def chart():
-    with helm.Chart.load(check.CHART_DIR) as loaded:
-        yield loaded
-
-
-@pytest.fixture(scope="module")
-def values_by_case() -> dict[str, dict[str, Any]]:
-    return {name: check.load_values(path) for name, path in check.cases()}
-
-
-@pytest.fixture(scope="module")
-def rendered(chart, values_by_case) -> dict[str, list[dict[str, Any]]]:
-    return {name: check.render_objects(chart, values) for name, values in values_by_case.items()}
+# chart, values_by_case, rendered: tests/unit/k8s/conftest.py
 
 
 def _component(obj) -> str:
