@@ -117,7 +117,7 @@ install_and_convert() {
 run_checks() {
   local out=${OUT:-/tmp/adaccel-gpu-out} t0=$SECONDS
   mkdir -p "$out" /tmp/gpu-results
-  export PYTHONUNBUFFERED=1 ADACCEL_TEST_DEVICE=cuda
+  export PYTHONUNBUFFERED=1 TEST_TORCH_DEVICE=cuda
   echo "== lossless property test on CUDA"
   python3 -m pytest -q -p no:cacheprovider tests/unit/engine/test_engine_greedy.py 2>&1 | tee "$out/lossless-cuda.log" | tail -3
   echo "== Triton kernels (fp32, fp16, bf16) and assembly on the kernels"

@@ -3,7 +3,7 @@
 Property tests over random prompts, random pools (random token sequences, and pools built
 from the greedy continuation itself, intact or mutated, so long acceptances really happen),
 random tree budgets and lookup keys, fixed or adaptive drafting, on tiny Llama and Qwen2 (fp32, CPU; on a GPU
-with ADACCEL_TEST_DEVICE=cuda, as bench/gpu_check.sh runs it); single requests and batches of prompts of
+with TEST_TORCH_DEVICE=cuda, as bench/gpu_check.sh runs it); single requests and batches of prompts of
 different lengths. The reference is a plain one-token-at-a-time loop
 over a DynamicCache (checked against transformers' generate once).
 
@@ -31,7 +31,7 @@ from services.decoder.engine import DecodingEngine, EngineSettings, GenerationCo
 
 TIE_GAP = 1e-4
 # Where the models run: the CPU here; bench/gpu_check.sh sets cuda on a lent GPU.
-DEVICE = torch.device(os.environ.get("ADACCEL_TEST_DEVICE", "cpu"))
+DEVICE = torch.device(os.environ.get("TEST_TORCH_DEVICE", "cpu"))
 MAX_NEW = 40
 PROPERTY = settings(
     max_examples=50,
