@@ -278,10 +278,12 @@ def test_acceptance_model_is_the_logistic_of_the_documented_features(nodes, weig
 
 
 def test_feature_model_ranks_the_top_child_above_what_the_prompt_alone_proposes() -> None:
-    """Same frequency, the pool's top child against a later sibling only the request's text proposed."""
+    """Same frequency, the pool's top child against a later sibling only the request's text proposed:
+    being the top sibling weighs more than coming from the prompt (true of every fit so far; the
+    absolute levels are the fitted model's)."""
     tree = DraftTree(tokens=[3, 8], parents=[-1, -1], scores=[0.5, 0.5])
     top, from_prompt = confidence.acceptance_probabilities(tree, [0.5, 0.5], [False, True], ConfidenceSettings())
-    assert top > 0.5 > from_prompt
+    assert top > from_prompt
 
 
 def test_decoder_setting_carries_the_confidence_weights_or_none() -> None:
