@@ -69,6 +69,10 @@ class PoolRegistry:
         """The key of the pool `resolve` returns (what a request's stats report it drafted from)."""
         return resolve_pool_key(pool_key, self._pools, self.global_key)
 
+    def __getitem__(self, pool_key: str) -> TokenTrie:
+        """The pool held under exactly this key (a `resolve_key` result); KeyError otherwise."""
+        return self._pools[pool_key]
+
 
 @dataclass(slots=True, frozen=True)
 class DraftSettings:

@@ -146,7 +146,7 @@ class RequestIntake:
         if self.pool_tracker is not None:
             self.pool_tracker.note(request.pool_key or None)
         pool_key = self.pools.resolve_key(request.pool_key or None)
-        pool = self.pools.resolve(pool_key)
+        pool = self.pools[pool_key]
         kv_tokens = len(prompt.token_ids) + config.max_new_tokens + self.tree.tree_tokens(config) + 1
         if pool_key != (request.pool_key or pool_key):
             log.debug("pool key not held here: drafting from its fallback",
