@@ -217,7 +217,7 @@ def run(args) -> dict:
     config = GenerationConfig(max_new_tokens=GENERATED, eos_token_id=None)
     settings = ReuseSettings(mode="cacheblend", recompute_ratio=args.recompute_ratio, epic_tokens=args.epic_tokens,
                              kernel_backend=resolve_backend("auto", args.device))
-    block_cache = BlockCache(loaded.model, loaded.tokenizer, loaded.model_id, settings,
+    block_cache = BlockCache(loaded.model, loaded.tokenizer, loaded.blocks_model_id, settings,
                              LocalBlockMemory(4 << 30, 1 << 30), None)
     prefix = PrefixCache()
     console = Console(width=160)

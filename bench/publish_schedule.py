@@ -87,7 +87,7 @@ class Timed:
 
 
 def run_once(loaded, engine, intake_of, running, arrivals, policy: int, max_new_tokens: int) -> dict:
-    cache = BlockCache(loaded.model, loaded.tokenizer, loaded.model_id, ReuseSettings(mode="reuse"),
+    cache = BlockCache(loaded.model, loaded.tokenizer, loaded.blocks_model_id, ReuseSettings(mode="reuse"),
                        LocalBlockMemory(1 << 34, 1 << 34), None)
     admission = KvAdmission(budget_bytes=1 << 36, bytes_per_token=1, max_requests=64)
     batcher = Batcher(engine, admission, max_batch_size=16, block_cache=cache,

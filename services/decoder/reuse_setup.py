@@ -166,7 +166,7 @@ def create_block_cache(settings: DecoderSettings, loaded: LoadedModel, *, tracer
                      len(channels), embed.name, anchors)
         store = KvStoreClient(Placement(list(channels), buckets), channels, timeout_s=settings.kvstore_timeout_s,
                               down_backoff_s=settings.kvstore_backoff_s, embed=embed)
-    cache = BlockCache(loaded.model, loaded.tokenizer, loaded.model_id, reuse, memory, store,
+    cache = BlockCache(loaded.model, loaded.tokenizer, loaded.blocks_model_id, reuse, memory, store,
                        publish_queue=settings.publish_queue, chunk_bytes=settings.kvstore_chunk_bytes)
     cache.mode = gated_mode(settings, loaded, cache.model_key)
     closers.insert(0, cache.close)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     model_path = args.model_path or default_model_path(args.data_dir)
     settings = DecoderSettings(data_dir=args.data_dir, model_path=model_path)
     loaded = load_model(model_path, device=settings.device, dtype=serving_dtype(settings.dtype, settings.device))
-    mode = gated_mode(settings, loaded, cache_model_key(loaded.model_id, loaded.model.dtype), progress=True)
+    mode = gated_mode(settings, loaded, cache_model_key(loaded.blocks_model_id, loaded.model.dtype), progress=True)
     print(f"block reuse for {loaded.model_id}: serving mode {mode!r} (configured {settings.reuse_mode!r})")
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
 from common.blocks.hashing import BlockKind, block_hash, tokenizer_fingerprint
+from common.blocks.kv_codec import cache_model_key
 from common.modeling.loading import load_model
 from common.rpc.server import create_server
 from common.telemetry import null_telemetry
@@ -107,7 +109,7 @@ def test_blocks_are_reused_across_positions_replicas_corruption_and_a_dead_store
         # Corrupt item 0's bytes on disk (and drop the store's memory copy): the store must not
         # serve it, the fresh replica recomputes it, and the output is unchanged.
         loaded = load_model(tiny_llama_path)
-        model_key = f"{loaded.model_id}:float32"
+        model_key = cache_model_key(loaded.blocks_model_id, torch.float32)
         item0 = loaded.tokenizer(ITEMS[0], add_special_tokens=False)["input_ids"]
         key = storage_key(model_key, block_hash(model_id=model_key, tokenizer_fp=tokenizer_fingerprint(loaded.tokenizer),
                                                 kind=BlockKind.ITEM, token_ids=item0))
@@ -163,7 +165,7 @@ def test_items_are_sharded_by_learned_anchors_and_replicas_read_them_back(tmp_pa
     addresses = [handle.address for handle, _ in shards]
     placement = Placement(addresses, AnchorBuckets.load(anchors_file, embed.dim))
     loaded = load_model(tiny_llama_path)
-    model_key = f"{loaded.model_id}:float32"
+    model_key = cache_model_key(loaded.blocks_model_id, torch.float32)
     fp = tokenizer_fingerprint(loaded.tokenizer)
 
     def key_of(kind, text, special=False):
