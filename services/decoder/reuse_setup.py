@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = DecoderSettings(data_dir=args.data_dir, model_path=model_path)
     loaded = load_model(model_path, device=settings.device, dtype=serving_dtype(settings.dtype, settings.device))
     mode = gated_mode(settings, loaded, cache_model_key(loaded.blocks_model_id, loaded.model.dtype), progress=True)
-    print(f"block reuse for {loaded.model_id}: serving mode {mode!r} (configured {settings.reuse_mode!r})")
+    print(f"block reuse for {loaded.blocks_model_id}: serving mode {mode!r} (configured {settings.reuse_mode!r})")
 
 
 if __name__ == "__main__":
