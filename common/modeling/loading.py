@@ -31,12 +31,12 @@ class LoadedModel:
     random_weights: bool
     # A digest of the weights themselves: two checkpoints whose directories (or cards) give the
     # same model_id, e.g. two fine-tunes saved as ".../model", must never share block KV.
-    weights_fingerprint: str = ""
+    weights_fingerprint: str
 
     @property
     def blocks_model_id(self) -> str:
         """The model name block KV, the kv-store and the reuse gate are keyed by (dtype added later)."""
-        return f"{self.model_id}@{self.weights_fingerprint}" if self.weights_fingerprint else self.model_id
+        return f"{self.model_id}@{self.weights_fingerprint}"
 
 
 def load_model(
