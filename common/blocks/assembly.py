@@ -53,10 +53,13 @@ DEVIATION_TARGETS = ("value", "key")
 
 @dataclass(frozen=True)
 class BlockKV:
-    """One block's KV computed standalone at positions [0, n); keys are RoPE-rotated at those."""
+    """One block's KV computed at positions [base_position, base_position + n); keys are
+    RoPE-rotated at those. base_position is 0 for a block computed standalone, and the context's
+    length for one computed after a context (`compute_block_kv(..., context=...)`)."""
 
     keys: tuple[torch.Tensor, ...]  # per layer [1, kv_heads, n, head_dim]
     values: tuple[torch.Tensor, ...]  # per layer [1, kv_heads, n, head_dim]
+    base_position: int = 0
 
     def __post_init__(self) -> None:
         assert len(self.keys) == len(self.values) > 0, (len(self.keys), len(self.values))
@@ -99,18 +102,35 @@ def _num_layers(model) -> int:
 
 
 @torch.no_grad()
-def compute_block_kv(model, token_ids: Sequence[int]) -> BlockKV:
-    """A block's KV, computed alone at positions [0, n): what the KV store keeps under its hash."""
+def compute_block_kv(model, token_ids: Sequence[int], context: BlockKV | None = None) -> BlockKV:
+    """A block's KV: what the KV store keeps under its hash.
+
+    Without a context the block is computed alone at positions [0, n). With one (a block that
+    itself starts at position 0, typically the prompt's instruction block) the block is computed
+    right after it, at positions [c, c + n), attending to it: its keys and values then saw the
+    same start of prompt they will see when reused, so the block does not make its own first token
+    an attention sink (a standalone block's first token draws the attention a real model gives
+    position 0, which reused at a later offset pulls the answer off on pretrained models).
+    """
     assert len(token_ids) > 0, "empty block"
+    assert context is None or context.base_position == 0, "a context must start the prompt"
     device = model.device
+    start = 0 if context is None else context.num_tokens
     ids = torch.as_tensor(list(token_ids), dtype=torch.int64, device=device)[None]  # [1, n]
-    positions = torch.arange(ids.shape[1], device=device)[None]  # [1, n]
-    cache = DynamicCache(config=model.config)
+    positions = torch.arange(start, start + ids.shape[1], device=device)[None]  # [1, n]
+    if context is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = DynamicCache(
+            ddp_cache_data=[(k.to(model.dtype), v.to(model.dtype)) for k, v in zip(context.keys, context.values, strict=True)],
+            config=model.config,
+        )
     model.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
     layers = cache.layers[: _num_layers(model)]
     return BlockKV(
-        keys=tuple(layer.keys.clone() for layer in layers),
-        values=tuple(layer.values.clone() for layer in layers),
+        keys=tuple(layer.keys[:, :, start:].clone() for layer in layers),
+        values=tuple(layer.values[:, :, start:].clone() for layer in layers),
+        base_position=start,
     )
 
 
@@ -146,8 +166,12 @@ def _reused_kv(model, spec: RopeSpec, blocks, layout: _Layout, backend: str):
     zeros where nothing is cached (always overwritten by computed KV before attention reads it)."""
     n_tokens = layout.token_ids.shape[0]
     cached_kvs = [kv for _, kv in blocks if kv is not None]
-    # Re-rotate by the block's start; zero delta leaves a block at position 0 bit-exact.
-    delta = layout.block_start.masked_fill(~layout.cached, 0)  # [N]
+    # Re-rotate from where the block was computed to where it starts now; a zero delta (a block at
+    # the position it was computed at) leaves its keys bit-exact.
+    base = torch.cat([torch.full((len(ids),), kv.base_position if kv is not None else 0, dtype=torch.int64)
+                      for ids, kv in blocks] + [torch.zeros(n_tokens - sum(len(ids) for ids, _ in blocks),
+                                                            dtype=torch.int64)]).to(layout.block_start.device)  # [N]
+    delta = (layout.block_start - base).masked_fill(~layout.cached, 0)  # [N]
     keys, values = [], []
     for layer in range(_num_layers(model)):
         k_buf = _empty_kv(model, n_tokens, spec.head_dim)  # [1, Hkv, N, D]

@@ -91,6 +91,9 @@ def encode_block(kv: BlockKV, *, hash_: BlockHash, model_id: str) -> tuple[Block
     """One tensor [layers, 2 (K, V), kv_heads, tokens, head_dim], raw bytes in C order, and its header."""
     import torch
 
+    # The header has no field for where a block was computed: only standalone blocks (computed at
+    # position 0, what the decoder publishes) travel; a context-conditioned one would be moved wrongly.
+    assert kv.base_position == 0, f"only standalone blocks are stored, got base_position {kv.base_position}"
     stacked = torch.stack([torch.stack((k[0], v[0])) for k, v in zip(kv.keys, kv.values, strict=True)])
     stacked = stacked.detach().to("cpu").contiguous()  # [L, 2, Hkv, T, D]
     data = stacked.view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included

@@ -105,6 +105,36 @@ def test_non_prefix_reuse_differs_and_cacheblend_at_ratio_one_equals_full(model)
     assert blended.stats.recomputed_tokens == len(prompt) - len(tail) - len(blocks[0])
 
 
+def test_a_block_computed_after_the_prompts_first_block_is_exact_right_after_it(model):
+    # [instruction][history][item]: history computed after the instruction sits where it was
+    # computed, so its KV is full prefill's; the item, computed after the instruction too, is
+    # re-rotated from there to its real offset and is the only approximate part.
+    blocks, tail = random_prompt(3)
+    prompt = sum(blocks, []) + tail
+    ref_logits, ref_cache = plain_forward(model, prompt)
+    context = compute_block_kv(model, blocks[0])
+    history = compute_block_kv(model, blocks[1], context=context)
+    assert history.base_position == len(blocks[0]) and history.num_tokens == len(blocks[1])
+    exact = assemble(model, [(blocks[0], context), (blocks[1], history), (blocks[2], None)], tail, mode="reuse")
+    torch.testing.assert_close(exact.last_logits, ref_logits, atol=1e-5, rtol=0)
+    assert_cache_close(exact.cache, ref_cache, model.config.num_hidden_layers, atol=1e-5)
+
+    item = compute_block_kv(model, blocks[2], context=context)
+    moved = assemble(model, [(blocks[0], context), (blocks[1], history), (blocks[2], item)], tail, mode="reuse")
+    assert (moved.last_logits - ref_logits).abs().max().item() > 1e-4
+    blended = assemble(model, [(blocks[0], context), (blocks[1], history), (blocks[2], item)], tail,
+                       mode="cacheblend", recompute_ratio=1.0)
+    torch.testing.assert_close(blended.last_logits, ref_logits, atol=1e-4, rtol=0)
+
+
+def test_a_context_that_does_not_start_the_prompt_is_refused(model):
+    blocks, _ = random_prompt(4)
+    context = compute_block_kv(model, blocks[0])
+    later = compute_block_kv(model, blocks[1], context=context)
+    with pytest.raises(AssertionError, match="context must start the prompt"):
+        compute_block_kv(model, blocks[2], context=later)
+
+
 def test_cacheblend_is_closer_to_full_than_pure_reuse_on_average():
     model = build("llama", layers=4)
     kl_reuse, kl_blend = [], []
