@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install lock protos proto-check model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-placement bench-load bench-publish-schedule test-faults gpu-check k8s-check clean
+.PHONY: help install lock protos proto-check model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-reuse-quality bench-placement bench-load bench-publish-schedule test-faults gpu-check k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -116,7 +116,7 @@ test-faults: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --faults-json bench/results/faults.json \
 		$(if $(FAULTS_MODEL),--faults-model $(FAULTS_MODEL),)
 
-bench: bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-prefill bench-routing bench-placement bench-load bench-publish-schedule
+bench: bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-prefill bench-reuse-quality bench-routing bench-placement bench-load bench-publish-schedule
 
 bench-decode: install model
 	$(PY) -m bench.decode --data-dir $(DATA_DIR)
@@ -135,6 +135,11 @@ bench-freshness: install model
 
 bench-prefill: install model
 	$(PY) -m bench.prefill --data-dir $(DATA_DIR)
+
+# Every reuse mode (pure, CacheBlend 5-20%, EPIC 8/16/32) with standalone and instruction-conditioned
+# blocks against full prefill: the speed against quality curve, the ads check, a deviation profile.
+bench-reuse-quality: install model
+	$(PY) -m bench.reuse_quality --data-dir $(DATA_DIR)
 
 # Affinity vs round-robin vs least-loaded scheduling on 2-4 decoders (BENCH_QUICK=1: a short run).
 bench-routing: install model

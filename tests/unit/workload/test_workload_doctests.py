@@ -14,6 +14,7 @@ MODULES = [
     "common.workload.corpus_stats",
     "common.workload.assemble",
     "common.workload.prompts",
+    "common.workload.answer_checks",
     "common.modeling.training",
     "common.modeling.tokenizer_training",
 ]
