@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install lock protos proto-check model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-reuse-quality bench-placement bench-load bench-publish-schedule test-faults gpu-check k8s-check clean
+.PHONY: help install lock protos proto-check model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-reuse-quality bench-block-transfer bench-placement bench-load bench-publish-schedule test-faults gpu-check k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -116,7 +116,7 @@ test-faults: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/fuzz tests/faults --faults-json bench/results/faults.json \
 		$(if $(FAULTS_MODEL),--faults-model $(FAULTS_MODEL),)
 
-bench: bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-prefill bench-reuse-quality bench-routing bench-placement bench-load bench-publish-schedule
+bench: bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-prefill bench-reuse-quality bench-block-transfer bench-routing bench-placement bench-load bench-publish-schedule
 
 bench-decode: install model
 	$(PY) -m bench.decode --data-dir $(DATA_DIR)
@@ -140,6 +140,10 @@ bench-prefill: install model
 # blocks against full prefill: the speed against quality curve, the ads check, a deviation profile.
 bench-reuse-quality: install model
 	$(PY) -m bench.reuse_quality --data-dir $(DATA_DIR)
+
+# Fetching a block's KV from a real kv-store on loopback against recomputing it, by length and dtype.
+bench-block-transfer: install model
+	$(PY) -m bench.block_transfer --data-dir $(DATA_DIR)
 
 # Affinity vs round-robin vs least-loaded scheduling on 2-4 decoders (BENCH_QUICK=1: a short run).
 bench-routing: install model
