@@ -21,12 +21,11 @@ from rich.console import Console
 from tqdm import tqdm
 
 from bench.common import (
-    RESULTS_DIR,
     add_model_arguments,
+    parse_model_bench_args,
     bench_parser,
     figure,
     quick_run,
-    resolve_model_arguments,
     results_table,
     save_figure,
     spread,
@@ -155,11 +154,7 @@ def parse_args(argv: list[str] | None = None):
     add_model_arguments(parser)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
     parser.add_argument("--repeats", type=int, default=2 if quick else 5)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    resolve_model_arguments(args)
-    return args
+    return parse_model_bench_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,6 +60,15 @@ def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def parse_model_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None, *,
+                           threads: int = 2) -> argparse.Namespace:
+    """Adds --threads and --results-dir, parses `argv` and resolves the model arguments
+    (`add_model_arguments`): the closing steps of a model bench's argument parsing."""
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return resolve_model_arguments(parser.parse_args(argv))
+
+
 def load_model_and_workload(args: argparse.Namespace):
     """(loaded model, workload prompts, warm-up texts) for a bench over workload prompts; seeds
     torch and applies --threads (0 = torch's default) first."""

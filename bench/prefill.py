@@ -30,7 +30,6 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,10 +40,9 @@ from transformers import DynamicCache
 
 from adaccel.v1 import common_pb2
 from bench.common import (
-    RESULTS_DIR,
     add_model_arguments,
+    parse_model_bench_args,
     quick_run,
-    resolve_model_arguments,
     spread,
     write_results,
 )
@@ -338,12 +336,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--recompute-ratio", type=float, default=0.15)
     parser.add_argument("--epic-tokens", type=int, default=16)
     parser.add_argument("--max-prompt-tokens", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    resolve_model_arguments(args)
-    return args
+    return parse_model_bench_args(parser, argv, threads=1)
 
 
 def main(argv: list[str] | None = None) -> None:

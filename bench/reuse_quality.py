@@ -41,12 +41,11 @@ from rich.console import Console
 from tqdm import tqdm
 
 from bench.common import (
-    RESULTS_DIR,
     add_model_arguments,
+    parse_model_bench_args,
     bench_parser,
     figure,
     quick_run,
-    resolve_model_arguments,
     results_table,
     save_figure,
     spread,
@@ -294,12 +293,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--contexts", nargs="+", choices=CONTEXTS, default=list(CONTEXTS))
     parser.add_argument("--generated", type=int, default=32, help="greedy tokens compared per answer")
     parser.add_argument("--max-prompt-tokens", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    resolve_model_arguments(args)
-    return args
+    return parse_model_bench_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
