@@ -1,7 +1,8 @@
 """Assembling a prompt's KV from independently cached blocks, with selective recomputation.
 
-A prompt is [block 0 | block 1 | ... | tail]. Each block comes with its KV computed standalone at
-positions [0, n) (a cache hit) or without (a miss). The tail (the question) is always computed.
+A prompt is [block 0 | block 1 | ... | tail]. Each block comes with its KV (a cache hit), computed
+standalone at positions [0, n) or right after the prompt's first block, or without (a miss). The
+tail (the question) is always computed.
 
 Modes, all returning the KV of the whole prompt and the logits of its last position:
   full        plain prefill of all tokens; ignores the cached KV (the reference).
@@ -95,6 +96,7 @@ class _Layout:
     cached: torch.Tensor  # [N] bool: KV available from a block cache hit
     block_start: torch.Tensor  # [N] int64: prompt position where the token's block (or the tail) starts
     offset_in_block: torch.Tensor  # [N] int64
+    computed_at: torch.Tensor  # [N] int64: where the token's cached block started when computed (0 if not cached)
 
 
 def _num_layers(model) -> int:
@@ -141,6 +143,7 @@ def _layout(
     cached: list[bool] = []
     starts: list[int] = []
     offsets: list[int] = []
+    computed_at: list[int] = []
     for token_ids, kv in [*blocks, (tail_ids, None)]:
         assert len(token_ids) > 0, "empty block"
         assert kv is None or kv.num_tokens == len(token_ids), (kv.num_tokens, len(token_ids))
@@ -149,6 +152,7 @@ def _layout(
         cached.extend([kv is not None] * len(token_ids))
         starts.extend([start] * len(token_ids))
         offsets.extend(range(len(token_ids)))
+        computed_at.extend([kv.base_position if kv is not None else 0] * len(token_ids))
 
     def as_tensor(values, dtype):
         return torch.tensor(values, dtype=dtype, device=device)
@@ -158,6 +162,7 @@ def _layout(
         as_tensor(cached, torch.bool),
         as_tensor(starts, torch.int64),
         as_tensor(offsets, torch.int64),
+        as_tensor(computed_at, torch.int64),
     )
 
 
@@ -168,10 +173,7 @@ def _reused_kv(model, spec: RopeSpec, blocks, layout: _Layout, backend: str):
     cached_kvs = [kv for _, kv in blocks if kv is not None]
     # Re-rotate from where the block was computed to where it starts now; a zero delta (a block at
     # the position it was computed at) leaves its keys bit-exact.
-    base = torch.cat([torch.full((len(ids),), kv.base_position if kv is not None else 0, dtype=torch.int64)
-                      for ids, kv in blocks] + [torch.zeros(n_tokens - sum(len(ids) for ids, _ in blocks),
-                                                            dtype=torch.int64)]).to(layout.block_start.device)  # [N]
-    delta = (layout.block_start - base).masked_fill(~layout.cached, 0)  # [N]
+    delta = (layout.block_start - layout.computed_at).masked_fill(~layout.cached, 0)  # [N]
     keys, values = [], []
     for layer in range(_num_layers(model)):
         k_buf = _empty_kv(model, n_tokens, spec.head_dim)  # [1, Hkv, N, D]
