@@ -31,7 +31,7 @@ from bench.common import (
     spread,
     write_results,
 )
-from common.blocks.assembly import compute_block_kv
+from common.blocks.assembly import BlockKV, compute_block_kv
 from common.blocks.hashing import BlockKind, block_hash, tokenizer_fingerprint
 from common.blocks.kv_codec import decode_block, encode_block
 from common.blocks.placement import Placement
@@ -94,7 +94,7 @@ def run(args) -> dict:
                             model_id = f"{loaded.blocks_model_id}/{name}"
                             hash_ = block_hash(model_id=model_id, tokenizer_fp=tokenizer_fp,
                                                kind=BlockKind.ITEM, token_ids=ids)
-                            stored = type(kv)(keys=tuple(k.to(dtype) for k in kv.keys),
+                            stored = BlockKV(keys=tuple(k.to(dtype) for k in kv.keys),
                                               values=tuple(v.to(dtype) for v in kv.values))
                             header, data = encode_block(stored, hash_=hash_, model_id=model_id)
                             wanted = WantedBlock(hash_, BlockKind.ITEM, "")

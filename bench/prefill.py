@@ -46,6 +46,7 @@ from bench.common import (
     spread,
     write_results,
 )
+from common.blocks.calibration import kl_nats
 from common.machine import device_name
 from common.modeling.dtypes import serving_dtype
 from common.modeling.loading import LoadedModel, load_model
@@ -171,11 +172,6 @@ def first_token_logits(model, prompt_ids: list[int], cache: DynamicCache | None)
     return out.logits[0, -1].float()
 
 
-def kl_nats(reference: torch.Tensor, other: torch.Tensor) -> float:
-    ref, oth = reference.log_softmax(-1), other.log_softmax(-1)
-    return float((ref.exp() * (ref - oth)).sum())
-
-
 def run_method(method, prompt: BenchPrompt, engine, block_cache: BlockCache, prefix: PrefixCache,
                config: GenerationConfig, generate_all: bool):
     """(ttft_s, tokens, (cached, computed, recomputed) prompt tokens)."""
@@ -259,7 +255,7 @@ def run(args) -> dict:
                             else:
                                 logits = ref_logits
                             rec["top1"].append(float(logits.argmax() == ref_logits.argmax()))
-                            rec["kl"].append(max(kl_nats(ref_logits, logits), 0.0))
+                            rec["kl"].append(max(float(kl_nats(ref_logits[None], logits[None])[0]), 0.0))
                     for method in METHODS:
                         records[size][method]["vs_prefix"].append(ttfts["prefix"] / ttfts[method])
                         records[size][method]["vs_full"].append(ttfts["full"] / ttfts[method])

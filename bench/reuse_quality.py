@@ -29,7 +29,6 @@ Deviation profile (one prompt per size): per layer, the relative L2 error of the
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -51,8 +50,9 @@ from bench.common import (
     spread,
     write_results,
 )
-from bench.prefill import build_prompts, kl_nats
+from bench.prefill import build_prompts
 from common.blocks.assembly import Assembly, BlockKV, assemble, compute_block_kv
+from common.blocks.calibration import continuation_logits, kl_nats
 from common.blocks.rope import rerotate_keys, rope_spec
 from common.machine import device_name
 from common.modeling.dtypes import serving_dtype
@@ -81,26 +81,10 @@ def reuse_methods(ratios, epic_tokens) -> list[Method]:
 
 
 @torch.inference_mode()
-def greedy_tokens(model, cache, last_logits: torch.Tensor, prompt_len: int, steps: int) -> list[int]:
-    """`steps` greedy tokens continuing from a prompt's cache and its last-position logits [1, V]."""
-    tokens, logits = [], last_logits
-    for i in range(steps):
-        token = int(logits.argmax())
-        tokens.append(token)
-        if i + 1 == steps:
-            break
-        out = model(input_ids=torch.tensor([[token]], device=model.device),
-                    position_ids=torch.tensor([[prompt_len + i]], device=model.device), past_key_values=cache)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-    return tokens
-
-
-@torch.inference_mode()
 def prefix_caching(model, ids: list[int], shared: int) -> tuple[float, torch.Tensor, object]:
     """(seconds, last logits [1, V], cache): the first `shared` tokens' KV reused exactly (computed
-    and copied outside the clock), the rest prefilled."""
-    prefix = model(input_ids=torch.tensor([ids[:shared]], device=model.device), use_cache=True).past_key_values
-    cache = copy.deepcopy(prefix)
+    outside the clock), the rest prefilled."""
+    cache = model(input_ids=torch.tensor([ids[:shared]], device=model.device), use_cache=True).past_key_values
     start = time.perf_counter()
     out = model(input_ids=torch.tensor([ids[shared:]], device=model.device),
                 position_ids=torch.arange(shared, len(ids), device=model.device)[None], past_key_values=cache,
@@ -162,32 +146,32 @@ def run(args) -> dict:
                 tail = ids[spans[-1][0]:]
                 candidates = [c for b in prompt.blocks if (c := candidate_from_block(b.text)) is not None]
 
-                def score(name, seconds, last_logits, cache, computed_share, ref):
-                    tokens = greedy_tokens(model, cache, last_logits, len(ids), args.generated)
-                    items = recommended_items(tokenizer.decode(tokens), candidates)
+                def answer(cache, last_logits) -> tuple[list[int], list[str]]:
+                    """Greedy tokens from a prompt's cache, and the candidates they name (grows `cache`)."""
+                    _, tokens = continuation_logits(model, cache, last_logits, len(ids), args.generated)
+                    tokens = tokens.tolist()
+                    return tokens, recommended_items(tokenizer.decode(tokens), candidates)
+
+                def score(name, seconds, computed_share, last_logits, tokens, items):
                     ref_logits, ref_tokens, ref_items = ref
                     rec = records[size][name]
                     rec["ttft"].append(seconds)
                     rec["computed_share"].append(computed_share)
                     rec["top1"].append(float(last_logits.argmax() == ref_logits.argmax()))
-                    rec["kl"].append(max(kl_nats(ref_logits[0], last_logits[0]), 0.0))
+                    rec["kl"].append(max(float(kl_nats(ref_logits, last_logits)[0]), 0.0))
                     rec["agree"].append(sum(a == b for a, b in zip(tokens, ref_tokens)) / len(ref_tokens))
                     rec["same_items"].append(float(items == ref_items))
-                    return tokens, items
 
                 start = time.perf_counter()
                 full = assemble(model, [(b, None) for b in blocks_ids], tail, mode="full")
                 full_s = time.perf_counter() - start
-                # The reference scored against itself: its own row reads top-1 1, KL 0.
-                ref_tokens, ref_items = score("full", full_s, full.last_logits, copy.deepcopy(full.cache), 1.0,
-                                              (full.last_logits, [None] * args.generated, None))
-                ref = (full.last_logits, ref_tokens, ref_items)
-                for key in ("agree", "same_items"):
-                    records[size]["full"][key][-1] = 1.0
+                # Greedy decoding appends to full.cache; the deviation profile below reads prompt positions only.
+                ref = (full.last_logits, *answer(full.cache, full.last_logits))
+                score("full", full_s, 1.0, *ref)  # the reference against itself: top-1 1, KL 0
                 shared = spans[1][1]  # [instruction][user history]: the same user came before
                 seconds, logits, cache = prefix_caching(model, ids, shared)
-                score("prefix", seconds, logits, cache, (len(ids) - shared) / len(ids), ref)
-                prefix_s = records[size]["prefix"]["ttft"][-1]
+                score("prefix", seconds, (len(ids) - shared) / len(ids), logits, *answer(cache, logits))
+                prefix_s = seconds
                 for context in args.contexts:
                     kvs = cached_blocks(model, blocks_ids, context)
                     if index == 0:
@@ -198,8 +182,8 @@ def run(args) -> dict:
                         out = method.run(model, list(zip(blocks_ids, kvs, strict=True)), tail)
                         seconds = time.perf_counter() - start
                         name = f"{method.name} / {context}"
-                        score(name, seconds, out.last_logits, out.cache,
-                              out.stats.token_layers / (len(ids) * n_layers), ref)
+                        score(name, seconds, out.stats.token_layers / (len(ids) * n_layers), out.last_logits,
+                              *answer(out.cache, out.last_logits))
                         records[size][name]["vs_prefix"].append(prefix_s / seconds)
                 records[size]["prefix"]["vs_prefix"].append(1.0)
                 records[size]["full"]["vs_prefix"].append(prefix_s / full_s)

@@ -123,10 +123,7 @@ def compute_block_kv(model, token_ids: Sequence[int], context: BlockKV | None = 
     if context is None:
         cache = DynamicCache(config=model.config)
     else:
-        cache = DynamicCache(
-            ddp_cache_data=[(k.to(model.dtype), v.to(model.dtype)) for k, v in zip(context.keys, context.values, strict=True)],
-            config=model.config,
-        )
+        cache = DynamicCache(ddp_cache_data=list(zip(context.keys, context.values, strict=True)), config=model.config)
     model.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
     layers = cache.layers[: _num_layers(model)]
     return BlockKV(

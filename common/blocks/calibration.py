@@ -83,7 +83,7 @@ class CalibrationResult:
     reason: str  # why disabled ("" when enabled)
 
 
-def _kl_nats(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+def kl_nats(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
     """KL(reference || other) per row of [P, V] logits -> [P]."""
     ref = reference_logits.float().log_softmax(-1)
     other = other_logits.float().log_softmax(-1)
@@ -91,7 +91,7 @@ def _kl_nats(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def _continuation_logits(model, cache, first_logits: torch.Tensor, start: int, tokens: int,
+def continuation_logits(model, cache, first_logits: torch.Tensor, start: int, tokens: int,
                          forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the first generated position and `tokens` more: greedy from `cache` when `forced`
     is None (one token per step), else teacher-forced with `forced` in one forward pass. Returns
@@ -157,7 +157,7 @@ def calibrate(
             blocks = [(ids, compute_block_kv(model, ids)) for ids in prompt.blocks]
             start = sum(len(ids) for ids in prompt.blocks) + len(prompt.tail)
             full = assemble(model, blocks, prompt.tail, mode="full")
-            reference, continuation = _continuation_logits(
+            reference, continuation = continuation_logits(
                 model, full.cache, full.last_logits, start, settings.continuation_tokens)
             blended = assemble(
                 model,
@@ -168,12 +168,12 @@ def calibrate(
                 check_layer=settings.check_layer,
                 epic_tokens=settings.epic_tokens,
             )
-            assembled, _ = _continuation_logits(model, blended.cache, blended.last_logits, start,
+            assembled, _ = continuation_logits(model, blended.cache, blended.last_logits, start,
                                                 settings.continuation_tokens, forced=continuation)
             same = reference.argmax(-1) == assembled.argmax(-1)  # [1 + continuation_tokens]
             matches.extend(same.tolist())
             firsts += int(same[0])
-            kls.extend(_kl_nats(reference, assembled).tolist())
+            kls.extend(kl_nats(reference, assembled).tolist())
     except UnsupportedRopeError as err:
         return _decide(
             model_id,

@@ -64,7 +64,7 @@ def test_continuation_is_teacher_forced_greedy_of_full_prefill(model):
     continuation's agreement would measure the harness, not the reuse)."""
     from transformers import DynamicCache
 
-    from common.blocks.calibration import _continuation_logits
+    from common.blocks.calibration import continuation_logits
 
     ids = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
 
@@ -74,9 +74,9 @@ def test_continuation_is_teacher_forced_greedy_of_full_prefill(model):
         return out.past_key_values, out.logits[:, -1].float()
 
     cache, first = prefill()
-    greedy, continuation = _continuation_logits(model, cache, first, 20, 5)
+    greedy, continuation = continuation_logits(model, cache, first, 20, 5)
     cache, first = prefill()
-    forced, _ = _continuation_logits(model, cache, first, 20, 5, forced=continuation)
+    forced, _ = continuation_logits(model, cache, first, 20, 5, forced=continuation)
     assert greedy.shape == forced.shape == (6, model.config.vocab_size) and continuation.shape == (5,)
     assert torch.allclose(greedy, forced, atol=1e-4)
     assert torch.equal(greedy[:-1].argmax(-1), continuation)
