@@ -10,6 +10,12 @@ not hit). The block kind is hashed too: the KV store places kinds differently (u
 replicated, items sharded), so the same tokens under two kinds are two entries by design.
 Position is not hashed: every stored block starts at position 0.
 
+A block's KV computed *in its request* (after the blocks before it, at its own positions) is
+exact, but only after that very prefix: prefix caching keeps it under `prefix_hash`, a chain of
+block hashes (as vLLM's automatic prefix caching chains a block's hash to its parent's), so the
+key of block i names blocks 0..i, model and tokenizer included. Such KV stays in the decoder that
+computed it; the kv-store keeps standalone blocks only.
+
 The encoding is unambiguous (length-prefixed strings, fixed-width little-endian token ids) and
 versioned, so a change of layout can never collide with old keys.
 """
@@ -79,3 +85,14 @@ def hash_block(block: Block, *, model_id: str, tokenizer_fp: str) -> BlockHash:
     return block_hash(
         model_id=model_id, tokenizer_fp=tokenizer_fp, kind=block.kind, token_ids=block.token_ids
     )
+
+
+def prefix_hash(parent: BlockHash | None, block: BlockHash) -> BlockHash:
+    """Key of a block's in-prompt KV: blake2b-256 over (format version, the previous block's
+    prefix hash or nothing for the first block, the block's own hash)."""
+    assert len(block) == DIGEST_BYTES and (parent is None or len(parent) == DIGEST_BYTES)
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"adaccel-prefix")
+    h.update(struct.pack("<H", HASH_FORMAT_VERSION))
+    h.update(parent or b"")
+    h.update(block)
+    return BlockHash(h.digest())

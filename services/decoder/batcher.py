@@ -5,7 +5,8 @@ requests; over either -> RESOURCE_EXHAUSTED with a retry hint, never an unbounde
 hands its PreparedRequest (services/decoder/intake.py) to the Batcher and reads its step
 results from its Ticket's queue. The scheduler thread is the only one that runs the model: it
 assembles reused block KV (BlockCache.assemble) and prefills the waiting requests (up to
-max_batch_size rows), appends them to the running batch (engine.BatchSession), drops rows
+max_batch_size rows), keeps each prefilled prompt's exact block KV for prefix caching
+(BlockCache.remember), appends them to the running batch (engine.BatchSession), drops rows
 whose caller went away, runs one shared verification forward, routes each row's StepResult to
 its ticket, and computes queued blocks for publishing (BlockPublisher.compute): one per turn of
 the loop while no row runs (a request that arrives waits for at most one block), and while rows
@@ -307,6 +308,7 @@ class Batcher:
         for ticket, pending, begun in finished:
             if ticket.cancelled.is_set():
                 continue
+            self._remember_prefix(ticket.request, pending)
             try:
                 handle = self.session.finish(pending)
             except Exception as exc:  # noqa: BLE001
@@ -320,6 +322,15 @@ class Batcher:
                 continue
             ticket.handle = handle
             self._running[id(handle)] = ticket
+
+    def _remember_prefix(self, request: PreparedRequest, pending: PendingPrefill) -> None:
+        """Prefix caching: the prefilled blocks' exact KV kept before the row joins the batch."""
+        if self.block_cache is None or pending.request.done:
+            return
+        try:
+            self.block_cache.remember(request.blocks, pending.cache, pending.computed)
+        except Exception:  # noqa: BLE001 - a cache that cannot keep a prefix costs later prefills, not this request
+            log.exception("keeping a prefilled prefix failed")
 
     def _drop_cancelled(self) -> None:
         for key, ticket in list(self._running.items()):

@@ -19,6 +19,14 @@ For one request (`BlockCache.prepare`):
   4. Hits and misses are assembled (common/blocks/assembly.py) in the serving mode, which the
      per-model accuracy gate (common/blocks/calibration.py) may have turned into "full".
 
+Prefix caching runs beside it, in every mode (in "full" it is the only reuse, and exact): once a
+request's prompt is prefilled, the KV of each of its blocks computed in place (exact, not
+assembled from approximate reuse) is kept in local memory under the block's prefix hash
+(common/blocks/hashing.py `prefix_hash`: the chain of block hashes up to it); a later prompt
+starting with the same blocks takes that KV as it is, with no correction, and prefills the rest.
+The replica reports these entries under prefix routing keys (common/blocks/routing_keys.py), so
+the router's affinity sends a returning user where their [instruction][history] prefix is.
+
 Steps 1-3 need no model and run on the caller's (gRPC) thread: `lookup` returns a `BlockPlan`.
 Step 4 runs model forwards and so runs where the model is owned (the decoder's batcher thread):
 `assemble(plan)` returns a `PreparedPrompt`, what the engine takes: the prompt ids and a batch-1
@@ -39,11 +47,12 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import torch
 from transformers import DynamicCache
 
 from adaccel.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from common.blocks.assembly import BlockKV, assemble, compute_block_kv
-from common.blocks.hashing import BlockHash, BlockKind, block_hash, tokenizer_fingerprint
+from common.blocks.hashing import BlockHash, BlockKind, block_hash, prefix_hash, tokenizer_fingerprint
 from common.blocks.kv_codec import (
     BlockHeader,
     CorruptBlock,
@@ -53,15 +62,22 @@ from common.blocks.kv_codec import (
     encode_block,
 )
 from common.blocks.placement import REPLICATED_KINDS, Placement
-from common.blocks.routing_keys import routing_key
+from common.blocks.routing_keys import prefix_routing_keys, routing_key
 from common.prompt_tokens import TokenizedPrompt
-from common.rpc.block_kinds import KIND_OF_PROTO
+from common.rpc.block_kinds import kinds_and_texts
 from common.rpc.kv_headers import header_from_proto, header_to_proto
 from common.rpc.streams import join_header_stream
 from common.telemetry import carry_context
 
 log = logging.getLogger(__name__)
 
+
+def prefix_cache(model, kvs: Sequence[BlockKV]) -> DynamicCache:
+    """A batch-1 cache of consecutive exact blocks' KV (new tensors: the engine writes to it)."""
+    layers = len(kvs[0].keys)
+    return DynamicCache(ddp_cache_data=[(torch.cat([kv.keys[i] for kv in kvs], dim=2),
+                                         torch.cat([kv.values[i] for kv in kvs], dim=2)) for i in range(layers)],
+                        config=model.config)
 
 
 @dataclass(frozen=True)
@@ -84,7 +100,7 @@ class PreparedPrompt:
     cached_tokens: int
     computed_tokens: int
     recomputed_tokens: int = 0
-    mode: str = "full"
+    mode: str = "full"  # "prefix": an exact prefix from prefix caching and nothing else reused
 
     @classmethod
     def uncached(cls, prompt_ids: Sequence[int]) -> PreparedPrompt:
@@ -94,16 +110,36 @@ class PreparedPrompt:
 
 
 @dataclass(frozen=True)
+class PrefixEntry:
+    """A block whose KV this request computes exactly in place: kept after its prefill."""
+
+    prefix_hash: BlockHash
+    start: int  # prompt positions [start, end)
+    end: int
+    kind: BlockKind
+    prefix_key: int  # what the replica reports it under
+
+
+@dataclass(frozen=True)
 class BlockPlan:
     """A prompt whose cacheable blocks were looked up (no model ran yet): what `assemble` takes.
 
-    body: (token ids, KV or None) of each block before the tail, in prompt order.
+    body: (token ids, KV or None) of each block before the tail, in prompt order; the first
+        `prefix_blocks` hold exact KV from prefix caching (BlockKV.base_position = their start).
     tail: the tokens always computed (the trailing free text, or the last block).
+    remember: blocks after the exact prefix that this request computes in place, to keep for
+        prefix caching once prefilled (`BlockCache.remember`).
     """
 
     prompt_ids: list[int]
     body: list[tuple[list[int], BlockKV | None]]
     tail: list[int]
+    prefix_blocks: int = 0
+    remember: tuple[PrefixEntry, ...] = ()
+
+    @property
+    def prefix_tokens(self) -> int:
+        return sum(len(ids) for ids, _ in self.body[: self.prefix_blocks])
 
 
 @dataclass(frozen=True)
@@ -114,6 +150,7 @@ class ReuseSettings:
     epic_tokens: int = 16
     min_block_tokens: int = 4
     kernel_backend: str = "torch"  # the tensor steps' implementation: torch | triton (kernels/backend.py)
+    prefix_caching: bool = True  # keep each prefilled block's exact KV under its prefix hash
 
 
 # ----------------------------------------------------------------------------- local memory
@@ -403,7 +440,10 @@ class _Segment:
     kind: BlockKind
     text: str
     cacheable: bool
+    start: int  # prompt position of its first token
+    prefix_key: int  # prefix routing key (blocks 0..this one)
     hash_: BlockHash | None = None
+    prefix_hash: BlockHash | None = None
     routing_key: int = 0
     kv: BlockKV | None = None
 
@@ -414,6 +454,7 @@ class BlockCacheCounters:
     store_hits: int = 0
     misses: int = 0
     rejected: int = 0  # blocks read from the store and refused (corrupt, wrong model/shape)
+    prefix_hits: int = 0  # blocks whose exact in-prompt KV prefix caching held
 
 
 class BlockCache:
@@ -437,23 +478,36 @@ class BlockCache:
     # -- the entry points
     def lookup(self, tokenized: TokenizedPrompt, blocks: Sequence[common_pb2.PromptBlock], *,
                reuse: bool = True) -> BlockPlan | None:
-        """Finds each cacheable block's KV (local memory, then the kv-store) and queues the misses
-        for publishing; no model runs here. None: nothing to reuse (the engine prefills all)."""
-        if not reuse or self.mode == "full":
+        """Finds the longest exact prefix prefix caching holds, then each later cacheable block's
+        KV (local memory, then the kv-store; not in mode "full"), and queues the misses for
+        publishing; no model runs here. None: nothing to reuse or keep (the engine prefills all)."""
+        prefix_caching = self.settings.prefix_caching
+        if not reuse or (self.mode == "full" and not prefix_caching):
             return None
         segments = self._segments(tokenized, blocks)
         body, tail = self._split_tail(segments)
-        if not any(s.cacheable for s in body):
+        held = self._held_prefix(body) if prefix_caching else 0
+        if self.mode != "full":
+            self._lookup([s for s in body[held:] if s.cacheable])
+        # Blocks computed in place up to the first approximately reused one are exact: kept.
+        exact_end = next((i for i in range(held, len(body)) if body[i].kv is not None), len(body))
+        remember = tuple(PrefixEntry(seg.prefix_hash, seg.start, seg.start + len(seg.token_ids), seg.kind,
+                                     seg.prefix_key) for seg in body[held:exact_end]) if prefix_caching else ()
+        if not remember and all(s.kv is None for s in body):
             return None
-        self._lookup([s for s in body if s.cacheable])
-        if all(s.kv is None for s in body):
-            return None
-        return BlockPlan(list(tokenized.token_ids), [(seg.token_ids, seg.kv) for seg in body], tail)
+        return BlockPlan(list(tokenized.token_ids), [(seg.token_ids, seg.kv) for seg in body], tail,
+                         prefix_blocks=held, remember=remember)
 
     def assemble(self, plan: BlockPlan | None, prompt_ids: Sequence[int]) -> PreparedPrompt:
         """The cache to start from; runs model forwards, so call it where the model is owned."""
         if plan is None:
             return PreparedPrompt.uncached(prompt_ids)
+        if all(kv is None for _, kv in plan.body[plan.prefix_blocks:]):  # an exact prefix at most
+            if not plan.prefix_blocks:
+                return PreparedPrompt.uncached(prompt_ids)
+            cached = plan.prefix_tokens
+            return PreparedPrompt(plan.prompt_ids, prefix_cache(self.model, [kv for _, kv in plan.body[: plan.prefix_blocks]]),
+                                  cached, len(plan.prompt_ids) - cached, mode="prefix")
         s = self.settings
         assembly = assemble(self.model, plan.body, plan.tail, mode=self.mode, recompute_ratio=s.recompute_ratio,
                             check_layer=s.check_layer, epic_tokens=s.epic_tokens, backend=s.kernel_backend)
@@ -465,6 +519,24 @@ class BlockCache:
                 reuse: bool = True) -> PreparedPrompt:
         """lookup + assemble, for callers that own the model (benchmarks, tests)."""
         return self.assemble(self.lookup(tokenized, blocks, reuse=reuse), tokenized.token_ids)
+
+    def remember(self, plan: BlockPlan | None, cache: DynamicCache, computed: int) -> int:
+        """Keeps the exact KV of the plan's `remember` blocks from a prefilled batch-1 cache
+        holding prompt positions [0, computed) (copies: the running batch goes on writing its
+        own); returns how many were kept. Call it where the model is owned, once prefilled."""
+        if plan is None:
+            return 0
+        layers = cache.layers[: self._shape[0]]
+        kept = 0
+        for entry in plan.remember:
+            if entry.end > computed:
+                break
+            kv = BlockKV(keys=tuple(layer.keys[:, :, entry.start:entry.end].clone() for layer in layers),
+                         values=tuple(layer.values[:, :, entry.start:entry.end].clone() for layer in layers),
+                         base_position=entry.start)
+            self.memory.put(entry.prefix_hash, kv, entry.kind, entry.prefix_key)
+            kept += 1
+        return kept
 
     def report(self, limit: int) -> tuple[list[int], list[int]]:
         return self.memory.summary(limit)
@@ -480,14 +552,34 @@ class BlockCache:
 
     # -- steps
     def _segments(self, tokenized: TokenizedPrompt, blocks: Sequence[common_pb2.PromptBlock]) -> list[_Segment]:
+        """One segment per block, hashed (its own hash and its prefix hash; empty ones unhashed)."""
         assert len(tokenized.spans) == len(blocks), (len(tokenized.spans), len(blocks))
+        kinds_texts = kinds_and_texts(blocks)
         out = []
-        for (start, end), block in zip(tokenized.spans, blocks):
-            kind = KIND_OF_PROTO[block.kind]
+        parent: BlockHash | None = None
+        for (start, end), (kind, text), prefix_key in zip(tokenized.spans, kinds_texts,
+                                                          prefix_routing_keys(kinds_texts)):
             token_ids = tokenized.token_ids[start:end]
             cacheable = kind != BlockKind.FREE_TEXT and len(token_ids) >= self.settings.min_block_tokens
-            out.append(_Segment(token_ids, kind, block.text, cacheable))
+            seg = _Segment(token_ids, kind, text, cacheable, start, prefix_key)
+            if token_ids:
+                seg.hash_ = block_hash(model_id=self.model_key, tokenizer_fp=self.tokenizer_fp, kind=kind,
+                                       token_ids=token_ids)
+                seg.prefix_hash = parent = prefix_hash(parent, seg.hash_)
+            out.append(seg)
         return out
+
+    def _held_prefix(self, body: list[_Segment]) -> int:
+        """How many leading body blocks prefix caching holds (their kv set to the exact KV)."""
+        held = 0
+        for seg in body:
+            kv = self.memory.get(seg.prefix_hash)
+            if kv is None or kv.num_tokens != len(seg.token_ids) or kv.base_position != seg.start:
+                break
+            seg.kv = kv
+            held += 1
+        self.counters.prefix_hits += held
+        return held
 
     @staticmethod
     def _split_tail(segments: list[_Segment]) -> tuple[list[_Segment], list[int]]:
@@ -503,8 +595,6 @@ class BlockCache:
 
     def _lookup(self, segments: list[_Segment]) -> None:
         for seg in segments:
-            seg.hash_ = block_hash(model_id=self.model_key, tokenizer_fp=self.tokenizer_fp, kind=seg.kind,
-                                   token_ids=seg.token_ids)
             seg.routing_key = routing_key(seg.kind, seg.text)
             seg.kv = self.memory.get(seg.hash_)
             if seg.kv is not None:

@@ -109,13 +109,15 @@ class DecoderMetrics:
 
     def observe_block_cache(self, cache) -> None:
         """Counters of the block cache (services/decoder/block_cache.py), read at each collection:
-        blocks by where their KV came from, blocks published (computed standalone and stored) or
-        dropped from a full publish queue, kv-store call errors, and the assembly mode in force,
-        1 on the mode the accuracy gate left (the configured one, or "full" when it said no)."""
+        blocks by where their KV came from (prefix: exact KV kept by prefix caching), blocks
+        published (computed standalone and stored) or dropped from a full publish queue, kv-store
+        call errors, and the assembly mode in force, 1 on the mode the accuracy gate left (the
+        configured one, or "full" when it said no)."""
 
         def blocks(_options: CallbackOptions) -> Iterable[Observation]:
             counters = cache.counters
-            return [Observation(counters.local_hits, {"source": "local"}),
+            return [Observation(counters.prefix_hits, {"source": "prefix"}),
+                    Observation(counters.local_hits, {"source": "local"}),
                     Observation(counters.store_hits, {"source": "kvstore"}),
                     Observation(counters.misses, {"source": "computed"}),
                     Observation(counters.rejected, {"source": "rejected"})]

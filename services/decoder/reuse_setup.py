@@ -148,7 +148,8 @@ def create_block_cache(settings: DecoderSettings, loaded: LoadedModel, *, tracer
     reuse = ReuseSettings(mode=settings.reuse_mode, recompute_ratio=settings.recompute_ratio,
                           check_layer=settings.check_layer, epic_tokens=settings.epic_tokens,
                           min_block_tokens=settings.min_block_tokens,
-                          kernel_backend=resolve_backend(settings.kernel_backend, settings.device))
+                          kernel_backend=resolve_backend(settings.kernel_backend, settings.device),
+                          prefix_caching=settings.prefix_caching)
     memory = LocalBlockMemory(int(settings.block_memory_mb * MiB), int(settings.replicated_memory_mb * MiB))
     store = None
     closers: list = []

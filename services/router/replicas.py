@@ -93,9 +93,10 @@ class ReplicaSet:
         now = time.monotonic()
         with self._lock:
             replica = self.replicas[address]
-            if len(replica.routed_blocks) + len(footprint.blocks.weights) > MAX_ROUTED_KEYS:
+            routed = [*footprint.blocks.weights, *(key for key, _ in footprint.blocks.prefix)]
+            if len(replica.routed_blocks) + len(routed) > MAX_ROUTED_KEYS:
                 replica.routed_blocks.clear()
-            replica.routed_blocks.update(dict.fromkeys(footprint.blocks.weights, now))
+            replica.routed_blocks.update(dict.fromkeys(routed, now))
             if footprint.pool_key:
                 replica.routed_pools[footprint.pool_key] = now
 

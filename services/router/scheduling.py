@@ -1,8 +1,9 @@
 """Replica choice (pure): cache affinity weighed against load, as RcLLM's global scheduler.
 
 Policies:
-  affinity      score = block_weight * (share of the request's cacheable prompt, by characters,
-                whose KV the replica holds) + pool_weight * (replica holds the request's pool)
+  affinity      score = block_weight * (share of the request's prompt, by characters, whose KV
+                the replica holds: cacheable blocks reusable anywhere, or the exact prefix prefix
+                caching keeps, whichever is more) + pool_weight * (replica holds the request's pool)
                 - load; the best score wins. A replica that reports nothing scores on load alone,
                 so with no cache knowledge anywhere this is least_loaded.
   least_loaded  score = -load.
@@ -55,11 +56,20 @@ def load(replica: ReplicaView, weights: AffinityWeights) -> float:
 
 
 def held_share(replica: ReplicaView, blocks: RequestBlocks) -> float:
-    """Share (0..1, by characters) of the request's cacheable blocks whose KV the replica holds."""
-    total = blocks.total_weight
-    if not total or not replica.block_keys:
+    """Share (0..1, by characters) of the request the replica can start from: of its cacheable
+    blocks whose KV it holds (reused anywhere in a prompt), or of its prompt covered by the
+    exact prefix it holds (the leading blocks whose prefix keys it reports), whichever is more."""
+    if not replica.block_keys:
         return 0.0
-    return sum(w for key, w in blocks.weights.items() if key in replica.block_keys) / total
+    anywhere = 0.0
+    if blocks.total_weight:
+        anywhere = sum(w for key, w in blocks.weights.items() if key in replica.block_keys) / blocks.total_weight
+    prefix = 0
+    for key, weight in blocks.prefix:
+        if key not in replica.block_keys:
+            break
+        prefix += weight
+    return max(anywhere, prefix / blocks.prefix_weight if blocks.prefix_weight else 0.0)
 
 
 def holds_pool(replica: ReplicaView, pool_key: str) -> bool:

@@ -277,7 +277,7 @@ def test_naming_rules_match_the_opentelemetry_prometheus_exporter():
 
 
 class _FakeBlockCache:
-    counters = type("Counters", (), {"local_hits": 1, "store_hits": 2, "misses": 3, "rejected": 0})()
+    counters = type("Counters", (), {"local_hits": 1, "store_hits": 2, "misses": 3, "rejected": 0, "prefix_hits": 4})()
     publisher = type("Publisher", (), {"published": 1, "dropped": 0})()
     store = type("Store", (), {"errors": 0})()
     mode = "full"
