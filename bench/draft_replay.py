@@ -15,6 +15,10 @@ On held-out prompts, single request:
   ceilings    for the best fixed budget: "skip" drafts nothing on steps where nothing would be
               accepted; "trim" drafts only the branch that will be accepted (what perfect
               confidence could do with the same candidates)
+  peer        SuffixDecoding's suffix trees (arctic-inference, bench/suffix_peer.py) seeded with
+              the same served answers, drafting into the same verification: a chain of up to 24
+              (vLLM's defaults) and its tree drafts of 16 and 24; left out, saying why, when the
+              package is not installed
 It also scores the confidence estimates on every node a step put to the test (children of the
 root and of accepted nodes): log-loss and mean predicted against observed acceptance.
 
@@ -39,6 +43,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from bench import suffix_peer
 from bench.common import (
     RESULTS_DIR,
     add_model_arguments,
@@ -75,6 +80,7 @@ from common.machine import device_name
 from common.workload.prompts import round_robin
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
+from services.decoder.warm_answers import pick_warm_prompts, stored_or_decoded_answers
 
 KEY_LENGTH = EngineSettings().key_length
 CANDIDATES = (32, 16)  # candidate tree (tokens, depth) scored for the confidence figures and the fit
@@ -134,13 +140,16 @@ def request_drafter(case: Case, branch_length: int) -> RequestDrafter:
 
 
 class Policy:
-    """How a replayed request drafts: start() per request, draft() per step, observe() its tokens."""
+    """How a replayed request drafts: start() per request, draft() per step, observe() its tokens,
+    finish() once it is done."""
 
     def start(self, case: Case) -> object: ...
 
     def draft(self, state, case: Case, context: list[int], room: int) -> DraftTree: ...
 
     def observe(self, state, emitted: list[int]) -> None: ...
+
+    def finish(self, state) -> None: ...
 
 
 class NoDrafting(Policy):
@@ -212,6 +221,7 @@ def replay(policy: Policy, cases: Sequence[Case], cost_model: StepCostModel, max
             result.steps += 1
             result.drafted += len(tree)
             done += len(emitted)
+        policy.finish(state)
     result.modelled_s += result.host_s
     return result
 
@@ -366,6 +376,17 @@ def run(args) -> dict:
         )
         for name, settings in confidence.items()
     ]
+    peer_missing = suffix_peer.available()
+    if peer_missing is None:
+        answers, _ = stored_or_decoded_answers(loaded, pick_warm_prompts(prompts, args.served_per_segment),
+                                               args.max_new_tokens, data_dir=args.data_dir)
+        served_answers = [a.token_ids for a in answers]
+        policies += [(f"peer: SuffixDecoding {'tree' if tree else 'chain'} {tokens}",
+                      suffix_peer.SuffixDecodingPolicy(served_answers, max_tokens=tokens, tree=tree))
+                     for tokens, tree in ((24, False), (16, True), (24, True))]
+    else:
+        print(f"SuffixDecoding peer left out: arctic-inference does not import ({peer_missing}); "
+              f"{suffix_peer.INSTALL_HINT}")
     for label, policy in tqdm(policies, desc="replaying policies", unit="policy"):
         results[label] = replay(policy, cases, cost_model, args.max_new_tokens).summary(greedy_rate)
     best_fixed = max(
@@ -398,6 +419,7 @@ def run(args) -> dict:
         "tokens": greedy.tokens,
         "max_new_tokens": args.max_new_tokens,
         "served": served,
+        "suffix_decoding_peer": "replayed" if peer_missing is None else f"left out: {peer_missing}",
         "best_fixed": best_fixed,
         "adaptive_max_tokens": args.adaptive_max_tokens,
         "adaptive_max_depth": args.adaptive_max_depth,

@@ -62,8 +62,10 @@ def block(obj: dict) -> common_pb2.PromptBlock:
 
 
 def request_stream(workload: Path, *, count: int, users: int, items: int, items_per_request: int,
-                   zipf_s: float, max_new_tokens: int, seed: int = 0) -> list[common_pb2.GenerateRequest]:
-    """Generative-rec requests from the workload's blocks with Zipf-skewed users and items."""
+                   zipf_s: float, max_new_tokens: int, user_zipf_s: float | None = None,
+                   seed: int = 0) -> list[common_pb2.GenerateRequest]:
+    """Generative-rec requests from the workload's blocks with Zipf-skewed users and items
+    (users skewed by `user_zipf_s`, default `zipf_s`; 0 = every user equally likely)."""
     user_blocks, item_blocks, frame = {}, {}, None
     for line in workload.read_text().splitlines():
         obj = json.loads(line)
@@ -82,11 +84,12 @@ def request_stream(workload: Path, *, count: int, users: int, items: int, items_
     user_ids = rng.permutation(sorted(user_blocks))[:users]
     item_ids = rng.permutation(sorted(item_blocks))[:items]
 
-    def zipf(n: int) -> np.ndarray:
-        weights = 1.0 / np.arange(1, n + 1) ** zipf_s
+    def zipf(n: int, s: float) -> np.ndarray:
+        weights = 1.0 / np.arange(1, n + 1) ** s
         return weights / weights.sum()
 
-    user_p, item_p = zipf(len(user_ids)), zipf(len(item_ids))
+    user_p = zipf(len(user_ids), zipf_s if user_zipf_s is None else user_zipf_s)
+    item_p = zipf(len(item_ids), zipf_s)
     instruction, question, _ = frame
     requests = []
     for i in range(count):
@@ -193,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=40 if quick else 150)
     parser.add_argument("--items", type=int, default=120 if quick else 600)
     parser.add_argument("--items-per-request", type=int, default=6)
-    parser.add_argument("--zipf", type=float, default=1.1, help="popularity skew exponent of users and items")
+    parser.add_argument("--zipf", type=float, default=1.1, help="popularity skew exponent of items (and users)")
+    parser.add_argument("--user-zipf", type=float, default=None,
+                        help="popularity skew exponent of users (default --zipf; 0: every user equally likely)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=None, help="clients in flight (default 2 per decoder)")
     parser.add_argument("--rounds", type=int, default=1 if quick else 2)
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     concurrency = args.concurrency or 2 * args.decoders
     requests = request_stream(workload, count=args.requests, users=args.users, items=args.items,
                               items_per_request=args.items_per_request, zipf_s=args.zipf,
-                              max_new_tokens=args.max_new_tokens)
+                              user_zipf_s=args.user_zipf, max_new_tokens=args.max_new_tokens)
     work_dir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     gate_store = work_dir / "block_reuse_gate.json"  # the accuracy gate runs once, not per stack
     rounds: list[dict[str, dict]] = []
@@ -246,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         "concurrency": concurrency,
         "stream": {"requests": len(requests), "users": args.users, "items": args.items,
                    "items_per_request": args.items_per_request, "zipf_s": args.zipf,
+                   "user_zipf_s": args.zipf if args.user_zipf is None else args.user_zipf,
                    "max_new_tokens": args.max_new_tokens, "task": "generative_rec"},
         "fairness": "fresh stack per policy (cold block caches, empty pools); local block memory only",
         "rounds": rounds,

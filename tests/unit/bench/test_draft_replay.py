@@ -89,3 +89,20 @@ def test_another_shape_prices_the_steps_with_its_own_profile() -> None:
     cost_model = draft_replay.replay_cost_model(None, args)
     assert cost_model.model_id == "random-tiny"
     assert cost_model.predict(65, 1, 512) > cost_model.predict(1, 1, 512) > 0
+
+
+def test_the_suffix_decoding_peer_drafts_served_answers_into_the_same_replay() -> None:
+    # arctic-inference has no CPU wheel on the registry, so this runs only where it was built
+    # (bench/suffix_peer.py INSTALL_HINT); CI leaves it out and the bench says so.
+    from bench import suffix_peer
+
+    missing = suffix_peer.available()
+    if missing is not None:
+        assert missing  # the reason the bench prints
+        pytest.skip(f"arctic-inference not installed: {missing}")
+    served = [[7, 8, 9, 10, 11, 12, 30, 31, 32], [20, 21, 40, 41]]  # the held-out answers seen before
+    peer = replay(suffix_peer.SuffixDecodingPolicy(served, max_tokens=8), cases(), COST, 96)
+    greedy = replay(NoDrafting(), cases(), COST, 96)
+    assert peer.tokens == greedy.tokens and peer.steps < greedy.steps
+    unseeded = replay(suffix_peer.SuffixDecodingPolicy([], max_tokens=8), cases(), COST, 96)
+    assert unseeded.steps > peer.steps  # the prompt alone drafts less: the served answers are used
