@@ -37,17 +37,27 @@ class Replica:
         self.caches_blocks = False
         # Requests this router sent and has not seen finish: load known before the next heartbeat.
         self.local_inflight = 0
+        # This router's requests opened minus closed since the last report: the reported depth,
+        # up to a heartbeat old, is corrected by them (a replica that just finished a request is
+        # not still taken for busy, which sent the next request to the other one, every time).
+        self.opened_since_report = 0
         # Blocks and pools of requests routed here, with the time: the replica holds them once
         # it prefilled, before its next report says so; dropped when reports should cover them.
         self.routed_blocks: dict[int, float] = {}
         self.routed_pools: dict[str, float] = {}
+
+    @property
+    def estimated_depth(self) -> int:
+        """Requests on the replica now: its last report, plus what this router opened there and
+        minus what it saw finish since; never below this router's own in flight there."""
+        return max(self.local_inflight, self.queue_depth + self.opened_since_report, 0)
 
     def view(self) -> ReplicaView:
         blocks = self.block_keys
         if self.caches_blocks and self.routed_blocks:
             blocks = blocks | self.routed_blocks.keys()
         pools = self.pool_keys | self.routed_pools.keys() if self.routed_pools else self.pool_keys
-        return ReplicaView(self.address, self.healthy, max(self.queue_depth, self.local_inflight),
+        return ReplicaView(self.address, self.healthy, self.estimated_depth,
                            self.tokens_in_flight, frozenset(blocks), frozenset(pools))
 
     def forget_routed_before(self, cutoff: float) -> None:
@@ -87,7 +97,9 @@ class ReplicaSet:
 
     def track(self, address: str, delta: int) -> None:
         with self._lock:
-            self.replicas[address].local_inflight += delta
+            replica = self.replicas[address]
+            replica.local_inflight += delta
+            replica.opened_since_report += delta
 
     def note_routed(self, address: str, footprint: Footprint) -> None:
         now = time.monotonic()
@@ -115,6 +127,7 @@ class ReplicaSet:
                 replica.healthy = True
                 replica.decoder_id = report.decoder_id
                 replica.queue_depth = report.queue_depth
+                replica.opened_since_report = 0
                 replica.tokens_in_flight = report.tokens_in_flight
                 replica.block_keys = frozenset(report.block_keys)
                 replica.pool_keys = frozenset(report.pool_keys)

@@ -302,3 +302,21 @@ def test_concurrent_callers_spread_their_misses(skewed_reports):
     # The burst's load is spread too: no replica holds more than half of it.
     assert max(inflight.values()) <= 0.5 * len(stream), numbers
     assert all(r.local_inflight == 0 for r in skewed_reports.replicas.values())
+
+
+def test_a_request_finished_since_the_last_report_frees_its_replica_at_once(replicas):
+    """Reports are up to a heartbeat old: a replica that has just finished a request must not be
+    taken for as busy as it was, or every next request goes to the other one (least loaded and
+    affinity ran behind round robin on the real model until the router corrected them)."""
+    for address in ADDRESSES:
+        report(replicas, address, queue_depth=2)
+        replicas.track(address, +1)  # this router's own two requests on each, opened before the report
+        replicas.track(address, +1)
+    for replica in replicas.replicas.values():
+        replica.opened_since_report = 0  # what poll_once does when the report arrives
+    replicas.track(C, -1)  # C finishes one before the next heartbeat
+    views = {v.address: v for v in replicas.views()}
+    assert (views[A].queue_depth, views[B].queue_depth, views[C].queue_depth) == (2, 2, 1)
+    assert choose_replica(replicas.views(), policy="least_loaded").address == C
+    replicas.track(C, +1)  # and one opened there counts at once too
+    assert {v.address: v.queue_depth for v in replicas.views()}[C] == 2
