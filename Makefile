@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)
 export ADACCEL_DATA_DIR := $(DATA_DIR)
 PROTOS := $(wildcard protos/adaccel/v1/*.proto)
 
-.PHONY: help install lock protos proto-check model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay bench-freshness bench-routing bench-prefill bench-reuse-quality bench-block-transfer bench-placement bench-load bench-publish-schedule test-faults gpu-check k8s-check clean
+.PHONY: help install lock protos proto-check model warm-answers model-trained run serve test test-unit test-integration test-e2e bench bench-decode bench-projection bench-pool-growth bench-draft-replay suffix-peer bench-freshness bench-routing bench-prefill bench-reuse-quality bench-block-transfer bench-placement bench-load bench-publish-schedule test-faults gpu-check k8s-check clean
 
 help:
 	@echo "make run    - set up, start broker + all services on loopback, run the main job, print its table"
@@ -129,6 +129,16 @@ bench-pool-growth: install model
 
 bench-draft-replay: install model
 	$(PY) -m bench.draft_replay --data-dir $(DATA_DIR) --fit
+
+# SuffixDecoding (arctic-inference), bench-draft-replay's optional peer: the registry has its sdist
+# only, which builds on CPU against this venv's torch in a scratch venv holding the build tools.
+SUFFIX_PEER_BUILD := $(CURDIR)/.venv-suffix-peer
+suffix-peer: install
+	rm -rf $(SUFFIX_PEER_BUILD) && $(PYTHON) -m venv $(SUFFIX_PEER_BUILD)/venv
+	$(SUFFIX_PEER_BUILD)/venv/bin/pip install -q nanobind==2.9.2 cmake ninja setuptools wheel
+	PATH=$(SUFFIX_PEER_BUILD)/venv/bin:$$PATH PYTHONPATH=$$($(PY) -c 'import site; print(site.getsitepackages()[0])') \
+	  $(SUFFIX_PEER_BUILD)/venv/bin/pip wheel -q --no-build-isolation --no-deps arctic-inference==0.3.0 -w $(SUFFIX_PEER_BUILD)/wheels
+	$(PY) -m pip install -q --no-deps $(SUFFIX_PEER_BUILD)/wheels/arctic_inference-*.whl
 
 bench-freshness: install model
 	$(PY) -m bench.freshness --data-dir $(DATA_DIR)

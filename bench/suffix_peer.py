@@ -7,8 +7,9 @@ what it has generated so far. Each step it drafts what the tree's match supports
 `min_token_prob` (vLLM's defaults: tree depth 24, factor 1.0, probability 0.1, one chain);
 `tree=True` asks for its tree drafts (ArcticInference's own mode) instead of one chain.
 
-Optional: `arctic-inference` has no CPU wheel on the registry; `available()` says whether it
-imports, and bench-draft-replay leaves the peer out, saying so, when it does not. A held-out
+Optional: `arctic-inference` has no CPU wheel on the registry (`make suffix-peer` builds one);
+`available()` says whether it imports, and bench-draft-replay leaves the peer out, saying so,
+when it does not. A held-out
 request's response is evicted when it ends, so later prompts do not draft from held-out answers
 (our pools never see them in the replay either).
 """
@@ -22,9 +23,7 @@ import numpy as np
 
 from common.drafting.draft_tree import ROOT_PARENT, DraftTree
 
-INSTALL_HINT = ("arctic-inference builds from its sdist on CPU: in a scratch venv with nanobind==2.9.2, "
-                "cmake, ninja, setuptools and wheel, `pip wheel --no-build-isolation --no-deps "
-                "arctic-inference==0.3.0`, then install that wheel here")
+INSTALL_HINT = "`make suffix-peer` builds it from its sdist on CPU and installs it into the venv"
 
 
 def available() -> str | None:

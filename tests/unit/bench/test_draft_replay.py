@@ -93,7 +93,7 @@ def test_another_shape_prices_the_steps_with_its_own_profile() -> None:
 
 def test_the_suffix_decoding_peer_drafts_served_answers_into_the_same_replay() -> None:
     # arctic-inference has no CPU wheel on the registry, so this runs only where it was built
-    # (bench/suffix_peer.py INSTALL_HINT); CI leaves it out and the bench says so.
+    # (`make suffix-peer`); CI leaves it out and the bench says so.
     from bench import suffix_peer
 
     missing = suffix_peer.available()
