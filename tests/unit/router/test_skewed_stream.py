@@ -306,8 +306,7 @@ def test_concurrent_callers_spread_their_misses(skewed_reports):
 
 def test_a_request_finished_since_the_last_report_frees_its_replica_at_once(replicas):
     """Reports are up to a heartbeat old: a replica that has just finished a request must not be
-    taken for as busy as it was, or every next request goes to the other one (least loaded and
-    affinity ran behind round robin on the real model until the router corrected them)."""
+    taken for as busy as it was until the next heartbeat, or the next request goes elsewhere."""
     for address in ADDRESSES:
         report(replicas, address, queue_depth=2)
         replicas.track(address, +1)  # this router's own two requests on each, opened before the report
