@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 from bench.common import (
     add_model_arguments,
-    parse_model_bench_args,
     bench_parser,
     figure,
+    parse_model_bench_args,
     quick_run,
     results_table,
     save_figure,
