@@ -53,8 +53,8 @@ def routing_key(kind: BlockKind, text: str) -> int:
 
 
 def prefix_routing_keys(blocks: Iterable[tuple[BlockKind, str]]) -> list[int]:
-    """One uint64 key per block, in prompt order: key i names blocks 0..i together (each key
-    chains the one before it, then the length-prefixed block text)."""
+    """One uint64 key per block, in prompt order: key i names blocks 0..i together (blake2b
+    over the previous key, then the block's length-prefixed kind name and its text)."""
     keys: list[int] = []
     parent = b""
     for kind, text in blocks:

@@ -506,8 +506,8 @@ class BlockCache:
             if not plan.prefix_blocks:
                 return PreparedPrompt.uncached(prompt_ids)
             cached = plan.prefix_tokens
-            return PreparedPrompt(plan.prompt_ids, prefix_cache(self.model, [kv for _, kv in plan.body[: plan.prefix_blocks]]),
-                                  cached, len(plan.prompt_ids) - cached, mode="prefix")
+            cache = prefix_cache(self.model, [kv for _, kv in plan.body[: plan.prefix_blocks]])
+            return PreparedPrompt(plan.prompt_ids, cache, cached, len(plan.prompt_ids) - cached, mode="prefix")
         s = self.settings
         assembly = assemble(self.model, plan.body, plan.tail, mode=self.mode, recompute_ratio=s.recompute_ratio,
                             check_layer=s.check_layer, epic_tokens=s.epic_tokens, backend=s.kernel_backend)
