@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from bench import suffix_peer
 from bench.common import (
     RESULTS_DIR,
     add_model_arguments,
@@ -290,12 +291,25 @@ def run(args) -> dict:
         "oracle": GenerationConfig(**base, branch_length=args.decoding_length),
         "adaptive": GenerationConfig(**base),
     }
-    stats = {m: MethodStats() for m in METHODS}
+    # SuffixDecoding (arctic-inference) drafting into this engine, seeded with the same served
+    # answers, when the package is installed (bench/suffix_peer.py; `make suffix-peer`).
+    peer_missing = suffix_peer.available()
+    methods = METHODS
+    if peer_missing is None:
+        answers, _ = stored_or_decoded_answers(loaded, pick_warm_prompts(prompts, args.served_per_segment),
+                                               args.max_new_tokens, data_dir=args.data_dir)
+        peer = suffix_peer.SuffixDecodingPolicy([a.token_ids for a in answers], max_tokens=args.decoding_length)
+        configs["suffix_decoding"] = GenerationConfig(**base, branch_length=args.decoding_length)
+        methods = (*METHODS, "suffix_decoding")
+    else:
+        print(f"SuffixDecoding peer left out: arctic-inference does not import ({peer_missing}); "
+              f"{suffix_peer.INSTALL_HINT}")
+    stats = {m: MethodStats() for m in methods}
     # Per (prompt, repeat) tokens/s of each method: the methods of one prompt run back to back,
     # so their ratio survives the CPU's drift (and other load) far better than run totals do.
-    paired: dict[str, list[float]] = {m: [] for m in METHODS}
-    paired_by_task: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS}
-    outputs: dict[str, list[list[int]]] = {m: [[] for _ in chosen] for m in METHODS}
+    paired: dict[str, list[float]] = {m: [] for m in methods}
+    paired_by_task: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    outputs: dict[str, list[list[int]]] = {m: [[] for _ in chosen] for m in methods}
     # The greedy reference (for identity checks and the oracle) is computed once, untimed.
     references = [hf_generate(loaded, ids, args.max_new_tokens).tokens for ids in tokenized]
 
@@ -309,6 +323,12 @@ def run(args) -> dict:
             return engine_generate(engine, ids, configs[method], draft_source=OracleDraft(len(ids), references[i]))
         if method == "adaptive":
             return engine_generate(adaptive_engine, ids, configs["adaptive"], pools.resolve(prompt.pool_key))
+        if method == "suffix_decoding":
+            source = suffix_peer.SuffixDecodingSource(peer, ids)
+            try:
+                return engine_generate(engine, ids, configs[method], draft_source=source)
+            finally:
+                source.close()
         pool = pools.resolve(prompt.pool_key) if configs[method].drafting else None
         return engine_generate(engine, ids, configs[method], pool)
 
@@ -319,7 +339,7 @@ def run(args) -> dict:
     with tqdm(total=total, desc="prompts x repeats", unit="prompt") as bar:
         for repeat in range(args.repeats):
             for i in range(len(chosen)):
-                order = METHODS if (i + repeat) % 2 == 0 else tuple(reversed(METHODS))
+                order = methods if (i + repeat) % 2 == 0 else tuple(reversed(methods))
                 rates = {}
                 for method in order:
                     t0 = time.perf_counter()
@@ -328,15 +348,15 @@ def run(args) -> dict:
                     stats[method].add_generation(repeat, generation, wall)
                     outputs[method][i] = generation.tokens
                     rates[method] = len(generation.tokens) / wall if wall > 0 else 0.0
-                for method in METHODS:
+                for method in methods:
                     if rates["greedy"] > 0:
                         paired[method].append(rates[method] / rates["greedy"])
                         paired_by_task[method].setdefault(chosen[i].task, []).append(rates[method] / rates["greedy"])
                 bar.update(1)
 
-    results = {m: stats[m].summary() for m in METHODS}
+    results = {m: stats[m].summary() for m in methods}
     greedy_tps = results["greedy"]["tokens_per_s"]
-    for m in METHODS:
+    for m in methods:
         results[m]["speedup_vs_greedy"] = results[m]["tokens_per_s"] / greedy_tps if greedy_tps else 0.0
         greedy_decode, decode = results["greedy"]["decode_tokens_per_s"], results[m]["decode_tokens_per_s"]
         results[m]["decode_speedup_vs_greedy"] = decode / greedy_decode if decode and greedy_decode else None
@@ -357,6 +377,9 @@ def run(args) -> dict:
         a / s for a, s in zip(paired["adaptive"], paired["strict"])) if paired["strict"] else 0.0
     results["prompt_lookup"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["prompt_lookup"], references))
     results["engine_greedy"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["engine_greedy"], references))
+    if "suffix_decoding" in results:
+        results["suffix_decoding"]["identical_to_greedy"] = all(
+            o == r for o, r in zip(outputs["suffix_decoding"], references))
     results["relaxed"]["token_agreement"] = sum(
         token_agreement(o, r) for o, r in zip(outputs["relaxed"], references)) / max(len(chosen), 1)
     results["relaxed"]["mean_logprob"] = sum(
@@ -389,6 +412,7 @@ def run(args) -> dict:
         "cost_model": cost_model_summary(cost_model),
         "adaptive_max_tokens": args.adaptive_max_tokens,
         "adaptive_max_depth": args.adaptive_max_depth,
+        "suffix_decoding_peer": "measured" if peer_missing is None else f"left out: {peer_missing}",
     }
     print_table(console, report)
     path = write_results("decode.json", report, args.results_dir)

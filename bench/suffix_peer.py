@@ -39,6 +39,29 @@ def _ids(tokens: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(tokens, dtype=np.int32))
 
 
+class SuffixDecodingSource:
+    """The peer as one request's DraftSource in our engine's loop (bench-decode): drafts of at
+    most the step's decoding_length; `close()` when the request is done (evicts its response)."""
+
+    def __init__(self, peer: SuffixDecodingPolicy, prompt_ids: Sequence[int]) -> None:
+        self.peer, self.prompt_length = peer, len(prompt_ids)
+        self.request_id = peer.start_ids(prompt_ids)
+        self._seen = self.prompt_length  # context tokens already fed to the peer
+
+    def draft(self, context: Sequence[int], decoding_length: int, branch_length: int) -> DraftTree:
+        context = list(context)
+        if len(context) > self._seen:  # the step's root and what was accepted before it
+            self.peer.observe(self.request_id, context[self._seen:])
+            self._seen = len(context)
+        return self.peer.speculate(self.request_id, context, decoding_length)
+
+    def observe(self, accepted_tokens: Sequence[int]) -> None:
+        pass  # the peer learns emitted tokens from the next step's context (it holds the root too)
+
+    def close(self) -> None:
+        self.peer.finish(self.request_id)
+
+
 class SuffixDecodingPolicy:
     """A bench.draft_replay Policy (start / draft / observe / finish) backed by the peer's cache."""
 
@@ -57,12 +80,18 @@ class SuffixDecodingPolicy:
             self.cache.stop_request(request_id)
 
     def start(self, case) -> str:
-        request_id = f"case-{next(self._ids)}"
-        self.cache.start_request(request_id, _ids(case.prompt))
+        return self.start_ids(case.prompt)
+
+    def start_ids(self, prompt_ids: Sequence[int]) -> str:
+        request_id = f"request-{next(self._ids)}"
+        self.cache.start_request(request_id, _ids(prompt_ids))
         return request_id
 
     def draft(self, state: str, case, context: list[int], room: int) -> DraftTree:
-        budget = min(self.max_tokens, room - 1)
+        return self.speculate(state, context, min(self.max_tokens, room - 1))
+
+    def speculate(self, state: str, context: Sequence[int], budget: int) -> DraftTree:
+        budget = min(self.max_tokens, budget)
         if budget <= 0:
             return DraftTree()
         draft = self.cache.speculate(state, _ids(context[-self.max_depth:]), max_spec_tokens=budget,

@@ -212,7 +212,7 @@ def test_the_metric_set_has_units_and_a_prometheus_endpoint(services, channel_to
     [served] = decoder["adaccel.decoder.block_reuse_mode"][1]
     assert served.value == 1 and served.attributes["mode"] in ("full", "reuse", "cacheblend", "epic")
     assert {p.attributes["source"] for p in decoder["adaccel.decoder.kv_blocks"][1]} == {
-        "local", "kvstore", "computed", "rejected"}
+        "prefix", "local", "kvstore", "computed", "rejected"}
     [requests] = decoder["adaccel.decoder.requests"][1]
     assert requests.value == 2 and requests.attributes["mode"] == "strict"
     hits = {p.attributes["mode"]: p for p in decoder["adaccel.decoder.pool_hit_rate"][1]}
