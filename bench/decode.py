@@ -235,6 +235,14 @@ def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segm
             "wall_s": time.perf_counter() - start}
 
 
+def served_answer_ids(loaded: LoadedModel, prompts, args) -> list[tuple[int, ...]]:
+    """Token ids of the answers `serve_into_pools` put in the pools (read back from the store it
+    wrote): what a peer draft source is seeded with, so it drafts from the same served traffic."""
+    answers, _ = stored_or_decoded_answers(loaded, pick_warm_prompts(prompts, args.served_per_segment),
+                                           args.max_new_tokens, data_dir=args.data_dir)
+    return [a.token_ids for a in answers]
+
+
 def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen, tokenized, max_new_tokens: int,
                             eos: int) -> dict[str, float]:
     """Strict mode's accepted tokens per step on the chosen prompts, by task (deterministic, untimed)."""
@@ -296,9 +304,8 @@ def run(args) -> dict:
     peer_missing = suffix_peer.available()
     methods = METHODS
     if peer_missing is None:
-        answers, _ = stored_or_decoded_answers(loaded, pick_warm_prompts(prompts, args.served_per_segment),
-                                               args.max_new_tokens, data_dir=args.data_dir)
-        peer = suffix_peer.SuffixDecodingPolicy([a.token_ids for a in answers], max_tokens=args.decoding_length)
+        peer = suffix_peer.SuffixDecodingPolicy(served_answer_ids(loaded, prompts, args),
+                                                max_tokens=args.decoding_length)
         configs["suffix_decoding"] = GenerationConfig(**base, branch_length=args.decoding_length)
         methods = (*METHODS, "suffix_decoding")
     else:

@@ -60,6 +60,7 @@ from bench.decode import (
     parse_grid,
     pick_prompts,
     serve_into_pools,
+    served_answer_ids,
     warm_pools,
     warm_segments,
 )
@@ -80,7 +81,6 @@ from common.machine import device_name
 from common.workload.prompts import round_robin
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
-from services.decoder.warm_answers import pick_warm_prompts, stored_or_decoded_answers
 
 KEY_LENGTH = EngineSettings().key_length
 CANDIDATES = (32, 16)  # candidate tree (tokens, depth) scored for the confidence figures and the fit
@@ -378,9 +378,7 @@ def run(args) -> dict:
     ]
     peer_missing = suffix_peer.available()
     if peer_missing is None:
-        answers, _ = stored_or_decoded_answers(loaded, pick_warm_prompts(prompts, args.served_per_segment),
-                                               args.max_new_tokens, data_dir=args.data_dir)
-        served_answers = [a.token_ids for a in answers]
+        served_answers = served_answer_ids(loaded, prompts, args)
         policies += [(f"peer: SuffixDecoding {'tree' if tree else 'chain'} {tokens}",
                       suffix_peer.SuffixDecodingPolicy(served_answers, max_tokens=tokens, tree=tree))
                      for tokens, tree in ((24, False), (16, True), (24, True))]
