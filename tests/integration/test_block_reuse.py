@@ -15,6 +15,7 @@ import torch
 from adaccel.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
 from common.blocks.hashing import BlockKind, block_hash, tokenizer_fingerprint
 from common.blocks.kv_codec import cache_model_key
+from common.blocks.routing_keys import routing_key
 from common.modeling.loading import load_model
 from common.rpc.server import create_server
 from common.telemetry import null_telemetry
@@ -92,7 +93,10 @@ def test_blocks_are_reused_across_positions_replicas_corruption_and_a_dead_store
         assert cold.stats.cached_prompt_tokens == 0
         assert cold.stats.computed_prompt_tokens == cold.stats.prompt_tokens
         # Published in the background: to this replica's memory (its Report) and to the kv-store.
-        wait_for(lambda: len(d1.Report(decoder_pb2.DecoderReportRequest(), timeout=5).block_keys) == 4,
+        # Its report also lists the prefixes prefix caching keeps (under other keys): look for these 4.
+        published = {routing_key(BlockKind.INSTRUCTION, INSTRUCTION),
+                     *(routing_key(BlockKind.ITEM, ITEMS[i]) for i in (0, 1, 2))}
+        wait_for(lambda: published <= set(d1.Report(decoder_pb2.DecoderReportRequest(), timeout=5).block_keys),
                  "the decoder to report its 4 blocks")
         wait_for(lambda: kv_stub.Stats(kvstore_pb2.KvStatsRequest(), timeout=5).disk_blocks == 4,
                  "4 blocks in the kv-store")
