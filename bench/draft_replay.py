@@ -248,7 +248,7 @@ def tested_nodes(
             if len(tree):
                 tested_parents = {ROOT_PARENT, *path}
                 chosen = [i for i, parent in enumerate(tree.parents) if parent in tested_parents]
-                rows = node_features(tree, found.raw, found.from_overlay)[chosen]
+                rows = node_features(tree, found.raw, found.from_overlay, found.support)[chosen]
                 features.append(rows)
                 base += [found.base[i] for i in chosen]
                 conditional += [found.conditional[i] for i in chosen]

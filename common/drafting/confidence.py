@@ -43,14 +43,15 @@ from common.drafting.pools import DraftSource, RequestDrafter
 
 MAX_PROBABILITY = 0.98  # nothing drafted from n-gram counts is certain
 
-FEATURES = ("bias", "log_odds", "top_sibling", "depth", "from_overlay")
+FEATURES = ("bias", "log_odds", "top_sibling", "depth", "from_overlay", "context_support")
 # Fitted by `python -m bench.draft_replay --fit` on the default workload's warm-split prompts
 # (never the held-out ones the benchmarks decode), pools holding corpus texts and served answers,
 # for the default model (SmolLM2-135M-Instruct: 48 prompts, 4,500 tested nodes, 2026-12-03; the
 # 2.7M model's weights were (0.12, 1.56, 0.47, 0.65, -1.42)). Another model or workload: fit again
 # and set ADACCEL_ADAPTIVE_CONFIDENCE_WEIGHTS.
-DEFAULT_WEIGHTS = (-1.33, 1.01, 0.68, 2.03, 0.32)
+DEFAULT_WEIGHTS = (-1.33, 1.01, 0.68, 2.03, 0.32, 0.0)
 MAX_FEATURE_DEPTH = 10  # deeper nodes share the depth feature's last value
+MAX_FEATURE_SUPPORT = 8  # context tokens of support (TokenTrie.context_support) the feature tells apart
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,8 +124,10 @@ def raw_probabilities(tree: DraftTree, evidence: float | None, settings: Confide
     return probabilities
 
 
-def node_features(tree: DraftTree, raw: Sequence[float], from_overlay: Sequence[bool] | None) -> np.ndarray:
-    """[N, len(FEATURES)] features of the tree's nodes (see FEATURES); `from_overlay` None: unknown (0)."""
+def node_features(tree: DraftTree, raw: Sequence[float], from_overlay: Sequence[bool] | None,
+                  support: Sequence[int] | None = None) -> np.ndarray:
+    """[N, len(FEATURES)] features of the tree's nodes (see FEATURES); `from_overlay` and
+    `support` (context tokens after which the node's path is stored) None: unknown (0)."""
     seen: set[int] = set()
     top = []
     for parent in tree.parents:  # siblings are laid out best first: the first one seen is the top
@@ -137,17 +140,19 @@ def node_features(tree: DraftTree, raw: Sequence[float], from_overlay: Sequence[
     features[:, 2] = top
     features[:, 3] = np.minimum(tree.depths(), MAX_FEATURE_DEPTH) / MAX_FEATURE_DEPTH
     features[:, 4] = from_overlay if from_overlay is not None else 0.0
+    features[:, 5] = (np.minimum(support, MAX_FEATURE_SUPPORT) / MAX_FEATURE_SUPPORT
+                      if support is not None else 0.0)
     return features
 
 
 def acceptance_probabilities(tree: DraftTree, raw: Sequence[float], from_overlay: Sequence[bool] | None,
-                             settings: ConfidenceSettings) -> list[float]:
+                             settings: ConfidenceSettings, support: Sequence[int] | None = None) -> list[float]:
     """Each node's conditional acceptance probability before online calibration: the logistic
     model over its features (node_features), or the smoothed frequency itself when no weights
     are set."""
     if settings.weights is None or not len(tree):
         return list(raw)
-    logits = node_features(tree, raw, from_overlay) @ np.asarray(settings.weights, dtype=np.float64)
+    logits = node_features(tree, raw, from_overlay, support) @ np.asarray(settings.weights, dtype=np.float64)
     return (1.0 / (1.0 + np.exp(-logits))).tolist()
 
 
@@ -210,6 +215,7 @@ class ScoredCandidates:
     tree: DraftTree
     raw: list[float]  # smoothed relative frequencies
     from_overlay: list[bool] | None  # proposed by the request's own text (None: unknown source)
+    support: list[int] | None  # context tokens after which the node's path is stored (None: unknown)
     base: list[float]  # acceptance model's conditional probabilities (= raw without weights)
     conditional: list[float]  # after the online per-depth calibration
 
@@ -239,15 +245,17 @@ class ConfidentDrafter:
         return self.inner.overlay.key_weight(key) + (pool.key_weight(key) if pool is not None else 0.0)
 
     def scored(self, context: Sequence[int], max_tokens: int, max_depth: int) -> ScoredCandidates:
+        support = None
         if isinstance(self.inner, RequestDrafter):
             tree, from_overlay = self.inner.draft_with_origin(context, max_tokens, max_depth)
+            support = self.inner.context_support(context, tree)
         else:
             tree, from_overlay = self.inner.draft(context, max_tokens, max_depth), None
         if not len(tree):
-            return ScoredCandidates(tree, [], from_overlay, [], [])
+            return ScoredCandidates(tree, [], from_overlay, support, [], [])
         raw = raw_probabilities(tree, self.evidence(context), self.settings)
-        base = acceptance_probabilities(tree, raw, from_overlay, self.settings)
-        return ScoredCandidates(tree, raw, from_overlay, base, calibrated(tree, base, self.calibration))
+        base = acceptance_probabilities(tree, raw, from_overlay, self.settings, support)
+        return ScoredCandidates(tree, raw, from_overlay, support, base, calibrated(tree, base, self.calibration))
 
     def candidates(self, context: Sequence[int], max_tokens: int, max_depth: int
                    ) -> tuple[DraftTree, list[float], list[float]]:

@@ -144,3 +144,11 @@ class RequestDrafter:
         if self.pool is not None:
             found += self.pool.candidates(key, **args)
         return merge_marked_drafts(found, from_overlay, decoding_length, branch_length)
+
+    def context_support(self, context: Sequence[int], tree: DraftTree) -> list[int]:
+        """Each draft node's context support (TokenTrie.context_support), the longer of the
+        overlay's and the pool's."""
+        support = self.overlay.context_support(context, tree)
+        if self.pool is not None:
+            support = [max(a, b) for a, b in zip(support, self.pool.context_support(context, tree))]
+        return support

@@ -49,7 +49,7 @@ from typing import Literal
 
 import numpy as np
 
-from common.drafting.draft_tree import DraftTree, merge_drafts
+from common.drafting.draft_tree import ROOT_PARENT, DraftTree, merge_drafts
 from common.drafting.geometry import DEFAULT_GEOMETRY
 
 Kind = Literal["input", "output"]
@@ -447,6 +447,44 @@ class TokenTrie:
             if len(found[-1]) >= enough:
                 break
         return found
+
+    def context_support(self, context: Sequence[int], tree: DraftTree) -> list[int]:
+        """For each node of `tree` (a draft continuing `context`, parents before children): the
+        longest suffix of `context` after which the node's whole path is stored here (0: after
+        none). A draft from a 2-token key mixes every stored text holding those 2 tokens; a node
+        still stored after 6 context tokens continues a text the request is following token for
+        token, and is accepted far more often (SuffixDecoding's match length, in an n-gram trie:
+        context + path fit in `ngram_length`).
+
+        >>> trie = TokenTrie(TrieSettings(ngram_length=5))
+        >>> trie.insert([1, 2, 3, 4])
+        >>> trie.insert([9, 2, 3, 5])
+        >>> draft = trie.retrieve([1, 2, 3], decoding_length=4, branch_length=1, key_length=2)
+        >>> draft.tokens, trie.context_support([1, 2, 3], draft)
+        ([4, 5], [3, 2])
+        """
+        support = [0] * len(tree)
+        if not len(tree):
+            return support
+        depths = tree.depths()
+        edges, output, input_ = self._edges, self._output, self._input
+        longest = min(len(context), self.settings.ngram_length - 1)
+        for length in range(longest, 0, -1):  # longest first: a node's first match is its support
+            start = self._find(context[len(context) - length :])
+            if start == NO_NODE:
+                continue
+            matched = [NO_NODE] * len(tree)
+            for index, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+                if length + depths[index] > self.settings.ngram_length:
+                    continue
+                above = start if parent == ROOT_PARENT else matched[parent]
+                if above == NO_NODE:
+                    continue
+                child = edges.get(above * _TOKEN_SPACE + token, NO_NODE)
+                matched[index] = child
+                if child != NO_NODE and support[index] == 0 and (output[child] or input_[child]):
+                    support[index] = length
+        return support
 
     def key_weight(self, key: Sequence[int]) -> float:
         """Weight (count) of the longest suffix of `key` stored in the trie, as `candidates`

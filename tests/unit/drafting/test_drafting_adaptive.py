@@ -20,6 +20,7 @@ from common.drafting.confidence import (
     expected_accepted,
     path_gains,
     raw_probabilities,
+    request_calibration,
 )
 from common.drafting.cost_model import linear_cost_model
 from common.drafting.draft_tree import DraftTree
@@ -255,8 +256,40 @@ def test_request_drafter_marks_what_the_request_text_proposed() -> None:
     assert (8,) in marked and (3,) not in marked and (7,) not in marked
 
 
+def test_context_support_is_the_longest_context_after_which_a_node_is_stored() -> None:
+    """A pool holding two answers that share "2 3": the one the request is following token for
+    token supports its continuation with the whole context; the other only with the shared key."""
+    pool = TokenTrie(TrieSettings(ngram_length=6))
+    pool.insert([5, 6, 1, 2, 3, 4, 4])
+    pool.insert([9, 9, 9, 2, 3, 7, 7])
+    context = [6, 1, 2, 3]
+    drafter = RequestDrafter(pool, [0, 0], settings=None)
+    tree = drafter.draft(context, 8, 2)
+    support = dict(zip(map(tuple, map(tree.path_to, range(len(tree)))), drafter.context_support(context, tree)))
+    # (4,) and (4, 4) after all of 6 1 2 3 (within the stored 6-grams); (7,) and (7, 7) only after 2 3
+    assert support == {(4,): 4, (4, 4): 4, (7,): 2, (7, 7): 2}
+    # The request's own text counts too: its prompt follows 9 2 3 -> 7, the overlay supports 7 longer.
+    following = RequestDrafter(pool, [8, 9, 2, 3, 7, 0, 0], settings=None)
+    longer = dict(zip(map(tuple, map(tree.path_to, range(len(tree)))), following.context_support([8, 9, 2, 3], tree)))
+    assert longer[(7,)] == 4 and longer[(7, 7)] == 3  # 7 7 only the pool holds, after 9 2 3
+    # A node no trie holds after any context has no support.
+    assert drafter.context_support(context, DraftTree(tokens=[42], parents=[-1], scores=[1.0])) == [0]
+
+
+def test_confident_drafter_scores_nodes_with_their_context_support() -> None:
+    pool = TokenTrie(TrieSettings(ngram_length=6))
+    pool.insert([5, 6, 1, 2, 3, 4, 4])
+    pool.insert([9, 9, 9, 2, 3, 7, 7])
+    weights = (0.0, 0.0, 0.0, 0.0, 0.0, 4.0)  # support alone decides
+    drafter = ConfidentDrafter(RequestDrafter(pool, [0, 0], settings=None), request_calibration(None, ConfidenceSettings()),
+                               ConfidenceSettings(weights=weights))
+    found = drafter.scored([6, 1, 2, 3], 8, 1)
+    by_token = dict(zip(found.tree.tokens, found.base))
+    assert found.support is not None and by_token[4] > by_token[7]
+
+
 @given(st.lists(st.tuples(st.integers(-1, 6), st.floats(0.0, 1.0)), min_size=1, max_size=12),
-       st.lists(st.floats(-3, 3), min_size=5, max_size=5), st.booleans())
+       st.lists(st.floats(-3, 3), min_size=6, max_size=6), st.booleans())
 def test_acceptance_model_is_the_logistic_of_the_documented_features(nodes, weights, with_origin) -> None:
     import math
 
@@ -264,16 +297,18 @@ def test_acceptance_model_is_the_logistic_of_the_documented_features(nodes, weig
     tree = DraftTree(tokens=list(range(len(nodes))), parents=parents, scores=[1.0] * len(nodes))
     raw = [p for _, p in nodes]
     origin = [i % 2 == 0 for i in range(len(nodes))] if with_origin else None
+    support = [3 * i % 11 for i in range(len(nodes))] if with_origin else None
     depths = tree.depths()
     expected = []
     for i, (p, parent) in enumerate(zip(raw, parents)):
         p = min(max(p, 0.01), 0.99)
         top = parents.index(parent) == i  # siblings are laid out best first
         logit = (weights[0] + weights[1] * math.log(p / (1 - p)) + weights[2] * top
-                 + weights[3] * min(depths[i], 10) / 10 + weights[4] * bool(origin and origin[i]))
+                 + weights[3] * min(depths[i], 10) / 10 + weights[4] * bool(origin and origin[i])
+                 + weights[5] * (min(support[i], 8) / 8 if support else 0.0))
         expected.append(1 / (1 + math.exp(-logit)))
     settings_ = ConfidenceSettings(weights=tuple(weights))
-    assert confidence.acceptance_probabilities(tree, raw, origin, settings_) == pytest.approx(expected)
+    assert confidence.acceptance_probabilities(tree, raw, origin, settings_, support) == pytest.approx(expected)
     assert confidence.acceptance_probabilities(tree, raw, origin, ConfidenceSettings(weights=None)) == raw
 
 
@@ -293,7 +328,7 @@ def test_decoder_setting_carries_the_confidence_weights_or_none() -> None:
 
     assert DecoderSettings().confidence_weights == confidence.DEFAULT_WEIGHTS
     assert DecoderSettings(adaptive_confidence_weights="").confidence_weights is None
-    assert DecoderSettings(adaptive_confidence_weights="1,2,3,4,-5").confidence_weights == (1.0, 2.0, 3.0, 4.0, -5.0)
-    for bad in ("1,2", "1,2,x,4,5"):
+    assert DecoderSettings(adaptive_confidence_weights="1,2,3,4,-5,6").confidence_weights == (1.0, 2.0, 3.0, 4.0, -5.0, 6.0)
+    for bad in ("1,2", "1,2,x,4,5,6", "1,2,3,4,5"):
         with pytest.raises(ValidationError, match="adaptive_confidence_weights"):
             DecoderSettings(adaptive_confidence_weights=bad)
