@@ -13,10 +13,12 @@ where evidence is the parent's count (score(parent) x the lookup key's weight in
 
 Frequencies in text are not acceptance by the model. A small logistic model over each node's
 features turns the smoothed frequency into an acceptance probability (FEATURES: the frequency's
-log-odds, whether the node is its parent's most frequent child, its depth, and whether the
-request's own text proposed it rather than the pool); its weights are fitted offline by replaying
-greedy outputs (bench/draft_replay.py). Replayed on the default workload's held-out prompts, it
-predicts acceptance with a log-loss of 0.30 against 0.36 for the frequency alone: frequencies
+log-odds, whether the node is its parent's most frequent child, its depth, whether the request's
+own text proposed it rather than the pool, and its context support: how many context tokens
+before the key the stored text it continues shares with the request, TokenTrie.context_support,
+SuffixDecoding's match length); its weights are fitted offline by replaying greedy outputs
+(bench/draft_replay.py). Replayed on SmolLM2's held-out prompts, it predicts acceptance with a
+log-loss of 0.36 against 0.43 for the frequency alone (0.38 without context support): frequencies
 under-state the top child (accepted 83% of the times it was tested, against 71% predicted) and
 over-state what the prompt proposes. The estimate is then calibrated online: per
 depth, a multiplicative correction observed / predicted over the nodes that were actually put
@@ -46,10 +48,10 @@ MAX_PROBABILITY = 0.98  # nothing drafted from n-gram counts is certain
 FEATURES = ("bias", "log_odds", "top_sibling", "depth", "from_overlay", "context_support")
 # Fitted by `python -m bench.draft_replay --fit` on the default workload's warm-split prompts
 # (never the held-out ones the benchmarks decode), pools holding corpus texts and served answers,
-# for the default model (SmolLM2-135M-Instruct: 48 prompts, 4,500 tested nodes, 2026-12-03; the
-# 2.7M model's weights were (0.12, 1.56, 0.47, 0.65, -1.42)). Another model or workload: fit again
-# and set ADACCEL_ADAPTIVE_CONFIDENCE_WEIGHTS.
-DEFAULT_WEIGHTS = (-1.33, 1.01, 0.68, 2.03, 0.32, 0.0)
+# for the default model (SmolLM2-135M-Instruct: 48 prompts, 4,500 tested nodes, 2026-12-04; before
+# context support it was (-1.33, 1.01, 0.68, 2.03, 0.32), the 2.7M model's (0.12, 1.56, 0.47, 0.65,
+# -1.42)). Another model or workload: fit again and set ADACCEL_ADAPTIVE_CONFIDENCE_WEIGHTS.
+DEFAULT_WEIGHTS = (-1.88, 0.97, 0.60, 1.75, 0.12, 2.62)
 MAX_FEATURE_DEPTH = 10  # deeper nodes share the depth feature's last value
 MAX_FEATURE_SUPPORT = 8  # context tokens of support (TokenTrie.context_support) the feature tells apart
 

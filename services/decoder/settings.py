@@ -36,7 +36,7 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     adaptive_max_depth: int = Field(DEFAULT_GEOMETRY.adaptive_max_depth, ge=1, description="adaptive drafting: deepest candidate branch")
     adaptive_confidence_weights: str = Field(
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
-        description="adaptive drafting: logistic weights of draft-node acceptance over (bias, frequency log-odds, top sibling, depth, proposed by the request's own text), comma-separated; `python -m bench.draft_replay --fit` fits them for a model and workload; empty = frequency alone")
+        description="adaptive drafting: logistic weights of draft-node acceptance over (bias, frequency log-odds, top sibling, depth, proposed by the request's own text, context support), comma-separated; `python -m bench.draft_replay --fit` fits them for a model and workload; empty = frequency alone")
     cost_profile_s: float = Field(5.0, ge=0, description="adaptive drafting: start-up step-cost profiling time limit when no stored profile matches model and device (0 = never profile: stored or built-in estimate)")
     lean_forward: bool = Field(True, description="verification steps run the model's own parts without transformers' per-call plumbing (bit-identical logits, checked at start-up; other architectures fall back by themselves); false = always the model's plain forward")
     pool_addr: str = Field("", description="retrieval-pool service host:port (empty = prompt overlay only)")
