@@ -7,7 +7,7 @@ import pytest
 
 from bench import draft_replay
 from bench.draft_replay import Adaptive, Case, FixedBudget, NoDrafting, accepted_path, fit_weights, replay
-from common.drafting.confidence import ConfidenceSettings
+from common.drafting.confidence import FEATURES, ConfidenceSettings
 from common.drafting.cost_model import linear_cost_model
 from common.drafting.draft_tree import DraftTree
 from common.drafting.trie import TokenTrie, TrieSettings
@@ -71,7 +71,9 @@ def test_fit_recovers_logistic_weights() -> None:
 def test_tested_nodes_are_the_children_of_the_root_and_of_accepted_nodes() -> None:
     nodes = draft_replay.tested_nodes(cases(), ConfidenceSettings(), 96)
     count = len(nodes["accepted"])
-    assert nodes["features"].shape == (count, 5) and len(nodes["base"]) == len(nodes["conditional"]) == count
+    assert nodes["features"].shape == (count, len(FEATURES)) and len(nodes["base"]) == len(nodes["conditional"]) == count
+    support = nodes["features"][:, FEATURES.index("context_support")]
+    assert ((0 <= support) & (support <= 1)).all() and support.max() > 0  # the tested nodes carry their support
     assert 0 < nodes["accepted"].sum() < count  # some drafts right, some wrong
     assert ((0 < nodes["base"]) & (nodes["base"] < 1)).all()
     scores = draft_replay.confidence_scores(nodes)
