@@ -641,8 +641,9 @@ def batched_variant(loaded, pools, chosen, tokenized, cost_model, args) -> list[
                         produced = [[] for _ in group]
                         forwards = 0
                         t0 = time.perf_counter()
-                        # Timed from the end of the first step: prefill (prompts of up to a few
-                        # thousand tokens) is the same for every method and would mask them.
+                        # Timed from the end of iter_batch's first list (the prefills and their
+                        # first tokens): prefill (prompts of up to a few thousand tokens) is the
+                        # same for every method and would mask them.
                         decode_start, first_tokens = None, 0
                         for step in engine.iter_batch([tokenized[i] for i in group], [cfg] * len(group),
                                                       group_pools):
@@ -861,7 +862,7 @@ def print_table(console: Console, report: dict) -> None:
                       f"{budget['adaptive_vs_worst_fixed_paired_median']:.2f}x")
     for entry in report.get("batched", []):
         table = Table(title=f"batched: {entry['batch_size']} concurrent requests, {entry['groups']} groups "
-                            f"x {entry['repeats']} (decode after the first step; prefill excluded)")
+                            f"x {entry['repeats']} (decode after the prefills' first tokens; prefill excluded)")
         for column in ("method", "tokens/s", "x no drafting (paired)", "tokens/forward", "forwards", "identical"):
             table.add_column(column, justify="left" if column == "method" else "right")
         for name, m in entry["methods"].items():

@@ -317,7 +317,9 @@ class Batcher:
                 continue
             ticket.prefill = PrefillStats(ticket.prefill.cached_tokens, ticket.prefill.recomputed_tokens,
                                           queue_s=ticket.prefill.queue_s, prefill_s=time.perf_counter() - begun)
-            if handle.done:  # nothing to generate
+            for _, first in self.session.take_first():  # the prefill's own token: streamed now
+                ticket.results.put(first)
+            if handle.done:  # nothing (more) to generate
                 ticket.results.put(_END)
                 continue
             ticket.handle = handle

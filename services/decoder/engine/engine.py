@@ -7,8 +7,10 @@ forward, and finished rows leave at the end of the step that ends them. `generat
 
 Each row's cache holds the KV of every token but the last one (the root); a step feeds
 [root + draft tree], and keeps the KV of the root and of the accepted drafts; the bonus token
-becomes the next root. Prefill therefore covers prompt[:-1] and the very first step already
-drafts from the prompt's tail.
+becomes the next root. Prefill covers the whole prompt and its last position's logits give the
+first token (emitted with the prefill, as transformers' `generate` does: a separate first step
+over the prompt's last token would cost one forward per request, ~100 ms of TTFT on the default
+model here); that token is the first root, so the first step drafts from the prompt's tail and it.
 
 Batch layout: rows share one DynamicCache; because rows accept different numbers of tokens,
 each row's cache has holes (see kv_cache.py), tracked in `key_valid` [B, S] and masked out.
@@ -184,14 +186,18 @@ class DecodingEngine:
         index_of = {id(request): i for i, request in enumerate(requests)}
         session = BatchSession(self)
 
+        def rows(step: list[tuple[RequestState, StepResult]]) -> list[StepResult | None]:
+            row: list[StepResult | None] = [None] * len(prompts)
+            for handle, result in step:
+                row[index_of[id(handle)]] = result
+            return row
+
         def steps() -> Iterator[list[StepResult | None]]:
             for request in requests:
                 session.join(request, None)
+            yield rows(session.take_first())  # the prefills' tokens, then one list per forward
             for step in session.run():
-                row: list[StepResult | None] = [None] * len(prompts)
-                for handle, result in step:
-                    row[index_of[id(handle)]] = result
-                yield row
+                yield rows(step)
 
         return steps()
 
@@ -243,10 +249,10 @@ class DecodingEngine:
         cache = past_key_values if past_key_values is not None else DynamicCache(config=self.model.config)
         reused = cache_length(cache)
         excess = reused - request.context_length
-        if excess > 0:  # the cache covers the root too: recompute that one token
+        if excess > 0:  # the cache covers the last prompt token too: recompute it for its logits
             cache.crop(-excess)
             reused -= excess
-        return PendingPrefill(request, cache, computed=reused, target=len(request.tokens) - 1)
+        return PendingPrefill(request, cache, computed=reused, target=len(request.tokens))
 
     @torch.inference_mode()
     def _prefill_chunk(self, pending: PendingPrefill, max_tokens: int) -> int:
@@ -254,23 +260,38 @@ class DecodingEngine:
         count = min(max_tokens, pending.remaining)
         if count > 0:
             start = pending.computed
-            self._prefill_dense(pending.request.tokens[start:start + count], start, pending.cache)
+            logits = self._prefill_dense(pending.request.tokens[start:start + count], start, pending.cache)
             pending.computed += count
+            if not pending.remaining:
+                pending.last_logits = logits[0, -1:]  # [1, V]: the last prompt position's
         return count
 
+    def _first_token(self, pending: PendingPrefill) -> StepResult:
+        """Emits the token the prefill's last logits choose (the verification rule of the
+        request's mode on a tree of the root alone): it becomes the first step's root."""
+        request = pending.request
+        tree = flatten(request.tokens[-1], DraftTree())
+        result = self._emit(request, self._verify(pending.last_logits, tree, request), 0)
+        pending.last_logits = None
+        if request.done:
+            self._finish(request)
+        return result
+
     def _prefilled_batch(self, pending: PendingPrefill) -> _Batch:
-        """A batch of one row caching every prompt token but the last (the first step's root)."""
+        """A batch of one row caching every prompt token (the first token is its root)."""
         key_valid = torch.ones((1, pending.computed), dtype=torch.bool, device=self.device)
         return _Batch([pending.request], pending.cache, key_valid)
 
-    def _prefill_dense(self, tokens: list[int], start: int, cache: DynamicCache) -> None:
+    def _prefill_dense(self, tokens: list[int], start: int, cache: DynamicCache) -> torch.Tensor:
         """One row over a dense cache (no holes): the model builds its own causal mask, which
         lets SDPA take its causal kernel; an explicit [1, 1, L, L] float mask made long prompts'
         prefill about 1.5x slower (2,478 tokens: ~465 vs ~300 ms on the default model, one CPU
         thread; ~300 ms is also what transformers' generate takes)."""
         input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(tokens), device=self.device)[None, :]
-        self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        output = self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                            logits_to_keep=1)
+        return output.logits  # [1, 1, V]
 
     def _step(self, batch: _Batch) -> list[StepResult]:
         """One forward pass for every active row; returns their results in row order."""
@@ -411,13 +432,14 @@ def _or_default(value: int | None, default: int) -> int:
 @dataclass(eq=False)
 class PendingPrefill:
     """A request whose prompt is being prefilled (BatchSession.begin / advance / finish): its cache
-    holds prompt positions [0, computed); the row can join once `target` (every prompt token but
-    the last, which is the first step's root) are cached."""
+    holds prompt positions [0, computed); the row can join once `target` (every prompt token) are
+    cached, and `last_logits` [1, V] (the last chunk's last position) choose its first token."""
 
     request: RequestState
     cache: DynamicCache
     computed: int
     target: int
+    last_logits: torch.Tensor | None = None
 
     @property
     def remaining(self) -> int:
@@ -430,7 +452,9 @@ class BatchSession:
     add() prefills one request alone (optionally on top of a batch-1 cache holding a prefix of its
     prompt, from block reuse) and appends its row to the running batch (cache_rows.append_rows);
     step() runs one shared verification forward for every row and returns (handle, result) pairs;
-    rows that finish that step are retired by the step itself. The handle is the request's state;
+    rows that finish that step are retired by the step itself. A prefill emits the request's first
+    token when it finishes: step() returns those first results ahead of its forward's, unless
+    take_first() took them at once (a server streaming the first token without waiting a step). The handle is the request's state;
     `handle.done` says it will get no more results. Not thread-safe: one thread owns it (in the
     decoder, the batcher's scheduler thread, which owns the model). It drives the engine's
     underscored step internals (_new_request, _prefill_begin/_chunk, _prefilled_batch, _step,
@@ -441,6 +465,7 @@ class BatchSession:
     def __init__(self, engine: DecodingEngine) -> None:
         self.engine = engine
         self.batch: _Batch | None = None
+        self._first: list[tuple[RequestState, StepResult]] = []  # prefills' first tokens, not yet returned
 
     @property
     def rows(self) -> int:
@@ -498,12 +523,16 @@ class BatchSession:
         return self.engine._prefill_chunk(pending, max_tokens)
 
     def finish(self, pending: PendingPrefill) -> RequestState:
-        """Appends a fully prefilled request's row (a request with nothing to generate is done)."""
+        """Emits a fully prefilled request's first token (take_first / step return it) and appends
+        its row unless that token ended it (a request with nothing to generate is done at once)."""
         request = pending.request
         if request.done:
             return request
         if pending.remaining:
             raise ValueError(f"prefill not finished: {pending.remaining} prompt tokens left")
+        self._first.append((request, self.engine._first_token(pending)))
+        if request.done:
+            return request
         joined = self.engine._prefilled_batch(pending)
         if not self.rows:
             self.batch = joined
@@ -512,15 +541,22 @@ class BatchSession:
             self.batch.requests.append(request)
         return request
 
+    def take_first(self) -> list[tuple[RequestState, StepResult]]:
+        """The first tokens of the requests finished since the last call (or step)."""
+        first, self._first = self._first, []
+        return first
+
     def step(self) -> list[tuple[RequestState, StepResult]]:
-        if not self.rows:
-            return []
-        rows = list(self.batch.requests)  # _step retires finished rows
-        return list(zip(rows, self.engine._step(self.batch)))
+        """First tokens not yet taken, then one forward's results for every row."""
+        results = self.take_first()
+        if self.rows:
+            rows = list(self.batch.requests)  # _step retires finished rows
+            results.extend(zip(rows, self.engine._step(self.batch)))
+        return results
 
     def run(self) -> Iterator[list[tuple[RequestState, StepResult]]]:
         """Steps until every row is done (the drivers above; serving steps one at a time)."""
-        while self.rows:
+        while self.rows or self._first:
             yield self.step()
 
     def remove(self, request: RequestState) -> None:

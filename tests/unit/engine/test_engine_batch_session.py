@@ -119,3 +119,34 @@ def test_removed_rows_stop_and_the_rest_continue(model):
     tokens, gaps = greedy(model, [9, 10, 11, 12], 6)
     assert second.done
     assert_greedy("second", got, tokens, gaps)
+
+
+def test_the_prefill_emits_the_first_token_and_each_step_is_one_more_forward(model):
+    """The first token comes from the prefill's own logits (no extra forward, as in transformers'
+    generate), before any step; a request it ends (max_new_tokens=1) never joins the batch."""
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        # lean_forward off: its steps call the model's parts, which the hook would not see
+        engine = DecodingEngine(model, EngineSettings(decoding_length=4, branch_length=2, lean_forward=False))
+        session = BatchSession(engine)
+        prompt = [9, 10, 11, 12]
+        tokens, gaps = greedy(model, prompt, 5)
+        forwards.clear()  # the engine's construction checks and the reference above
+        handle = session.add(prompt, GenerationConfig(max_new_tokens=5))
+        assert len(forwards) == 1 and session.rows == 1  # the prefill, one forward
+        first = session.take_first()
+        assert [(h, r.token_ids, r.drafted) for h, r in first] == [(handle, tokens[:1], 0)]
+        assert session.take_first() == []  # taken once: step() does not return it again
+        got, steps = list(tokens[:1]), 0
+        while session.rows:
+            got.extend(t for _, result in session.step() for t in result.token_ids)
+            steps += 1
+        assert_greedy("after the first token", got, tokens, gaps)
+        assert len(forwards) == 1 + steps  # no pool: one token a step, 4 after the prefill's
+        assert steps == 4
+        one = session.add([3, 4, 5], GenerationConfig(max_new_tokens=1))
+        assert one.done and session.rows == 0 and len(forwards) == 6
+        assert [(h, r.token_ids) for h, r in session.step()] == [(one, greedy(model, [3, 4, 5], 1)[0])]
+    finally:
+        hook.remove()

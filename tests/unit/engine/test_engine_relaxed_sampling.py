@@ -162,27 +162,37 @@ def test_sampling_is_reproducible_per_seed(model) -> None:
     assert len({tuple(run(seed)) for seed in range(6)}) > 1
 
 
-def test_sampling_through_drafts_keeps_the_first_token_distribution(model) -> None:
-    """First sampled token over many seeds vs the model's softmax, with a draft tree rooted
-    at the prompt (max_new_tokens=2 lets the first step draft one level)."""
+def test_sampling_through_drafts_keeps_the_model_s_distribution(model) -> None:
+    """The second sampled token over many seeds against the model's softmax after the first:
+    the prefill samples the first token without drafts, the first step drafts one level after
+    it (max_new_tokens=3) from a pool holding the 3 likeliest next tokens after every possible
+    first token, so acceptance and rejection both happen. Each draw is scored by the rank of
+    its token in that draw's own distribution (ranks 0-3, the rest), so draws with different
+    first tokens add up to one Pearson chi-square."""
     prompt = [120, 7, 19]
-    target = torch.softmax(next_token_logits(model, prompt)[-1], dim=-1)
+    first_probs = torch.softmax(next_token_logits(model, prompt)[-1], dim=-1)
+    likely_firsts = torch.topk(first_probs, 12).indices.tolist()
+    conditional = {t: torch.softmax(next_token_logits(model, prompt + [t])[-1], dim=-1) for t in likely_firsts}
     pool = TokenTrie()
-    top = torch.topk(target, 4).indices.tolist()
-    for token in top[:3]:  # drafts: the likely tokens, so acceptance and rejection both happen
-        pool.insert(prompt[-2:] + [token, 5])
+    for first, probs in conditional.items():
+        for token in torch.topk(probs, 3).indices.tolist():
+            pool.insert([prompt[-1], first, token, 5])
     engine = DecodingEngine(model)
-    draws = 400
-    counts: dict[int, int] = {}
+    observed, expected = [0.0] * 5, [0.0] * 5
     drafted = 0
-    for seed in range(draws):
-        step = next(
-            engine.generate(prompt, GenerationConfig(max_new_tokens=2, temperature=1.0, seed=seed), pool)
-        )
-        counts[step.token_ids[0]] = counts.get(step.token_ids[0], 0) + 1
-        drafted += step.drafted
-    assert drafted >= 3 * draws
-    observed = [counts.get(t, 0) for t in top] + [draws - sum(counts.get(t, 0) for t in top)]
-    expected = [float(target[t]) * draws for t in top] + [(1 - float(target[top].sum())) * draws]
+    for seed in range(600):
+        steps = list(engine.generate(prompt, GenerationConfig(max_new_tokens=3, temperature=1.0, seed=seed), pool))
+        first, second = steps[0].token_ids[0], steps[1].token_ids[0]
+        if first not in conditional:
+            continue
+        drafted += steps[1].drafted
+        order = torch.argsort(conditional[first], descending=True).tolist()
+        rank = order.index(second)
+        observed[min(rank, 4)] += 1
+        for r in range(4):
+            expected[r] += float(conditional[first][order[r]])
+        expected[4] += float(conditional[first][order[4:]].sum())
+    draws = sum(observed)
+    assert draws >= 300 and drafted >= 2 * draws  # most draws really went through a draft tree
     chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
     assert chi2 < 18.47, (observed, expected)  # chi-square df=4, upper 0.1%
