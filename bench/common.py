@@ -156,3 +156,30 @@ def write_results(name: str, results: dict, results_dir: Path = RESULTS_DIR, *,
     path = results_dir / name
     path.write_text(json.dumps(results, indent=2))
     return path
+
+
+class ItemFactChecker:
+    """The ads check of item-knowledge answers, per method: of the facts (brand, category, price
+    band, attribute values, audience) an answer states, the share its item's block holds
+    (common/workload/answer_checks.py). Other tasks' prompts are not checked. `missing` says why
+    nothing is checked (a workload without its catalog, items.jsonl)."""
+
+    def __init__(self, workload_dir: Path, tokenizer, prompts) -> None:
+        from common.workload.answer_checks import fact_vocabulary
+        from common.workload.export import ITEMS_FILE, load_items
+
+        self.tokenizer = tokenizer
+        self.blocks = [next((b.text for b in p.blocks if b.kind == "item"), None) if p.task == "item_knowledge"
+                       else None for p in prompts]
+        self.missing = None if (workload_dir / ITEMS_FILE).exists() else f"no {workload_dir / ITEMS_FILE}"
+        self.vocabulary = fact_vocabulary(load_items(workload_dir)) if self.missing is None else None
+
+    def __call__(self, outputs: Sequence[Sequence[int]]) -> dict | None:
+        """fact_precision over the item-knowledge answers among `outputs` (indexed like prompts)."""
+        from common.workload.answer_checks import check_item_facts, fact_precision
+
+        if self.vocabulary is None:
+            return None
+        checks = [check_item_facts(self.tokenizer.decode(list(o), skip_special_tokens=True), block, self.vocabulary)
+                  for o, block in zip(outputs, self.blocks) if block is not None]
+        return fact_precision(checks) if checks else None

@@ -44,6 +44,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from bench import suffix_peer
 from bench.common import (
     RESULTS_DIR,
+    ItemFactChecker,
     add_model_arguments,
     bench_parser,
     figure,
@@ -393,9 +394,13 @@ def run(args) -> dict:
         mean_logprob(loaded, ids, o) for ids, o in zip(tokenized, outputs["relaxed"])) / max(len(chosen), 1)
     results["greedy"]["mean_logprob"] = sum(
         mean_logprob(loaded, ids, o) for ids, o in zip(tokenized, references)) / max(len(chosen), 1)
+    facts = ItemFactChecker(args.workload.parent, loaded.tokenizer, chosen)
+    results["greedy"]["item_facts"] = facts(references)
+    for method in ("strict", "relaxed", "adaptive"):
+        results[method]["item_facts"] = facts(outputs[method])
     oracle_tps = results["oracle"]["tokens_per_s"]
     results["strict"]["fraction_of_oracle"] = results["strict"]["tokens_per_s"] / oracle_tps if oracle_tps else 0.0
-    sweep = relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, args) if args.sweep else []
+    sweep = relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, facts, args) if args.sweep else []
     budget = (budget_sweep(loaded, pools, chosen, tokenized, references, sweep_grid, adaptive_engine, args)
               if sweep_grid else {})
     batched = batched_variant(loaded, pools, chosen, tokenized, cost_model, args) if args.batch_sizes else []
@@ -424,7 +429,7 @@ def run(args) -> dict:
     print_table(console, report)
     path = write_results("decode.json", report, args.results_dir)
     if sweep:
-        plot_sweep(sweep, results["greedy"]["tokens_per_s"], args.results_dir / "decode_relaxed.png")
+        plot_sweep(sweep, results["greedy"], args.results_dir / "decode_relaxed.png")
     if budget:
         plot_budget(budget, args.results_dir / "decode_budget.png")
     if report["batched"]:
@@ -433,8 +438,9 @@ def run(args) -> dict:
     return report
 
 
-def relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, args) -> list[dict]:
-    """Speed against agreement with greedy over relaxed knobs (top_k, min_prob); strict is (1, 0)."""
+def relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, facts, args) -> list[dict]:
+    """Speed against agreement with greedy over relaxed knobs (top_k, min_prob); strict is (1, 0);
+    each point with its mean log-likelihood and the item-fact ads check (`facts`)."""
     points = []
     grid = [(1, 0.0), (2, 0.3), (2, 0.1), (2, 0.05), (3, 0.05), (4, 0.02)]
     for top_k, min_prob in grid:
@@ -443,6 +449,7 @@ def relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, args) ->
                                   relaxed_min_prob=min_prob)
         tokens = steps = 0
         wall = agreement = 0.0
+        outs = []
         for prompt, ids, ref in zip(chosen, tokenized, references):
             t0 = time.perf_counter()
             out, n, _, _ = engine_generate(engine, ids, config, pools.resolve(prompt.pool_key))
@@ -450,9 +457,12 @@ def relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, args) ->
             tokens += len(out)
             steps += n
             agreement += token_agreement(out, ref)
+            outs.append(out)
         points.append({"top_k": top_k, "min_prob": min_prob, "tokens_per_s": tokens / wall,
                        "mean_accepted_per_step": tokens / max(steps, 1),
-                       "token_agreement": agreement / max(len(chosen), 1)})
+                       "token_agreement": agreement / max(len(chosen), 1),
+                       "mean_logprob": statistics.fmean(mean_logprob(loaded, ids, o) for ids, o in zip(tokenized, outs)),
+                       "item_facts": facts(outs)})
     return points
 
 
@@ -776,18 +786,30 @@ def plot_batched(batched: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_sweep(points: list[dict], greedy_tps: float, path: Path) -> None:
-    fig, ax = figure(size=(6, 4))
-    xs = [p["token_agreement"] for p in points]
-    ys = [p["tokens_per_s"] / greedy_tps for p in points]
-    ax.plot(xs, ys, "o-")
-    for p, x, y in zip(points, xs, ys):
-        ax.annotate(f"k={p['top_k']}, p>={p['min_prob']}", (x, y), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
-    ax.set_xlabel("token agreement with greedy")
-    ax.set_ylabel("speedup vs greedy generate")
+def plot_sweep(points: list[dict], greedy: dict, path: Path) -> None:
+    """Speed against drift (token agreement), and against the ads check (item-fact precision,
+    greedy's own as the line to hold)."""
+    fig, (ax, facts_ax) = figure(1, 2, size=(11, 4))
+    ys = [p["tokens_per_s"] / greedy["tokens_per_s"] for p in points]
+    panels = [(ax, [p["token_agreement"] for p in points], "token agreement with greedy")]
+    precisions = [(p.get("item_facts") or {}).get("precision") for p in points]
+    if all(x is not None for x in precisions):
+        panels.append((facts_ax, precisions, "item facts stated that belong to the item"))
+        greedy_precision = (greedy.get("item_facts") or {}).get("precision")
+        if greedy_precision is not None:
+            facts_ax.axvline(greedy_precision, color="grey", linestyle="--", label="greedy")
+            facts_ax.legend()
+    else:
+        facts_ax.set_axis_off()
+    for axes, xs, label in panels:
+        axes.plot(xs, ys, "o-")
+        for p, x, y in zip(points, xs, ys):
+            axes.annotate(f"k={p['top_k']}, p>={p['min_prob']}", (x, y), textcoords="offset points", xytext=(4, 4),
+                          fontsize=7)
+        axes.set(xlabel=label, ylabel="speedup vs greedy generate")
+        axes.grid(alpha=0.3)
     ax.set_title("Relaxed verification: speed against drift")
-    ax.grid(alpha=0.3)
+    facts_ax.set_title("... and against the item-fact ads check")
     save_figure(fig, path)
 
 
@@ -805,6 +827,8 @@ def print_table(console: Console, report: dict) -> None:
             notes.append(f"agreement {m['token_agreement']:.3f}")
         if "fraction_of_oracle" in m:
             notes.append(f"{m['fraction_of_oracle']:.2f} of oracle")
+        if (m.get("item_facts") or {}).get("precision") is not None:
+            notes.append(f"item facts {m['item_facts']['precision']:.2f}")
         s = m["tokens_per_s_spread"]
         table.add_row(name, f"{m['tokens_per_s']:.1f}", f"{s['min']:.1f}-{s['max']:.1f}",
                       f"{m['speedup_vs_greedy']:.2f}",
@@ -831,8 +855,11 @@ def print_table(console: Console, report: dict) -> None:
     if report["random_weights"]:
         console.print("[bold red]model has RANDOM weights: acceptance figures mean nothing[/]")
     for p in report["relaxed_sweep"]:
+        item_facts = (p.get("item_facts") or {}).get("precision")
         console.print(f"  relaxed top_k={p['top_k']} min_prob={p['min_prob']}: {p['tokens_per_s']:.1f} tok/s, "
-                      f"{p['mean_accepted_per_step']:.2f} tok/step, agreement {p['token_agreement']:.3f}")
+                      f"{p['mean_accepted_per_step']:.2f} tok/step, agreement {p['token_agreement']:.3f}, "
+                      f"log-likelihood {p['mean_logprob']:.3f}, item facts "
+                      + (f"{item_facts:.2f}" if item_facts is not None else "-"))
     adaptive = report["methods"].get("adaptive", {})
     if adaptive.get("draft_sizes", {}).get("steps"):
         sizes = adaptive["draft_sizes"]

@@ -173,6 +173,23 @@ def item_to_json(item: Item) -> dict:
     return obj
 
 
+def item_from_json(obj: dict, where: str = "item") -> Item:
+    """An items.jsonl line back into an Item (the "heldout" flag is the file's, not the item's)."""
+    try:
+        fields = {name: obj[name] for name in ("item_id", "vertical", "category", "title", "brand",
+                                               "price_band", "audience", "popularity")}
+        attributes = tuple((str(label), str(value)) for label, value in obj["attributes"].items())
+    except (KeyError, AttributeError, TypeError) as exc:
+        raise WorkloadFormatError(f"{where}: not an item ({exc!r})") from None
+    return Item(attributes=attributes, **fields)
+
+
+def load_items(directory: Path) -> list[Item]:
+    """The catalog snapshot of a workload directory (items.jsonl)."""
+    return [item_from_json(obj, f"{directory / ITEMS_FILE}:{line_no}")
+            for line_no, obj in _read_jsonl(directory / ITEMS_FILE)]
+
+
 def event_to_json(event: InventoryEvent) -> dict:
     return {
         "seq": event.seq,
