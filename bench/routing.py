@@ -13,7 +13,11 @@ The request stream is the same for every policy (seeded): generative-recommendat
 [instruction][user history][item]*k[question] built from the workload's blocks, the user drawn
 from a Zipf law over users and each candidate item from a Zipf law over items, so popular users
 and items come back often, as in production traffic. Requests are sent closed-loop by
-`concurrency` clients through the router.
+`concurrency` clients through the router, or with `--rate R` open-loop: Poisson arrivals at R
+requests/s (the same seeded arrival times for every policy), each request sent at its time
+whatever is in flight, and its TTFT counted from that time. Open loop is how traffic arrives in
+production; in a closed loop a client sends only when one finished, so the router always chooses
+just after a replica freed up and load decides more than locality.
 
 Figures per policy: block hit rate (prompt tokens whose KV came from a block cache / prompt
 tokens), TTFT p50/p99 seen by the client through the router, requests/s, and locality by block
@@ -123,8 +127,20 @@ def locality(requests, served_by: dict[str, str]) -> dict[str, float]:
     return {kind: h / n if n else 0.0 for kind, (h, n) in hits.items()}
 
 
+def poisson_arrivals(count: int, rate: float, seed: int = 0) -> list[float]:
+    """Seconds from the start at which each of `count` requests arrives, Poisson at `rate` per s.
+
+    >>> arrivals = poisson_arrivals(2000, 4.0)
+    >>> arrivals == sorted(arrivals) and round(len(arrivals) / arrivals[-1], 1)
+    4.0
+    """
+    return np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, size=count)).tolist()
+
+
 def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concurrency: int, work_dir: Path,
-               gate_store: Path, block_weight: float | None = None) -> dict:
+               gate_store: Path, block_weight: float | None = None, arrivals: list[float] | None = None) -> dict:
+    """One policy on a fresh stack: closed loop with `concurrency` clients, or open loop at the
+    `arrivals` times (seconds from the start; then TTFT counts from a request's arrival)."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"routing-{policy}-", dir=work_dir))
     decoder_env = {"TORCH_THREADS": "1", "KVSTORE_ADDRS": "", "REUSE_GATE_STORE": str(gate_store)}
     router_env = {"SCHEDULING_POLICY": policy}
@@ -141,8 +157,8 @@ def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concur
         failures: list[str] = []
         bar = tqdm(total=len(requests), desc=policy, unit="req", leave=False)
 
-        def send(request):
-            started = time.perf_counter()
+        def send(request, arrival: float | None = None):
+            started = time.perf_counter() if arrival is None else arrival
             first, summary = None, None
             try:
                 for chunk in router.Generate(request, timeout=120):
@@ -159,8 +175,14 @@ def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concur
             bar.update(1)
 
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(send, requests))
+        if arrivals is None:
+            with ThreadPoolExecutor(concurrency) as pool:
+                list(pool.map(send, requests))
+        else:  # one thread a request in flight: an arrival never waits for a client
+            with ThreadPoolExecutor(min(len(requests), 256)) as pool:
+                for request, at in zip(requests, arrivals):
+                    time.sleep(max(0.0, t0 + at - time.perf_counter()))
+                    pool.submit(send, request, t0 + at)
         wall_s = time.perf_counter() - t0
         bar.close()
         held = {r.address: r.held_blocks for r in router.Info(router_pb2.RouterInfoRequest(), timeout=5).replicas}
@@ -201,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="popularity skew exponent of users (default --zipf; 0: every user equally likely)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=None, help="clients in flight (default 2 per decoder)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="open loop: Poisson arrivals at this many requests/s (default: closed loop)")
     parser.add_argument("--rounds", type=int, default=1 if quick else 2)
     parser.add_argument("--output", default="routing.json", help="results file name under bench/results/")
     parser.add_argument("--affinity-weights", default="" if quick else "0.5,2,8,32",
@@ -215,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     requests = request_stream(workload, count=args.requests, users=args.users, items=args.items,
                               items_per_request=args.items_per_request, zipf_s=args.zipf,
                               user_zipf_s=args.user_zipf, max_new_tokens=args.max_new_tokens)
+    arrivals = poisson_arrivals(len(requests), args.rate) if args.rate else None
+    load = f"open loop, {args.rate:g} requests/s" if arrivals else f"{concurrency} clients"
     work_dir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     gate_store = work_dir / "block_reuse_gate.json"  # the accuracy gate runs once, not per stack
     rounds: list[dict[str, dict]] = []
@@ -223,9 +249,10 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for policy in order:
             print(f"round {round_index + 1}/{args.rounds}: {policy} ({args.decoders} decoders, "
-                  f"{len(requests)} requests, {concurrency} clients) ...", flush=True)
+                  f"{len(requests)} requests, {load}) ...", flush=True)
             results[policy] = run_policy(policy, requests, model_path=model_path, decoders=args.decoders,
-                                         concurrency=concurrency, work_dir=work_dir, gate_store=gate_store)
+                                         concurrency=concurrency, work_dir=work_dir, gate_store=gate_store,
+                                         arrivals=arrivals)
         rounds.append(results)
     policies = {policy: merge_rounds([r[policy] for r in rounds]) for policy in POLICIES}
     print_table(policies)
@@ -239,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"affinity with block weight {weight:g} ...", flush=True)
         sweep[f"{weight:g}"] = run_policy("affinity", requests, model_path=model_path, decoders=args.decoders,
                                           concurrency=concurrency, work_dir=work_dir, gate_store=gate_store,
-                                          block_weight=weight)
+                                          block_weight=weight, arrivals=arrivals)
     if sweep:
         print_sweep(sweep, policies["round_robin"])
         plot_sweep(sweep, policies["round_robin"], ceiling, Path(args.output).stem)
@@ -248,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine_note": "shared 2-core CPU; decoders run one torch thread each; timings compare within this run only",
         "model": str(model_path),
         "decoders": args.decoders,
-        "concurrency": concurrency,
+        "concurrency": None if arrivals else concurrency,
+        "open_loop_rate": args.rate,
         "stream": {"requests": len(requests), "users": args.users, "items": args.items,
                    "items_per_request": args.items_per_request, "zipf_s": args.zipf,
                    "user_zipf_s": args.zipf if args.user_zipf is None else args.user_zipf,
