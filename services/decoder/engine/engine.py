@@ -154,6 +154,7 @@ class DecodingEngine:
 
         def steps() -> Iterator[StepResult]:
             session.join(request, past_key_values)
+            yield from (result for _, result in session.take_first())  # before any step runs
             for step in session.run():
                 yield from (result for _, result in step)
 

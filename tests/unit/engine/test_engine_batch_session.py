@@ -148,5 +148,8 @@ def test_the_prefill_emits_the_first_token_and_each_step_is_one_more_forward(mod
         one = session.add([3, 4, 5], GenerationConfig(max_new_tokens=1))
         assert one.done and session.rows == 0 and len(forwards) == 6
         assert [(h, r.token_ids) for h, r in session.step()] == [(one, greedy(model, [3, 4, 5], 1)[0])]
+        forwards.clear()
+        streamed = engine.generate(prompt, GenerationConfig(max_new_tokens=5))
+        assert next(streamed).token_ids == tokens[:1] and len(forwards) == 1  # TTFT is the prefill's
     finally:
         hook.remove()
