@@ -455,8 +455,8 @@ class BatchSession:
     step() runs one shared verification forward for every row and returns (handle, result) pairs;
     rows that finish that step are retired by the step itself. A prefill emits the request's first
     token when it finishes: step() returns those first results ahead of its forward's, unless
-    take_first() took them at once (a server streaming the first token without waiting a step). The handle is the request's state;
-    `handle.done` says it will get no more results. Not thread-safe: one thread owns it (in the
+    take_first() took them at once (a server streaming the first token without waiting a step).
+    The handle is the request's state; `handle.done` says it will get no more results. Not thread-safe: one thread owns it (in the
     decoder, the batcher's scheduler thread, which owns the model). It drives the engine's
     underscored step internals (_new_request, _prefill_begin/_chunk, _prefilled_batch, _step,
     _retire_finished): a pairing private
