@@ -25,8 +25,8 @@ kind: the share of a request's user-history (item) blocks that the replica it wa
 already served in an earlier request. Locality is what the routing decides, whatever the replica's
 memory and publishing lag then make of it; the hit rate is what the caches made of it. The
 stream's locality ceiling (every request on one replica) bounds what any routing can reach.
-`--affinity-weights` runs the affinity policy once per block weight (how many queued requests a
-fully held prompt is worth against load) and plots locality and TTFT against it. The CPU's speed drifts:
+`--affinity-weights` runs the affinity policy once per block weight (how many tokens of prefill a
+held prompt token saves in its cost model; 1 is what it costs, more favours locality over load) and plots locality and TTFT against it. The CPU's speed drifts:
 policies run one after the other, so with --rounds 2 the order is reversed in the second round
 and the results give each round's figures; timings are comparable within this run only.
 """
@@ -138,11 +138,14 @@ def poisson_arrivals(count: int, rate: float, seed: int = 0) -> list[float]:
 
 
 def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concurrency: int, work_dir: Path,
-               gate_store: Path, block_weight: float | None = None, arrivals: list[float] | None = None) -> dict:
+               gate_store: Path, block_weight: float | None = None, arrivals: list[float] | None = None,
+               replicated_memory_mb: float | None = None) -> dict:
     """One policy on a fresh stack: closed loop with `concurrency` clients, or open loop at the
     `arrivals` times (seconds from the start; then TTFT counts from a request's arrival)."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"routing-{policy}-", dir=work_dir))
     decoder_env = {"TORCH_THREADS": "1", "KVSTORE_ADDRS": "", "REUSE_GATE_STORE": str(gate_store)}
+    if replicated_memory_mb is not None:
+        decoder_env["REPLICATED_MEMORY_MB"] = str(replicated_memory_mb)
     router_env = {"SCHEDULING_POLICY": policy}
     if block_weight is not None:
         router_env["AFFINITY_BLOCK_WEIGHT"] = str(block_weight)
@@ -226,8 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=None,
                         help="open loop: Poisson arrivals at this many requests/s (default: closed loop)")
     parser.add_argument("--rounds", type=int, default=1 if quick else 2)
+    parser.add_argument("--replicated-memory-mb", type=float, default=None,
+                        help="each decoder's local memory for user histories and instructions (and their prefixes), "
+                             "MiB (default: the decoder's); below the stream's working set, where a user's "
+                             "prefix is kept decides whether it is still there when the user comes back")
     parser.add_argument("--output", default="routing.json", help="results file name under bench/results/")
-    parser.add_argument("--affinity-weights", default="" if quick else "0.5,2,8,32",
+    parser.add_argument("--affinity-weights", default="" if quick else "0.5,2,4",
                         help="block weights for a sweep of the affinity policy after the rounds ('' = none)")
     args = parser.parse_args(argv)
     data_dir = args.data_dir.resolve()
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(requests)} requests, {load}) ...", flush=True)
             results[policy] = run_policy(policy, requests, model_path=model_path, decoders=args.decoders,
                                          concurrency=concurrency, work_dir=work_dir, gate_store=gate_store,
-                                         arrivals=arrivals)
+                                         arrivals=arrivals, replicated_memory_mb=args.replicated_memory_mb)
         rounds.append(results)
     policies = {policy: merge_rounds([r[policy] for r in rounds]) for policy in POLICIES}
     print_table(policies)
@@ -266,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"affinity with block weight {weight:g} ...", flush=True)
         sweep[f"{weight:g}"] = run_policy("affinity", requests, model_path=model_path, decoders=args.decoders,
                                           concurrency=concurrency, work_dir=work_dir, gate_store=gate_store,
-                                          block_weight=weight, arrivals=arrivals)
+                                          block_weight=weight, arrivals=arrivals,
+                                          replicated_memory_mb=args.replicated_memory_mb)
     if sweep:
         print_sweep(sweep, policies["round_robin"])
         plot_sweep(sweep, policies["round_robin"], ceiling, Path(args.output).stem)
@@ -275,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine_note": "shared 2-core CPU; decoders run one torch thread each; timings compare within this run only",
         "model": str(model_path),
         "decoders": args.decoders,
+        "replicated_memory_mb": args.replicated_memory_mb,
         "concurrency": None if arrivals else concurrency,
         "open_loop_rate": args.rate,
         "stream": {"requests": len(requests), "users": args.users, "items": args.items,
@@ -338,7 +347,7 @@ def plot_sweep(sweep: dict[str, dict], round_robin: dict, ceiling: dict[str, flo
         left.axhline(ceiling[kind], linestyle="--", color=colour, linewidth=0.8)
     left.plot(weights, [r["block_hit_rate"] for r in sweep.values()], "^-", color="tab:green", label="block hit rate")
     left.set_xscale("log")
-    left.set_xlabel("affinity block weight (queued requests a held prompt is worth)")
+    left.set_xlabel("affinity block weight (prefill tokens a held prompt token saves)")
     left.set_ylabel("share")
     left.legend()
     right.plot(weights, [r["ttft_p50_s"] * 1000 for r in sweep.values()], "o-", label="p50")

@@ -202,6 +202,15 @@ class Batcher:
     def rows(self) -> int:
         return self.session.rows
 
+    @property
+    def prefill_tokens_pending(self) -> int:
+        """Prompt tokens admitted and not prefilled yet: every waiting prompt (its reused blocks are
+        not known before assembly) and the rest of those in prefill. What a new request waits
+        behind before its first token; the router weighs it (services/router/scheduling.py)."""
+        with self._wake:
+            waiting = sum(len(t.request.prompt_ids) for t in self._waiting)
+        return waiting + sum(p.remaining for _, p, _ in list(self._prefilling))
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Batcher:
         self._thread.start()

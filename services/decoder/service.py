@@ -90,5 +90,6 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
         return decoder_pb2.DecoderReport(
             decoder_id=self.decoder_id, queue_depth=self.admission.active,
             tokens_in_flight=self.admission.tokens_in_flight, pool_keys=self.intake.held_pool_keys(),
+            prefill_tokens_pending=self.batcher.prefill_tokens_pending,
             block_hashes=block_hashes, block_keys=block_keys,
         )

@@ -3,6 +3,7 @@ which prompt blocks and pools they hold (learned from their reports, see schedul
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -12,7 +13,7 @@ import grpc
 from adaccel.v1 import decoder_pb2, decoder_pb2_grpc
 from common.rpc.channels import open_channel
 from common.rpc.security import ClientSecurity
-from services.router.scheduling import Footprint, ReplicaView
+from services.router.scheduling import AffinityWeights, Footprint, ReplicaView, uncached_tokens
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Replica:
         self.decoder_id = ""
         self.queue_depth = 0
         self.tokens_in_flight = 0
+        self.prefill_tokens_pending = 0
         self.block_keys: frozenset[int] = frozenset()
         self.pool_keys: frozenset[str] = frozenset()
         # Whether it ever reported a held block: only then does it cache blocks, and only then are
@@ -41,6 +43,11 @@ class Replica:
         # up to a heartbeat old, is corrected by them (a replica that just finished a request is
         # not still taken for busy, which sent the next request to the other one, every time).
         self.opened_since_report = 0
+        # This router's requests sent here since the replica's last report and not yet past their
+        # prefill (no chunk back): call id -> (estimated prefill tokens, sent at). A burst routed
+        # between heartbeats is seen as queued work at once; a report asked after a request was
+        # sent speaks for it, and its first chunk says its prefill is done.
+        self.prefilling: dict[int, tuple[float, float]] = {}
         # Blocks and pools of requests routed here, with the time: the replica holds them once
         # it prefilled, before its next report says so; dropped when reports should cover them.
         self.routed_blocks: dict[int, float] = {}
@@ -57,8 +64,9 @@ class Replica:
         if self.caches_blocks and self.routed_blocks:
             blocks = blocks | self.routed_blocks.keys()
         pools = self.pool_keys | self.routed_pools.keys() if self.routed_pools else self.pool_keys
+        pending = self.prefill_tokens_pending + round(sum(tokens for tokens, _ in self.prefilling.values()))
         return ReplicaView(self.address, self.healthy, self.estimated_depth,
-                           self.tokens_in_flight, frozenset(blocks), frozenset(pools))
+                           self.tokens_in_flight, frozenset(blocks), frozenset(pools), pending)
 
     def forget_routed_before(self, cutoff: float) -> None:
         for routed in (self.routed_blocks, self.routed_pools):
@@ -76,6 +84,7 @@ class ReplicaSet:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self.on_change = None  # called with the number of healthy replicas
+        self._call_ids = itertools.count()
 
     def start(self) -> None:
         self.poll_once()
@@ -101,16 +110,27 @@ class ReplicaSet:
             replica.local_inflight += delta
             replica.opened_since_report += delta
 
-    def note_routed(self, address: str, footprint: Footprint) -> None:
+    def note_routed(self, address: str, footprint: Footprint, weights: AffinityWeights) -> int:
+        """Remembers the request's blocks and pool on the replica it was sent to, and its prefill
+        as queued work there (estimated before its blocks count as held); returns the id to end
+        that with (`prefill_done`)."""
         now = time.monotonic()
+        call_id = next(self._call_ids)
         with self._lock:
             replica = self.replicas[address]
+            replica.prefilling[call_id] = (uncached_tokens(replica.view(), footprint, weights), now)
             routed = [*footprint.blocks.weights, *(key for key, _ in footprint.blocks.prefix)]
             if len(replica.routed_blocks) + len(routed) > MAX_ROUTED_KEYS:
                 replica.routed_blocks.clear()
             replica.routed_blocks.update(dict.fromkeys(routed, now))
             if footprint.pool_key:
                 replica.routed_pools[footprint.pool_key] = now
+        return call_id
+
+    def prefill_done(self, address: str, call_id: int) -> None:
+        """The call's first chunk came back (or it ended): its prefill is no longer queued work."""
+        with self._lock:
+            self.replicas[address].prefilling.pop(call_id, None)
 
     def poll_once(self) -> None:
         for replica in self.replicas.values():
@@ -129,6 +149,8 @@ class ReplicaSet:
                 replica.queue_depth = report.queue_depth
                 replica.opened_since_report = 0
                 replica.tokens_in_flight = report.tokens_in_flight
+                replica.prefill_tokens_pending = report.prefill_tokens_pending
+                replica.prefilling = {k: v for k, v in replica.prefilling.items() if v[1] >= asked}
                 replica.block_keys = frozenset(report.block_keys)
                 replica.pool_keys = frozenset(report.pool_keys)
                 replica.caches_blocks = replica.caches_blocks or bool(report.block_keys)

@@ -20,7 +20,8 @@ def create_router_server(settings: RouterSettings, telemetry: Telemetry) -> Serv
                           security=client_security(settings))
     limits = RequestLimits(max_blocks=settings.max_blocks, max_new_tokens=settings.max_new_tokens)
     weights = AffinityWeights(block_weight=settings.affinity_block_weight, pool_weight=settings.affinity_pool_weight,
-                              tokens_per_request=settings.tokens_per_request)
+                              request_tokens=settings.affinity_request_tokens,
+                              chars_per_token=settings.chars_per_token, tokens_per_request=settings.tokens_per_request)
     servicer = RouterService(replicas, limits, settings.default_deadline_s, policy=settings.scheduling_policy,
                              weights=weights, max_streams=settings.stream_cap)
     observe_router(telemetry.meter("adaccel.router"), servicer.streams, replicas)

@@ -80,7 +80,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             router_pb2.ReplicaState(address=v.address, healthy=v.healthy, queue_depth=v.queue_depth,
                                     decoder_id=self.replicas.replicas[v.address].decoder_id,
                                     tokens_in_flight=v.tokens_in_flight, held_blocks=len(v.block_keys),
-                                    pool_keys=sorted(v.pool_keys))
+                                    pool_keys=sorted(v.pool_keys), prefill_tokens_pending=v.prefill_tokens_pending)
             for v in self.replicas.views()
         ]
         return router_pb2.RouterInfo(replicas=states, policy=self.policy)
@@ -107,15 +107,25 @@ class DecoderStreams:
     @contextmanager
     def open(self, address: str, timeout_s: float) -> Iterator[Iterator[common_pb2.GenerateChunk]]:
         self.replicas.track(address, +1)
-        self.replicas.note_routed(address, self.footprint)
+        call_id = self.replicas.note_routed(address, self.footprint, self.weights)
         call = None
         try:
             call = self.replicas.replicas[address].stub.Generate(self.request, timeout=timeout_s)
-            yield call
+            yield self._marking_prefill_done(call, address, call_id)
         finally:
             if call is not None:
                 stop_call(call)
+            self.replicas.prefill_done(address, call_id)
             self.replicas.track(address, -1)
+
+    def _marking_prefill_done(self, call, address: str, call_id: int) -> Iterator[common_pb2.GenerateChunk]:
+        """The call's chunks; the first one says the replica has prefilled this request."""
+        chunks = iter(call)
+        for chunk in chunks:
+            self.replicas.prefill_done(address, call_id)
+            yield chunk
+            break
+        yield from chunks
 
     def mark_failed(self, address: str) -> None:
         self.replicas.mark_failed(address)

@@ -16,9 +16,14 @@ class RouterSettings(ServiceSettings):
     max_blocks: int = Field(256, ge=1, description="prompt blocks per request at most")
     scheduling_policy: Literal["affinity", "least_loaded", "round_robin"] = Field(
         "affinity", description="replica choice: cache affinity weighed against load, least loaded, or round robin")
-    affinity_block_weight: float = Field(2.0, ge=0, description="affinity: a fully held prompt is worth this many queued requests")
-    affinity_pool_weight: float = Field(0.5, ge=0, description="affinity: a held pool is worth this many queued requests")
-    tokens_per_request: float = Field(4096.0, gt=0, description="load: tokens in flight counted as one queued request")
+    affinity_block_weight: float = Field(1.0, ge=0, description="affinity: a held prompt token saves this many tokens of "
+                                         "prefill (1: what it costs; more favours locality over load)")
+    affinity_pool_weight: float = Field(0.5, ge=0, description="affinity: a held pool is worth this many running requests")
+    affinity_request_tokens: float = Field(40.0, ge=0, description="affinity: a running request delays a new one's "
+                                           "first token as much as this many prompt tokens of prefill (one decode step: ~0.12 s on the "
+                                           "reference CPU, ~3 ms a prefill token; larger on a GPU, where steps cost more prefill)")
+    chars_per_token: float = Field(4.0, gt=0, description="affinity: prompt characters per token (the router has no tokenizer)")
+    tokens_per_request: float = Field(4096.0, gt=0, description="least_loaded: tokens in flight counted as one queued request")
     max_streams: int = Field(0, ge=0, description="concurrent Generate streams; past it RESOURCE_EXHAUSTED with a retry "
                              "hint (0: workers - 2, leaving threads for health and Info)")
 

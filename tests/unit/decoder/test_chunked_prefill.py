@@ -99,3 +99,30 @@ def test_a_long_prompt_neither_stalls_running_rows_nor_delays_a_later_short_one(
     assert [running.tokens, long_row.tokens, short_row.tokens] == greedy
     for ticket in (running_ticket, long_ticket, short_ticket):
         batcher.close(ticket)
+
+
+def test_prefill_tokens_pending_counts_waiting_prompts_and_the_rest_of_those_in_prefill(loaded):
+    """What the replica reports to the router as queued prefill work (DecoderReport)."""
+    engine = DecodingEngine(loaded.model)
+    batcher = Batcher(engine, KvAdmission(budget_bytes=1 << 40, bytes_per_token=1, max_requests=8),
+                      max_batch_size=4, prefill_chunk_tokens=16)
+    config = GenerationConfig(max_new_tokens=4, drafting=False)
+    assert batcher.prefill_tokens_pending == 0
+    long_ticket, long_row = submit(batcher, prompt(6, 400), config)  # not started: both wait
+    short_ticket, short_row = submit(batcher, prompt(7, 10), config)
+    assert batcher.prefill_tokens_pending == 410
+    samples = []
+    batcher.start()
+    try:
+        while not (long_row.stamps and short_row.stamps):
+            samples.append(batcher.prefill_tokens_pending)
+            time.sleep(0.0005)
+        samples.append(batcher.prefill_tokens_pending)
+        for timeline in (long_row, short_row):
+            timeline.thread.join(timeout=120)
+    finally:
+        batcher.stop()
+    # Work only drains (nothing new arrives), a chunk at a time, to nothing once both prefilled.
+    assert samples == sorted(samples, reverse=True) and samples[0] <= 410 and samples[-1] == 0, samples
+    for ticket in (long_ticket, short_ticket):
+        batcher.close(ticket)

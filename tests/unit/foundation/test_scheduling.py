@@ -13,6 +13,8 @@ from services.router.scheduling import (
     affinity_score,
     choose_replica,
     held_share,
+    uncached_tokens,
+    work_ahead,
 )
 
 
@@ -50,8 +52,8 @@ def blocks(*specs):
                            for i, (kind, text) in enumerate(specs))
 
 
-def held(address, keys=(), pools=(), queue=0, tokens=0):
-    return ReplicaView(address, True, queue, tokens, frozenset(keys), frozenset(pools))
+def held(address, keys=(), pools=(), queue=0, tokens=0, pending=0):
+    return ReplicaView(address, True, queue, tokens, frozenset(keys), frozenset(pools), pending)
 
 
 def test_routing_keys_follow_kind_and_text_not_id():
@@ -75,36 +77,58 @@ def test_affinity_picks_the_replica_holding_most_of_the_prompt():
     assert chosen.address == "b"
 
 
-def test_load_outweighs_a_small_share_of_the_prompt():
-    request = request_blocks(blocks((USER, "u" * 900), (ITEM, "i" * 100)))
-    _, item_key = request.weights
-    busy_holder, idle = held("a", {item_key}, queue=2), held("b")
-    assert choose_replica([busy_holder, idle], policy="affinity", footprint=Footprint(request)).address == "b"
-    # ... while the whole prompt is worth more than one queued request (block_weight 2).
-    full_holder = held("a", set(request.weights), queue=1)
-    assert choose_replica([full_holder, idle], policy="affinity", footprint=Footprint(request)).address == "a"
+def test_locality_and_load_are_weighed_in_prefill_tokens():
+    # 4,000 characters: ~1,000 prompt tokens at 4 characters a token.
+    request = request_blocks(blocks((USER, "u" * 3600), (ITEM, "i" * 400)))
+    user_key, item_key = request.weights
+    weights = AffinityWeights()
+    idle = held("b")
+    assert uncached_tokens(idle, Footprint(request), weights) == pytest.approx(1000)
+    assert uncached_tokens(held("a", {user_key}), Footprint(request), weights) == pytest.approx(100)
+    # Holding the item (100 tokens) is worth less than 3 running requests (3 x 40 tokens) ...
+    assert choose_replica([held("a", {item_key}, queue=3), idle], policy="affinity",
+                          footprint=Footprint(request)).address == "b"
+    # ... and more than 2.
+    assert choose_replica([held("a", {item_key}, queue=2), idle], policy="affinity",
+                          footprint=Footprint(request)).address == "a"
+    # Holding the user history saves 900 tokens: worth a 800-token prefill queued ahead, not a 1,000 one.
+    assert choose_replica([held("a", {user_key}, pending=800), idle], policy="affinity",
+                          footprint=Footprint(request)).address == "a"
+    assert choose_replica([held("a", {user_key}, pending=1000), idle], policy="affinity",
+                          footprint=Footprint(request)).address == "b"
+    # A larger block weight favours locality: a held token counts twice what it costs.
+    favour = AffinityWeights(block_weight=2.0)
+    assert uncached_tokens(held("a", {user_key}), Footprint(request), favour) == 0
+    assert choose_replica([held("a", {user_key}, pending=1000), idle], policy="affinity",
+                          footprint=Footprint(request), weights=favour).address == "a"
 
 
 def test_pool_affinity_matches_parent_pools():
     footprint = Footprint(RequestBlocks({}), "electronics/audio")
     replicas = [held("a"), held("b", pools={"electronics"})]
-    assert affinity_score(replicas[1], footprint, AffinityWeights()) == pytest.approx(0.5)
+    weights = AffinityWeights()
+    assert affinity_score(replicas[1], footprint, weights) - affinity_score(replicas[0], footprint, weights) == \
+        pytest.approx(weights.pool_weight * weights.request_tokens)
     assert choose_replica(replicas, policy="affinity", footprint=footprint).address == "b"
     assert choose_replica([held("a"), held("b", pools={"electronics/video"})], policy="affinity",
                           footprint=footprint).address == "a"
 
 
 views = st.lists(
-    st.builds(lambda i, q, t: view(f"r{i}", True, q, t), st.integers(0, 9), st.integers(0, 8),
-              st.integers(0, 20_000)),
+    st.builds(lambda i, q, t, p: ReplicaView(f"r{i}", True, q, t, prefill_tokens_pending=p), st.integers(0, 9),
+              st.integers(0, 8), st.integers(0, 20_000), st.integers(0, 5_000)),
     min_size=1, max_size=5, unique_by=lambda v: v.address)
 
 
 @settings(max_examples=40, deadline=None)
 @given(views, st.text(min_size=1, max_size=20))
-def test_affinity_without_cache_knowledge_is_least_loaded(replicas, text):
+def test_affinity_without_cache_knowledge_goes_where_least_work_is_queued(replicas, text):
     footprint = Footprint(request_blocks(blocks((ITEM, text))), "some/pool")
-    assert choose_replica(replicas, policy="affinity", footprint=footprint) == choose_replica(replicas)
+    weights = AffinityWeights()
+    chosen = choose_replica(replicas, policy="affinity", footprint=footprint)
+    queued = {r.address: r.prefill_tokens_pending + weights.request_tokens * r.queue_depth for r in replicas}
+    assert queued[chosen.address] == min(queued.values())
+    assert work_ahead(chosen, footprint, weights) == pytest.approx(queued[chosen.address] + len(text) / 4)
 
 
 def test_round_robin_cycles_over_healthy_replicas_in_address_order():

@@ -71,8 +71,12 @@ class FakeReplicaSet:
     def track(self, address, delta):
         self.inflight[address] += delta
 
-    def note_routed(self, address, footprint):
+    def note_routed(self, address, footprint, weights):
         self.routed.append((address, footprint.pool_key))
+        return len(self.routed)
+
+    def prefill_done(self, address, call_id):
+        pass
 
     def mark_failed(self, address):
         self.healthy[address] = False

@@ -27,16 +27,22 @@ from dataclasses import dataclass
 
 import pytest
 
-from adaccel.v1 import common_pb2
+from adaccel.v1 import common_pb2, decoder_pb2
 from common.blocks.routing_keys import request_blocks
 from common.rpc.block_kinds import kinds_and_texts
 from services.router.replicas import ReplicaSet
-from services.router.scheduling import AffinityWeights, Footprint, ReplicaView, choose_replica, held_share
+from services.router.scheduling import (
+    AffinityWeights,
+    Footprint,
+    ReplicaView,
+    choose_replica,
+    uncached_tokens,
+)
 from services.router.service import DecoderStreams
 
 ADDRESSES = ["127.0.0.1:19701", "127.0.0.1:19702", "127.0.0.1:19703"]  # nobody listens: channels are lazy
 A, B, C = ADDRESSES
-WEIGHTS = AffinityWeights()  # block_weight 2.0: a fully held prompt is worth two queued requests
+WEIGHTS = AffinityWeights()  # a held prompt token saves one token of prefill; a running request costs 40
 HOT_SHARE = 0.7
 
 INSTRUCTION = "You rank catalogue items for a shopper. Answer with the best three and one reason each.\n"
@@ -77,13 +83,14 @@ HOT_KEYS = keys_of(prompt(HOT_HISTORY, HOT_ITEMS))  # the instruction, the hot h
 
 
 class IdleCall:
-    """An open decoder call that streams nothing until the router's stop_call closes it."""
+    """An open decoder call that streams its first token (the prompt is prefilled) and then
+    nothing more until the router's stop_call closes it."""
 
     def __init__(self, stub: IdleStub) -> None:
         self.stub = stub
 
     def __iter__(self):
-        return iter(())
+        return iter([common_pb2.GenerateChunk()])
 
     def close(self) -> None:
         self.stub.closed += 1
@@ -99,6 +106,12 @@ class IdleStub:
     def Generate(self, request, timeout):
         self.calls += 1
         return IdleCall(self)
+
+    def Report(self, request, timeout):
+        return decoder_pb2.DecoderReport(decoder_id="decoder", queue_depth=self.calls - self.closed,
+                                         prefill_tokens_pending=self.pending)
+
+    pending = 0  # what Report says is waiting for prefill there
 
 
 def report(replicas: ReplicaSet, address: str, *, block_keys=frozenset(), queue_depth: int = 0,
@@ -161,7 +174,7 @@ def drive(replicas: ReplicaSet, stream, *, hold: tuple[int, int], seed: int = 0)
         views = tuple(replicas.views())
         address = streams.choose(frozenset())
         call = ExitStack()
-        call.enter_context(streams.open(address, timeout_s=30.0))
+        next(iter(call.enter_context(streams.open(address, timeout_s=30.0))))  # its first token
         heapq.heappush(open_calls, (i + rng.randint(*hold), i, call))
         routed.append(Routed(kind, address, inflight, views))
     while open_calls:
@@ -186,25 +199,32 @@ def footprint_of(request: common_pb2.GenerateRequest) -> Footprint:
     return Footprint(request_blocks(kinds_and_texts(request.blocks)), request.pool_key)
 
 
+def queued_work(view: ReplicaView) -> float:
+    """Prefill-token work queued on a replica before a new request: its pending prefill and a
+    per-request cost for each request on it."""
+    return view.prefill_tokens_pending + WEIGHTS.request_tokens * view.queue_depth
+
+
 def assert_hot_leaves_a_only_when_its_load_outweighs_the_affinity(routed: list[Routed], stream) -> None:
-    """A hot request chosen elsewhere than A: A's load then exceeded that replica's by at least
-    block_weight times the difference of the shares they held (the affinity A had)."""
+    """A hot request chosen elsewhere than A: A's queued work then exceeded that replica's by at
+    least the prefill A would have saved it (the affinity A had, in tokens)."""
     for r, (kind, request) in zip(routed, stream):
         if kind != "hot" or r.address == A:
             continue
         view = {v.address: v for v in r.views}
-        blocks = footprint_of(request).blocks
-        affinity = WEIGHTS.block_weight * (held_share(view[A], blocks) - held_share(view[r.address], blocks))
-        assert view[A].queue_depth - view[r.address].queue_depth >= affinity - 1e-9, (r, affinity)
+        footprint = footprint_of(request)
+        saved = uncached_tokens(view[r.address], footprint, WEIGHTS) - uncached_tokens(view[A], footprint, WEIGHTS)
+        assert queued_work(view[A]) - queued_work(view[r.address]) >= saved - 1e-9, (r, saved)
 
 
 def assert_misses_go_to_the_least_loaded(routed: list[Routed]) -> None:
-    """A miss is held by no replica beyond the instruction every one holds: load alone decides."""
+    """A miss is held by no replica beyond the instruction every one holds: queued work alone decides."""
     for r in routed:
         if r.kind == "miss":
-            loads = {v.address: v.queue_depth for v in r.views}
+            loads = {v.address: queued_work(v) for v in r.views}
             assert loads[r.address] == min(loads.values()), r
-            assert loads[r.address] == r.inflight[r.address]  # stale reports: the local count is the load
+            # stale reports: the local count is the depth
+            assert {v.address: v.queue_depth for v in r.views}[r.address] == r.inflight[r.address]
 
 
 # ---------------------------------------------------------------- the tests
@@ -319,3 +339,27 @@ def test_a_request_finished_since_the_last_report_frees_its_replica_at_once(repl
     assert choose_replica(replicas.views(), policy="least_loaded").address == C
     replicas.track(C, +1)  # and one opened there counts at once too
     assert {v.address: v.queue_depth for v in replicas.views()}[C] == 2
+
+
+def test_a_routed_prefill_is_queued_work_until_its_first_token_or_the_next_report(replicas):
+    """Between heartbeats the router counts the prefill of what it sent as work queued there (a
+    burst of long prompts is not all sent to the same idle-looking replica); the first chunk back
+    ends it, and a report asked after the request was sent speaks for it instead."""
+    for address in ADDRESSES:
+        report(replicas, address)
+    pending = lambda: {v.address: v.prefill_tokens_pending for v in replicas.views()}  # noqa: E731
+    request = miss_request(1)
+    expected = uncached_tokens(replicas.replicas[A].view(), footprint_of(request), WEIGHTS)
+    assert expected > 50
+    first = DecoderStreams(replicas, request, policy="affinity", weights=WEIGHTS, turn=0)
+    with first.open(first.choose(frozenset()), timeout_s=30.0) as chunks:
+        assert pending() == {A: round(expected), B: 0, C: 0}
+        second = DecoderStreams(replicas, miss_request(2), policy="affinity", weights=WEIGHTS, turn=1)
+        assert second.choose(frozenset()) == B  # A has the first one's prefill queued
+        next(iter(chunks))  # its first token: prefilled
+        assert pending()[A] == 0
+    with first.open(A, timeout_s=30.0):
+        replicas.replicas[A].stub.pending = 700
+        replicas.poll_once()  # the report was asked after the request was sent: it covers it
+        assert pending() == {A: 700, B: 0, C: 0}
+    assert all(r.local_inflight == 0 for r in replicas.replicas.values())
