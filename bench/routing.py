@@ -48,6 +48,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from adaccel.v1 import common_pb2, router_pb2, router_pb2_grpc
 from bench.common import RESULTS_DIR, figure, quick_run, save_figure, write_results
@@ -125,6 +126,30 @@ def locality(requests, served_by: dict[str, str]) -> dict[str, float]:
                 hits[kind][1] += 1
                 held.add(b.id)
     return {kind: h / n if n else 0.0 for kind, (h, n) in hits.items()}
+
+
+def prefix_hit_ceiling(requests, count_tokens) -> float:
+    """Share of the stream's prompt tokens an exact-prefix cache could serve at best (every request
+    on one replica, unbounded memory): the instruction after the first request and a returning
+    user's history. The hit rate's bound where block reuse is off and only prefixes are reusable
+    (items follow the history in a different set each time). count_tokens: text -> token count.
+
+    >>> from adaccel.v1 import common_pb2 as pb
+    >>> def req(user):
+    ...     return pb.GenerateRequest(blocks=[pb.PromptBlock(id="i", text="ab"), pb.PromptBlock(id=user, text="cdef"),
+    ...                                       pb.PromptBlock(id="x", text="gh")])
+    >>> prefix_hit_ceiling([req("u1"), req("u1"), req("u2")], len)   # (2 + 4 + 2) / 24
+    0.3333333333333333
+    """
+    seen: set[str] = set()
+    total = cached = 0
+    for index, request in enumerate(requests):
+        lengths = [count_tokens(b.text) for b in request.blocks]
+        total += sum(lengths)
+        cached += lengths[0] if index else 0
+        cached += lengths[1] if request.blocks[1].id in seen else 0
+        seen.add(request.blocks[1].id)
+    return cached / total if total else 0.0
 
 
 def poisson_arrivals(count: int, rate: float, seed: int = 0) -> list[float]:
@@ -266,8 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     # Every request on one replica: the locality no routing can exceed on this stream (a block's
     # first request is a miss wherever it goes).
     ceiling = locality(requests, {r.request_id: "all" for r in requests})
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    hit_ceiling = prefix_hit_ceiling(requests, lambda text: len(tokenizer(text)["input_ids"]))
     print(f"locality ceiling of this stream: user history {ceiling['user_history']:.3f}, "
-          f"item {ceiling['item']:.3f}")
+          f"item {ceiling['item']:.3f}; exact-prefix hit-rate ceiling {hit_ceiling:.3f}")
     sweep = {}
     for weight in [float(w) for w in args.affinity_weights.split(",") if w.strip()]:
         print(f"affinity with block weight {weight:g} ...", flush=True)
@@ -295,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         "policies": policies,
         "affinity_block_weight_sweep": sweep,
         "locality_ceiling": ceiling,
+        "prefix_hit_rate_ceiling": hit_ceiling,
     })
     print(f"wrote {path}")
 

@@ -158,3 +158,13 @@ def test_bench_locality_counts_blocks_a_replica_served_before():
     figures = locality(requests, {"0": "d0", "1": "d0", "2": "d1"})
     assert figures == {"user_history": 1 / 3, "item": 1 / 5}
     assert locality(requests, {}) == {"user_history": 0.0, "item": 0.0}
+
+
+def test_bench_routing_doctests():
+    """poisson_arrivals and prefix_hit_ceiling (the hit rate an exact-prefix cache could reach)."""
+    import doctest
+
+    import bench.routing
+
+    result = doctest.testmod(bench.routing)
+    assert result.attempted >= 4 and result.failed == 0
