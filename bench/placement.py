@@ -15,6 +15,11 @@ for each embedder (category features; MiniLM when installed) and 2-4 shards. Fig
   moved +1      share of items whose shard changes when one shard is added (consistent hashing
                 promises about 1/(shards+1))
 
+With a model (the default one unless --model-path), also the KV memory each kv-store shard
+holds for the whole catalog at that model's block sizes (RcLLM's layout: every user history and
+instruction on every shard, each item on the one shard its placement names), per serving dtype:
+the figure that sizes a shard.
+
 All of it is deterministic (seeded); no timing, so the machine does not matter.
 """
 
@@ -37,6 +42,7 @@ from common.blocks.item_embedding import item_embedder
 from common.blocks.placement import AnchorBuckets, Placement
 from common.machine import device_name
 from common.workload.export import load_prompts
+from services.stack import resolve_model
 
 CATEGORY = re.compile(r"Category (.+?) \((.+?)\)")
 
@@ -82,6 +88,48 @@ def figures(buckets: AnchorBuckets, shard_count: int, vectors: np.ndarray, categ
     }
 
 
+def shard_memory(item_shards: list[str], item_tokens: list[int], replicated_tokens: int, shard_count: int,
+                 bytes_per_token: int) -> dict:
+    """KV bytes per shard: the replicated blocks on every one, the items where they are placed.
+
+    >>> shard_memory(["s0", "s1", "s0"], [10, 20, 30], 5, 2, 2)
+    {'replicated_bytes': 10, 'item_bytes_max': 80, 'item_bytes_mean': 60.0, 'bytes_max': 90}
+    """
+    per_shard = Counter()
+    for shard, tokens in zip(item_shards, item_tokens, strict=True):
+        per_shard[shard] += tokens * bytes_per_token
+    fullest = max(per_shard.values(), default=0)
+    return {"replicated_bytes": replicated_tokens * bytes_per_token, "item_bytes_max": fullest,
+            "item_bytes_mean": sum(per_shard.values()) / shard_count,
+            "bytes_max": replicated_tokens * bytes_per_token + fullest}
+
+
+def catalog_memory(workload: Path, model_path: Path, buckets: AnchorBuckets, embed) -> dict:
+    """Per shard count and serving dtype, the KV bytes a shard holds for the whole catalog."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from services.decoder.batcher import kv_values_per_token
+
+    prompts, _ = load_prompts(workload)
+    texts = {kind: sorted({b.text for p in prompts for b in p.blocks if b.kind == kind})
+             for kind in ("instruction", "user_history", "item")}
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokens = {kind: [len(tokenizer(t)["input_ids"]) for t in tqdm(group, desc=f"tokenizing {kind}", leave=False)]
+              for kind, group in texts.items()}
+    vectors = np.stack([embed(t) for t in tqdm(texts["item"], desc=f"{embed.name}: catalog items", leave=False)])
+    values = kv_values_per_token(AutoConfig.from_pretrained(model_path))
+    replicated = sum(tokens["instruction"]) + sum(tokens["user_history"])
+    rows = []
+    for shard_count in (1, 2, 3, 4):
+        shards = place(buckets, shard_count, vectors)
+        for dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
+            rows.append({"shards": shard_count, "dtype": dtype,
+                         **shard_memory(shards, tokens["item"], replicated, shard_count, values * itemsize)})
+    return {"model": model_path.name, "kv_values_per_token": values,
+            "blocks": {kind: len(group) for kind, group in texts.items()},
+            "tokens": {kind: sum(t) for kind, t in tokens.items()}, "per_shard": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     quick = quick_run()
     parser = argparse.ArgumentParser(prog="python -m bench.placement", description=__doc__,
@@ -91,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learn-items", type=int, default=1000 if quick else 4000, help="items anchors learn from")
     parser.add_argument("--anchors", type=int, default=64)
     parser.add_argument("--embedders", default="category" if quick else "category,minilm")
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="model whose block sizes size the shards (default: the data dir's default model)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the shard memory figures")
+    parser.add_argument("--output", default="placement.json", help="results file name under bench/results/")
     args = parser.parse_args(argv)
     workload = args.data_dir.resolve() / "workload" / "prompts.jsonl"
     if not workload.is_file():
@@ -124,11 +176,31 @@ def main(argv: list[str] | None = None) -> None:
                       f"{1 / r['shards']:.3f}", str(r["buckets_used"]), f"{r['moved_when_adding_a_shard']:.3f}",
                       f"{1 / (r['shards'] + 1):.3f}")
     Console(width=160).print(table)
-    path = write_results("placement.json", {
+    memory = None
+    if not args.no_memory:
+        embed = item_embedder("category")
+        learn_vectors = np.stack([embed(t) for t in learn])
+        memory = catalog_memory(workload, resolve_model(args.data_dir.resolve(), args.model_path),
+                                AnchorBuckets.from_sample(learn_vectors, args.anchors, seed=0), embed)
+        print_memory(memory)
+    path = write_results(args.output, {
         "device": device_name(), "items": len(placed), "learn_items": len(learn), "anchors": args.anchors,
-        "categories": len(set(categories)), "results": results,
+        "categories": len(set(categories)), "results": results, "shard_memory": memory,
     })
     print(f"wrote {path}")
+
+
+def print_memory(memory: dict) -> None:
+    gib = 1 << 30
+    table = Table(title=f"KV per kv-store shard, whole catalog, {memory['model']} ({memory['blocks']['item']} items "
+                        f"{memory['tokens']['item']} tokens; {memory['blocks']['user_history']} users "
+                        f"{memory['tokens']['user_history']} tokens, replicated)")
+    for column in ("shards", "dtype", "replicated GiB", "items GiB (fullest)", "items GiB (mean)", "shard GiB (fullest)"):
+        table.add_column(column, justify="right")
+    for r in memory["per_shard"]:
+        table.add_row(str(r["shards"]), r["dtype"], f"{r['replicated_bytes'] / gib:.2f}",
+                      f"{r['item_bytes_max'] / gib:.2f}", f"{r['item_bytes_mean'] / gib:.2f}", f"{r['bytes_max'] / gib:.2f}")
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -49,13 +49,18 @@ from services.decoder.intake import PreparedRequest
 log = logging.getLogger(__name__)
 
 
-def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of KV one token takes in the cache: layers x (K and V) x kv heads x head dim x dtype."""
-    config = model.config.get_text_config(decoder=True)
+def kv_values_per_token(config) -> int:
+    """KV values one token takes in the cache: layers x (K and V) x kv heads x head dim."""
+    config = config.get_text_config(decoder=True)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers * 2 * kv_heads * head_dim * model.dtype.itemsize
+    return config.num_hidden_layers * 2 * kv_heads * head_dim
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of KV one token takes in the model's cache (its dtype)."""
+    return kv_values_per_token(model.config) * model.dtype.itemsize
 
 
 class KvAdmission:

@@ -91,3 +91,17 @@ def test_decoders_use_the_anchors_beside_the_model_else_random_ones(tmp_path):
     missing = DecoderSettings(data_dir=tmp_path, model_path=tmp_path, placement_anchors_file=tmp_path / "none.npy")
     with pytest.raises(FileNotFoundError):
         placement_buckets(missing, "category", 16)
+
+
+def test_bench_placement_shard_memory():
+    """bench-placement's shard sizing: replicated blocks on every shard, each item on its own."""
+    import doctest
+
+    import bench.placement
+
+    result = doctest.testmod(bench.placement)
+    assert result.attempted >= 1 and result.failed == 0
+    from bench.placement import shard_memory
+
+    figures = shard_memory(["a", "b"], [100, 300], replicated_tokens=50, shard_count=2, bytes_per_token=4)
+    assert figures == {"replicated_bytes": 200, "item_bytes_max": 1200, "item_bytes_mean": 800.0, "bytes_max": 1400}
