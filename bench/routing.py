@@ -20,7 +20,9 @@ production; in a closed loop a client sends only when one finished, so the route
 just after a replica freed up and load decides more than locality.
 
 Figures per policy: block hit rate (prompt tokens whose KV came from a block cache / prompt
-tokens), TTFT p50/p99 seen by the client through the router, requests/s, and locality by block
+tokens), history held (share of requests whose user history's KV was in the chosen replica's
+memory on arrival: the local-memory hit rate of user blocks, whose ceiling is the user-history
+locality ceiling), TTFT p50/p99 seen by the client through the router, requests/s, and locality by block
 kind: the share of a request's user-history (item) blocks that the replica it was sent to had
 already served in an earlier request. Locality is what the routing decides, whatever the replica's
 memory and publishing lag then make of it; the hit rate is what the caches made of it. The
@@ -152,6 +154,19 @@ def prefix_hit_ceiling(requests, count_tokens) -> float:
     return cached / total if total else 0.0
 
 
+def history_hit_rate(cached_by_request: dict[str, int], prefix_tokens: dict[str, tuple[int, int]]) -> float:
+    """Share of served requests whose user history's KV was in the replica's memory when they
+    arrived: the prompt tokens served from cache cover the instruction and at least half of the
+    history (the decoder's own tokenization differs from this estimate by a few template tokens).
+    prefix_tokens: request id -> (instruction tokens, user-history tokens).
+
+    >>> history_hit_rate({"r0": 35, "r1": 250, "r2": 0}, {"r0": (35, 212), "r1": (35, 212), "r2": (35, 212)})
+    0.3333333333333333
+    """
+    hits = [cached >= prefix_tokens[rid][0] + prefix_tokens[rid][1] / 2 for rid, cached in cached_by_request.items()]
+    return sum(hits) / len(hits) if hits else 0.0
+
+
 def poisson_arrivals(count: int, rate: float, seed: int = 0) -> list[float]:
     """Seconds from the start at which each of `count` requests arrives, Poisson at `rate` per s.
 
@@ -164,7 +179,8 @@ def poisson_arrivals(count: int, rate: float, seed: int = 0) -> list[float]:
 
 def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concurrency: int, work_dir: Path,
                gate_store: Path, block_weight: float | None = None, arrivals: list[float] | None = None,
-               replicated_memory_mb: float | None = None) -> dict:
+               replicated_memory_mb: float | None = None,
+               prefix_tokens: dict[str, tuple[int, int]] | None = None) -> dict:
     """One policy on a fresh stack: closed loop with `concurrency` clients, or open loop at the
     `arrivals` times (seconds from the start; then TTFT counts from a request's arrival)."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"routing-{policy}-", dir=work_dir))
@@ -222,6 +238,8 @@ def run_policy(policy: str, requests, *, model_path: Path, decoders: int, concur
         per_decoder[s.decoder_id] = per_decoder.get(s.decoder_id, 0) + 1
     return {
         "block_hit_rate": cached / prompt if prompt else 0.0,
+        "history_hit_rate": history_hit_rate({s.request_id: s.stats.cached_prompt_tokens for _, s in outcomes},
+                                             prefix_tokens) if prefix_tokens else None,
         "locality": locality(requests, {s.request_id: s.decoder_id for _, s in outcomes}),
         "ttft_p50_s": percentile(ttfts, 0.5),
         "ttft_p99_s": percentile(ttfts, 0.99),
@@ -272,6 +290,12 @@ def main(argv: list[str] | None = None) -> None:
                               items_per_request=args.items_per_request, zipf_s=args.zipf,
                               user_zipf_s=args.user_zipf, max_new_tokens=args.max_new_tokens)
     arrivals = poisson_arrivals(len(requests), args.rate) if args.rate else None
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    prefix_tokens = {r.request_id: (count_tokens(r.blocks[0].text), count_tokens(r.blocks[1].text)) for r in requests}
     load = f"open loop, {args.rate:g} requests/s" if arrivals else f"{concurrency} clients"
     work_dir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     gate_store = work_dir / "block_reuse_gate.json"  # the accuracy gate runs once, not per stack
@@ -284,15 +308,15 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(requests)} requests, {load}) ...", flush=True)
             results[policy] = run_policy(policy, requests, model_path=model_path, decoders=args.decoders,
                                          concurrency=concurrency, work_dir=work_dir, gate_store=gate_store,
-                                         arrivals=arrivals, replicated_memory_mb=args.replicated_memory_mb)
+                                         arrivals=arrivals, replicated_memory_mb=args.replicated_memory_mb,
+                                         prefix_tokens=prefix_tokens)
         rounds.append(results)
     policies = {policy: merge_rounds([r[policy] for r in rounds]) for policy in POLICIES}
     print_table(policies)
     # Every request on one replica: the locality no routing can exceed on this stream (a block's
     # first request is a miss wherever it goes).
     ceiling = locality(requests, {r.request_id: "all" for r in requests})
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    hit_ceiling = prefix_hit_ceiling(requests, lambda text: len(tokenizer(text)["input_ids"]))
+    hit_ceiling = prefix_hit_ceiling(requests, count_tokens)
     print(f"locality ceiling of this stream: user history {ceiling['user_history']:.3f}, "
           f"item {ceiling['item']:.3f}; exact-prefix hit-rate ceiling {hit_ceiling:.3f}")
     sweep = {}
@@ -301,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep[f"{weight:g}"] = run_policy("affinity", requests, model_path=model_path, decoders=args.decoders,
                                           concurrency=concurrency, work_dir=work_dir, gate_store=gate_store,
                                           block_weight=weight, arrivals=arrivals,
-                                          replicated_memory_mb=args.replicated_memory_mb)
+                                          replicated_memory_mb=args.replicated_memory_mb, prefix_tokens=prefix_tokens)
     if sweep:
         print_sweep(sweep, policies["round_robin"])
         plot_sweep(sweep, policies["round_robin"], ceiling, Path(args.output).stem)
@@ -332,6 +356,8 @@ def merge_rounds(results: list[dict]) -> dict:
     merged = {key: statistics.fmean(r[key] for r in results)
               for key in ("block_hit_rate", "ttft_p50_s", "ttft_p99_s", "requests_per_s")}
     merged["failed"] = sum(r["failed"] for r in results)
+    if all(r.get("history_hit_rate") is not None for r in results):
+        merged["history_hit_rate"] = statistics.fmean(r["history_hit_rate"] for r in results)
     merged["locality"] = {kind: statistics.fmean(r["locality"][kind] for r in results)
                           for kind in results[0]["locality"]}
     merged["spread"] = {key: [r[key] for r in results] for key in ("ttft_p50_s", "requests_per_s")}
@@ -340,8 +366,8 @@ def merge_rounds(results: list[dict]) -> dict:
 
 def print_table(policies: dict[str, dict]) -> None:
     table = Table(title="bench-routing: policies on the same request stream")
-    for column in ("policy", "block hit rate", "user locality", "item locality", "TTFT p50 (s)", "TTFT p99 (s)",
-                   "requests/s", "p50 vs round robin"):
+    for column in ("policy", "block hit rate", "history held", "user locality", "item locality", "TTFT p50 (s)",
+                   "TTFT p99 (s)", "requests/s", "p50 vs round robin"):
         table.add_column(column, justify="right" if column != "policy" else "left")
     base = policies["round_robin"]["ttft_p50_s"]
     for policy, r in policies.items():
@@ -350,14 +376,15 @@ def print_table(policies: dict[str, dict]) -> None:
 
 
 def row_figures(r: dict, base_p50: float) -> list[str]:
-    return [f"{r['block_hit_rate']:.3f}", f"{r['locality']['user_history']:.3f}", f"{r['locality']['item']:.3f}",
-            f"{r['ttft_p50_s']:.4f}", f"{r['ttft_p99_s']:.4f}", f"{r['requests_per_s']:.2f}",
+    held = r.get("history_hit_rate")
+    return [f"{r['block_hit_rate']:.3f}", "-" if held is None else f"{held:.3f}", f"{r['locality']['user_history']:.3f}",
+            f"{r['locality']['item']:.3f}", f"{r['ttft_p50_s']:.4f}", f"{r['ttft_p99_s']:.4f}", f"{r['requests_per_s']:.2f}",
             f"{r['ttft_p50_s'] / base_p50:.2f}x" if base_p50 else "-"]
 
 
 def print_sweep(sweep: dict[str, dict], round_robin: dict) -> None:
     table = Table(title="bench-routing: affinity by block weight (one run each)")
-    for column in ("block weight", "block hit rate", "user locality", "item locality", "TTFT p50 (s)",
+    for column in ("block weight", "block hit rate", "history held", "user locality", "item locality", "TTFT p50 (s)",
                    "TTFT p99 (s)", "requests/s", "p50 vs round robin"):
         table.add_column(column, justify="right")
     for weight, r in sweep.items():
