@@ -47,9 +47,11 @@ from services.stack import resolve_model
 CATEGORY = re.compile(r"Category (.+?) \((.+?)\)")
 
 
-def item_texts(workload: Path) -> list[str]:
+def block_texts(workload: Path) -> dict[str, list[str]]:
+    """The workload's distinct block texts by kind (instruction, user_history, item)."""
     prompts, _ = load_prompts(workload)
-    return sorted({b.text for p in prompts for b in p.blocks if b.kind == "item"})
+    return {kind: sorted({b.text for p in prompts for b in p.blocks if b.kind == kind})
+            for kind in ("instruction", "user_history", "item")}
 
 
 def category_of(text: str) -> str:
@@ -104,15 +106,13 @@ def shard_memory(item_shards: list[str], item_tokens: list[int], replicated_toke
             "bytes_max": replicated_tokens * bytes_per_token + fullest}
 
 
-def catalog_memory(workload: Path, model_path: Path, buckets: AnchorBuckets, embed) -> dict:
-    """Per shard count and serving dtype, the KV bytes a shard holds for the whole catalog."""
+def catalog_memory(texts: dict[str, list[str]], model_path: Path, buckets: AnchorBuckets, embed) -> dict:
+    """Per shard count and serving dtype, the KV bytes a shard holds for the whole catalog
+    (texts: `block_texts`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from services.decoder.batcher import kv_values_per_token
 
-    prompts, _ = load_prompts(workload)
-    texts = {kind: sorted({b.text for p in prompts for b in p.blocks if b.kind == kind})
-             for kind in ("instruction", "user_history", "item")}
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokens = {kind: [len(tokenizer(t)["input_ids"]) for t in tqdm(group, desc=f"tokenizing {kind}", leave=False)]
               for kind, group in texts.items()}
@@ -147,12 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     workload = args.data_dir.resolve() / "workload" / "prompts.jsonl"
     if not workload.is_file():
         raise SystemExit(f"no workload at {workload}; run `make model` first")
-    texts = item_texts(workload)
+    kinds = block_texts(workload)
+    texts = kinds["item"]
     order = np.random.default_rng(0).permutation(len(texts))
     learn = [texts[i] for i in order[:args.learn_items]]  # anchors never see the items they place
     placed = [texts[i] for i in order[args.learn_items:args.learn_items + args.items]]
     categories = [category_of(t) for t in placed]
     results = []
+    category_buckets = None  # the category embedder's learned anchors, which size the shards below
     for kind in args.embedders.split(","):
         try:
             embed = item_embedder(kind)
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         vectors = np.stack([embed(t) for t in tqdm(placed, desc=f"{embed.name}: placed items", leave=False)])
         anchors = {"random": AnchorBuckets.random(embed.dim, args.anchors, seed=0),
                    "learned": AnchorBuckets.from_sample(learn_vectors, args.anchors, seed=0)}
+        if kind == "category":
+            category_buckets = anchors["learned"]
         for shard_count in (2, 3, 4):
             for name, buckets in anchors.items():
                 results.append({"embedder": embed.name, "anchors": name, "shards": shard_count,
@@ -179,9 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     memory = None
     if not args.no_memory:
         embed = item_embedder("category")
-        learn_vectors = np.stack([embed(t) for t in learn])
-        memory = catalog_memory(workload, resolve_model(args.data_dir.resolve(), args.model_path),
-                                AnchorBuckets.from_sample(learn_vectors, args.anchors, seed=0), embed)
+        if category_buckets is None:
+            category_buckets = AnchorBuckets.from_sample(np.stack([embed(t) for t in learn]), args.anchors, seed=0)
+        memory = catalog_memory(kinds, resolve_model(args.data_dir.resolve(), args.model_path), category_buckets,
+                                embed)
         print_memory(memory)
     path = write_results(args.output, {
         "device": device_name(), "items": len(placed), "learn_items": len(learn), "anchors": args.anchors,
