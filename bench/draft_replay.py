@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,28 +93,48 @@ class Case:
     prompt: list[int]
     reference: list[int]
     pool: TokenTrie
+    task: str = ""
 
 
 @dataclass(slots=True)
 class Replayed:
     tokens: int = 0
     steps: int = 0
-    modelled_s: float = 0.0
+    modelled_s: float = 0.0  # priced steps + host work
     drafted: int = 0
     host_s: float = 0.0  # drafting + overlay updates, measured
+    by_task: dict[str, Replayed] = field(default_factory=dict)  # the same tallies per prompt task
 
-    def summary(self, greedy_rate: float | None = None) -> dict:
-        rate = self.tokens / self.modelled_s if self.modelled_s else 0.0
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.modelled_s if self.modelled_s else 0.0
+
+    def add(self, tokens: int, steps: int, modelled_s: float, drafted: int, host_s: float) -> None:
+        self.tokens += tokens
+        self.steps += steps
+        self.modelled_s += modelled_s
+        self.drafted += drafted
+        self.host_s += host_s
+
+    def summary(self, greedy: Replayed | None = None) -> dict:
+        """Totals, x `greedy`'s rate (the no-drafting replay of the same cases) overall and by task."""
         out = {
             "tokens": self.tokens,
             "steps": self.steps,
             "tokens_per_step": self.tokens / max(self.steps, 1),
-            "modelled_tokens_per_s": rate,
+            "modelled_tokens_per_s": self.rate,
             "mean_drafted": self.drafted / max(self.steps, 1),
             "host_ms_per_step": 1e3 * self.host_s / max(self.steps, 1),
         }
-        if greedy_rate:
-            out["speedup_vs_greedy"] = rate / greedy_rate
+        if greedy is not None and greedy.rate:
+            out["speedup_vs_greedy"] = self.rate / greedy.rate
+        if len(self.by_task) > 1 or greedy is not None:
+            out["by_task"] = {
+                task: {"tokens_per_step": t.tokens / max(t.steps, 1),
+                       **({"speedup_vs_greedy": t.rate / greedy.by_task[task].rate}
+                          if greedy is not None and task in greedy.by_task and greedy.by_task[task].rate else {})}
+                for task, t in sorted(self.by_task.items())
+            }
         return out
 
 
@@ -183,6 +203,30 @@ class FixedBudget(Policy):
         state.observe(emitted)
 
 
+class RetrievalCeiling(Policy):
+    """Perfect choice among what the request's drafter holds: each step drafts, as a chain, the
+    deepest prefix of the recorded continuation stored after any context suffix of at least
+    `min_key` tokens, in the request's overlay or its pool (TokenTrie.stored_depth), and nothing
+    where none is. It peeks at the reference, so it bounds any drafter retrieving from these
+    tries with keys that long: what better scoring or budgeting could reach without new sources."""
+
+    def __init__(self, min_key: int, max_depth: int) -> None:
+        self.min_key, self.max_depth = min_key, max_depth
+
+    def start(self, case):
+        return request_drafter(case, self.max_depth)
+
+    def draft(self, state, case, context, room):
+        continuation = case.reference[len(context) - len(case.prompt) :]
+        depth = min(self.max_depth, room - 1)
+        stored = max(trie.stored_depth(context, continuation, min_key=self.min_key, max_depth=depth)
+                     for trie in (state.overlay, case.pool))
+        return DraftTree(tokens=continuation[:stored], parents=list(range(-1, stored - 1)), scores=[1.0] * stored)
+
+    def observe(self, state, emitted):
+        state.observe(emitted)
+
+
 class Adaptive(Policy):
     """The engine's adaptive drafting for one row (common/drafting/budget.py)."""
 
@@ -207,7 +251,8 @@ def replay(policy: Policy, cases: Sequence[Case], cost_model: StepCostModel, max
     result = Replayed()
     for case in cases:
         state = policy.start(case)
-        done = 0
+        done = steps = drafted = 0
+        host_s = priced_s = 0.0
         while done < len(case.reference):
             context = case.prompt + case.reference[:done]
             started = time.perf_counter()
@@ -215,14 +260,15 @@ def replay(policy: Policy, cases: Sequence[Case], cost_model: StepCostModel, max
             accepted = len(accepted_path(tree, case.reference[done:]))
             emitted = case.reference[done : done + accepted + 1]
             policy.observe(state, emitted)
-            result.host_s += time.perf_counter() - started
-            result.modelled_s += cost_model.predict(1 + len(tree), 1, len(context) - 1)
-            result.tokens += len(emitted)
-            result.steps += 1
-            result.drafted += len(tree)
+            host_s += time.perf_counter() - started
+            priced_s += cost_model.predict(1 + len(tree), 1, len(context) - 1)
+            steps += 1
+            drafted += len(tree)
             done += len(emitted)
         policy.finish(state)
-    result.modelled_s += result.host_s
+        tally = (done, steps, priced_s + host_s, drafted, host_s)
+        result.add(*tally)
+        result.by_task.setdefault(case.task, Replayed()).add(*tally)
     return result
 
 
@@ -311,7 +357,7 @@ def record_cases(engine: DecodingEngine, pools, prompts, tokenizer, max_new_toke
     for prompt in prompts:
         ids = prompt_token_ids(tokenizer, prompt)
         pool = pools.resolve(prompt.pool_key)
-        cases.append(Case(ids, engine_generate(engine, ids, config, pool).tokens, pool))
+        cases.append(Case(ids, engine_generate(engine, ids, config, pool).tokens, pool, prompt.task))
     return cases
 
 
@@ -364,8 +410,7 @@ def run(args) -> dict:
 
     results: dict[str, dict] = {}
     greedy = replay(NoDrafting(), cases, cost_model, args.max_new_tokens)
-    greedy_rate = greedy.tokens / greedy.modelled_s
-    results["greedy (no drafting)"] = greedy.summary(greedy_rate)
+    results["greedy (no drafting)"] = greedy.summary(greedy)
     from tqdm import tqdm
 
     policies: list[tuple[str, Policy]] = [(f"fixed {dl}x{bl}", FixedBudget(dl, bl)) for dl, bl in grid]
@@ -386,7 +431,7 @@ def run(args) -> dict:
         print(f"SuffixDecoding peer left out: arctic-inference does not import ({peer_missing}); "
               f"{suffix_peer.INSTALL_HINT}")
     for label, policy in tqdm(policies, desc="replaying policies", unit="policy"):
-        results[label] = replay(policy, cases, cost_model, args.max_new_tokens).summary(greedy_rate)
+        results[label] = replay(policy, cases, cost_model, args.max_new_tokens).summary(greedy)
     best_fixed = max(
         (k for k in results if k.startswith("fixed")), key=lambda k: results[k]["modelled_tokens_per_s"]
     )
@@ -394,7 +439,13 @@ def run(args) -> dict:
     for ceiling in ("skip", "trim"):
         results[f"ceiling: {best_fixed}, {ceiling}"] = replay(
             FixedBudget(dl, bl, ceiling), cases, cost_model, args.max_new_tokens
-        ).summary(greedy_rate)
+        ).summary(greedy)
+    # Beyond the best fixed budget's candidates: what perfect scoring could take from all the
+    # tries hold, with the engine's key length as the shortest key and with any key.
+    for min_key in sorted({KEY_LENGTH, 1}, reverse=True):
+        results[f"ceiling: stored continuations, key >= {min_key}"] = replay(
+            RetrievalCeiling(min_key, args.adaptive_max_depth), cases, cost_model, args.max_new_tokens
+        ).summary(greedy)
     for summary in results.values():
         summary["vs_best_fixed"] = (
             summary["modelled_tokens_per_s"] / results[best_fixed]["modelled_tokens_per_s"]
@@ -487,6 +538,13 @@ def print_tables(console: Console, report: dict) -> None:
             f"{s['vs_best_fixed']:.3f}",
         )
     console.print(table)
+    tasks = sorted(report["policies"]["greedy (no drafting)"].get("by_task", {}))
+    if len(tasks) > 1:
+        by_task = results_table("by task: x greedy (tokens/step)", ("policy", *tasks))
+        for label, s in report["policies"].items():
+            by_task.add_row(label, *(f"{s['by_task'][t].get('speedup_vs_greedy', 0):.2f} "
+                                     f"({s['by_task'][t]['tokens_per_step']:.2f})" for t in tasks))
+        console.print(by_task)
     scores = results_table(
         "confidence on tested nodes (log-loss; mean predicted vs observed acceptance)",
         (

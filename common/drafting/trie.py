@@ -486,6 +486,38 @@ class TokenTrie:
                     support[index] = length
         return support
 
+    def stored_depth(self, context: Sequence[int], continuation: Sequence[int], *, min_key: int = 1,
+                     max_depth: int | None = None) -> int:
+        """How many tokens of `continuation` are stored here right after some suffix of
+        `context` at least `min_key` tokens long (the deepest over all such keys that fit in
+        `ngram_length`). What a drafter choosing perfectly among this trie's stored
+        continuations could draft and have accepted: the retrieval ceiling bench-draft-replay
+        reports, since a real drafter does not know `continuation`.
+
+        >>> trie = TokenTrie(TrieSettings(ngram_length=6))
+        >>> trie.insert([1, 2, 3, 4, 5])
+        >>> trie.insert([8, 2, 3, 9])
+        >>> trie.stored_depth([8, 2], [3, 9, 7]), trie.stored_depth([1, 2], [3, 9, 7])
+        (2, 2)
+        >>> trie.stored_depth([1, 2], [3, 9, 7], min_key=2)  # after "1 2" only "3" is stored
+        1
+        """
+        limit = len(continuation) if max_depth is None else min(max_depth, len(continuation))
+        edges, output, input_ = self._edges, self._output, self._input
+        best = 0
+        for length in range(min(len(context), self.settings.ngram_length - 1), max(min_key, 1) - 1, -1):
+            node = self._find(context[len(context) - length:])
+            if node == NO_NODE:
+                continue
+            depth = 0
+            for token in continuation[:min(limit, self.settings.ngram_length - length)]:
+                node = edges.get(node * _TOKEN_SPACE + token, NO_NODE)
+                if node == NO_NODE or not (output[node] or input_[node]):  # zeroed by removal: invisible
+                    break
+                depth += 1
+            best = max(best, depth)
+        return best
+
     def key_weight(self, key: Sequence[int]) -> float:
         """Weight (count) of the longest suffix of `key` stored in the trie, as `candidates`
         would match it first; 0 when none is. The evidence behind a draft's relative

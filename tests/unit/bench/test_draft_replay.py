@@ -108,3 +108,27 @@ def test_the_suffix_decoding_peer_drafts_served_answers_into_the_same_replay() -
     assert peer.tokens == greedy.tokens and peer.steps < greedy.steps
     unseeded = replay(suffix_peer.SuffixDecodingPolicy([], max_tokens=8), cases(), COST, 96)
     assert unseeded.steps > peer.steps  # the prompt alone drafts less: the served answers are used
+
+
+def test_retrieval_ceiling_drafts_exactly_what_is_stored_and_bounds_the_policies() -> None:
+    from bench.draft_replay import RetrievalCeiling
+
+    # Case 1's pool holds 7..12 after "5 6" (key 2) and 20, 21 too; 30.. is stored nowhere.
+    ceiling = replay(RetrievalCeiling(2, 6), cases(), COST, 96)
+    assert ceiling.tokens == 13 and ceiling.drafted == 6 + 2  # 7..12 in one step, then 20 21
+    fixed = replay(FixedBudget(8, 6), cases(), COST, 96)
+    assert ceiling.steps <= fixed.steps and ceiling.modelled_s < fixed.modelled_s
+    # Key >= 3 finds nothing after "2 5 6" / "3 5 6" but the prompts' own text in the overlay.
+    assert replay(RetrievalCeiling(3, 6), cases(), COST, 96).drafted < ceiling.drafted
+
+
+def test_replay_tallies_by_task_add_up_to_the_totals() -> None:
+    tagged = [Case(c.prompt, c.reference, c.pool, task) for c, task in zip(cases(), ("a", "b"))]
+    greedy = replay(NoDrafting(), tagged, COST, 96)
+    fixed = replay(FixedBudget(8, 6), tagged, COST, 96)
+    assert set(fixed.by_task) == {"a", "b"}
+    assert sum(t.tokens for t in fixed.by_task.values()) == fixed.tokens
+    assert sum(t.steps for t in fixed.by_task.values()) == fixed.steps
+    summary = fixed.summary(greedy)
+    assert summary["by_task"]["a"]["tokens_per_step"] == pytest.approx(9 / fixed.by_task["a"].steps)
+    assert summary["by_task"]["a"]["speedup_vs_greedy"] > 1.0  # case a copies 6 tokens from the pool
