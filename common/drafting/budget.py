@@ -35,6 +35,7 @@ from common.drafting.confidence import (
     pool_calibration,
     request_calibration,
 )
+from common.drafting.cost_correction import StepCostCorrection
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import DraftSource
@@ -62,6 +63,7 @@ def plan_budget(
     max_total: int | None = None,
     fill_min_gain: float = 0.02,
     rate: float | None = None,
+    draft_margin: float = 0.0,
 ) -> BudgetPlan:
     """Draft tokens per row.
 
@@ -70,7 +72,9 @@ def plan_budget(
     and returns nothing). cost_by_width[w - 1]: predicted step seconds at padded width w
     (non-decreasing; its length bounds the width). max_total: draft tokens per forward across
     all rows. rate: the long-run tokens per second this decoder achieves (the step's own
-    rate when None): a width is then worth expected_tokens - rate * seconds.
+    rate when None): a width is then worth expected_tokens - rate * seconds. draft_margin: a
+    step that drafts is priced `draft_margin` one-token steps dearer, so drafting must promise
+    that much more than not drafting (predictions err, and a marginal gain is within their error).
     """
     rows = len(gains)
     assert len(cost_by_width) >= 1
@@ -96,7 +100,8 @@ def plan_budget(
         else:
             expected = rows + sum(p[k] for p, k in zip(prefix, counts))
         seconds = cost_by_width[width - 1] + overhead_s
-        value = expected / seconds if rate is None else expected - rate * seconds
+        priced = seconds + (draft_margin * (cost_by_width[0] + overhead_s) if width > 1 else 0.0)
+        value = expected / priced if rate is None else expected - rate * priced
         if value > best_value:
             best_value, best = value, (width, counts, expected, seconds)
     width, counts, expected, seconds = best
@@ -147,14 +152,23 @@ def select_nodes(tree: DraftTree, chosen: Sequence[int]) -> DraftTree:
 class AdaptiveDrafting:
     """The engine's adaptive drafting: wraps each request's draft source with confidence
     estimates, keeps one calibration per pool, and plans every step's trees (one batch at a
-    time) from the cost model. Fixed budgets need none of this (the engine's plain path)."""
+    time) from the cost model, corrected by what the steps took (cost_correction.py, when the
+    caller reports `step_finished`). Fixed budgets need none of this (the engine's plain path)."""
 
     def __init__(self, cost_model: StepCostModel, settings: ConfidenceSettings | None = None, *,
                  clock: Callable[[], float], fill_min_gain: float = 0.02, rate_decay: float = 0.02,
-                 rate_min_steps: float = 8.0) -> None:
+                 rate_min_steps: float = 8.0, correction: StepCostCorrection | None = None,
+                 draft_margin: float = 0.15) -> None:
         """clock: seconds of a monotonic clock (the caller's `time.perf_counter`, a fake in
-        tests); it times the candidate retrieval, a fixed cost of every step."""
+        tests); it times the candidate retrieval, a fixed cost of every step. draft_margin
+        (plan_budget's) applies to batch sizes the cost model extrapolates: there its error
+        is largest (16 rows on 2 CPU cores, profiled at 1 row: drafting at 0.94-0.97x no
+        drafting without it, 1.04x with 0.15: the README's batched figures), and where every batch
+        size was profiled it is 0."""
         self.cost_model = cost_model
+        self.correction = correction or StepCostCorrection()
+        self.draft_margin = draft_margin
+        self._planned: tuple[int, int, float] | None = None  # last plan: rows, width, uncorrected seconds
         self.clock = clock
         self.settings = settings or ConfidenceSettings()
         self.fill_min_gain = fill_min_gain
@@ -192,6 +206,14 @@ class AdaptiveDrafting:
                 self._curves.clear()
             curve = self._curves[key] = self.cost_model.predict_curve(max_width, batch, (cache_length // 64) * 64 + 32)
         return curve
+
+    def step_finished(self, seconds: float) -> None:
+        """The step planned last took `seconds` (drafting, forward, verification, bookkeeping):
+        the cost correction learns from it against the model's uncorrected prediction."""
+        if self._planned is not None:
+            rows, width, predicted_s = self._planned
+            self._planned = None
+            self.correction.record(rows, width, predicted_s, seconds)
 
     def rate(self, batch: int) -> float | None:
         """Tokens per predicted second achieved with `batch` rows lately (None: too few steps)."""
@@ -239,9 +261,12 @@ class AdaptiveDrafting:
         # The curve up to the widest tree the rows may ask for (not this step's widest candidate
         # tree, which changes every step and would miss the curve cache nearly every time).
         max_width = 1 + min(MAX_CURVE_WIDTH, max((row[2] for row in rows if row[0] is not None), default=0))
-        curve = self._curve(max_width, len(rows), cache_length)
-        plan = plan_budget([f[4] if f is not None else [] for f in found], [c + self.draft_seconds for c in curve],
-                           max_total=max_total, fill_min_gain=self.fill_min_gain, rate=self.rate(len(rows)))
+        predicted = [c + self.draft_seconds for c in self._curve(max_width, len(rows), cache_length)]
+        plan = plan_budget([f[4] if f is not None else [] for f in found],
+                           self.correction.apply(predicted, len(rows)),
+                           max_total=max_total, fill_min_gain=self.fill_min_gain, rate=self.rate(len(rows)),
+                           draft_margin=self.draft_margin if self.cost_model.extrapolates(len(rows)) else 0.0)
+        self._planned = (len(rows), plan.width, predicted[plan.width - 1])
         self._last_step = (len(rows), plan.predicted_s,
                            [(f[0], f[0].emitted) for f in found if f is not None])
         self.width_counts[plan.width] += 1

@@ -126,6 +126,11 @@ class StepCostModel:
                 low + 1, widths * batch / b1, cache_length)
         return np.maximum(np.maximum.accumulate(raw), 1e-6).tolist()
 
+    def extrapolates(self, batch: int) -> bool:
+        """Whether `batch` rows lie beyond every profiled batch size (priced from smaller batches'
+        curves at the same total tokens: on a CPU that under-states wide batched steps)."""
+        return batch > self.batches[-1]
+
     def predict(self, width: int, batch: int = 1, cache_length: int = 0) -> float:
         """Seconds for one step of `batch` rows padded to `width` tokens (root included) over
         `cache_length` cached tokens per row."""

@@ -296,7 +296,12 @@ class DecodingEngine:
 
     def _step(self, batch: _Batch) -> list[StepResult]:
         """One forward pass for every active row; returns their results in row order."""
-        return self._timed("step", self._step_parts, batch)
+        if self.adaptive is None:
+            return self._timed("step", self._step_parts, batch)
+        started = time.perf_counter()
+        results = self._timed("step", self._step_parts, batch)
+        self.adaptive.step_finished(time.perf_counter() - started)  # what the step cost, against its prediction
+        return results
 
     @torch.inference_mode()
     def _step_parts(self, batch: _Batch) -> list[StepResult]:
