@@ -379,6 +379,7 @@ def run(args) -> dict:
             for task, values in sorted(paired_by_task[m].items())}
     results["strict"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["strict"], references))
     results["adaptive"]["identical_to_greedy"] = all(o == r for o, r in zip(outputs["adaptive"], references))
+    results["adaptive"]["cost_correction"] = adaptive_engine.adaptive.correction.summary()
     results["adaptive"]["draft_sizes"] = size_distribution(
         adaptive_engine, observed_accepted=stats["adaptive"].new_tokens - stats["adaptive"].steps)
     results["adaptive"]["paired_vs_strict_median"] = statistics.median(
@@ -693,6 +694,8 @@ def batched_variant(loaded, pools, chosen, tokenized, cost_model, args) -> list[
                                              / entry["methods"]["fixed"]["tokens_per_s"])
         entry["adaptive_draft_sizes"] = size_distribution(adaptive_engine)
         entry["adaptive_widths"] = {str(k): v for k, v in sorted(adaptive_engine.adaptive.width_counts.items())}
+        # Measured / predicted step seconds by batch and width bucket (common/drafting/cost_correction.py).
+        entry["adaptive_cost_correction"] = adaptive_engine.adaptive.correction.summary()
         results.append(entry)
     del references
     return results
