@@ -162,9 +162,9 @@ class AdaptiveDrafting:
         """clock: seconds of a monotonic clock (the caller's `time.perf_counter`, a fake in
         tests); it times the candidate retrieval, a fixed cost of every step. draft_margin
         (plan_budget's) applies to batch sizes the cost model extrapolates: there its error
-        is largest (16 rows on 2 CPU cores, profiled at 1 row: drafting at 0.94-0.97x no
-        drafting without it, 1.04x with 0.15: the README's batched figures), and where every batch
-        size was profiled it is 0."""
+        is largest (16 rows on 2 CPU cores, profiled at 1 row: bench-decode's adaptive drafting
+        ran at 0.94x no drafting before the correction and this margin, 1.01x with both; the
+        README's batched figures), and where every batch size was profiled it is 0."""
         self.cost_model = cost_model
         self.correction = correction or StepCostCorrection()
         self.draft_margin = draft_margin
