@@ -40,6 +40,7 @@ from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
 from common.drafting.pools import DraftSource
 
+DEFAULT_DRAFT_MARGIN = 0.15  # one-token steps a drafting step is priced dearer where the cost model extrapolates
 MAX_CURVE_WIDTH = 256  # draft tokens per row priced at most (a tree is never wider in practice)
 
 
@@ -158,7 +159,7 @@ class AdaptiveDrafting:
     def __init__(self, cost_model: StepCostModel, settings: ConfidenceSettings | None = None, *,
                  clock: Callable[[], float], fill_min_gain: float = 0.02, rate_decay: float = 0.02,
                  rate_min_steps: float = 8.0, correction: StepCostCorrection | None = None,
-                 draft_margin: float = 0.15) -> None:
+                 draft_margin: float = DEFAULT_DRAFT_MARGIN) -> None:
         """clock: seconds of a monotonic clock (the caller's `time.perf_counter`, a fake in
         tests); it times the candidate retrieval, a fixed cost of every step. draft_margin
         (plan_budget's) applies to batch sizes the cost model extrapolates: there its error

@@ -73,7 +73,7 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
     engine = DecodingEngine(loaded.model, EngineSettings(
         decoding_length=decoding_length, branch_length=branch_length,
         pad_token_id=loaded.tokenizer.pad_token_id or 0, adaptive=adaptive, lean_forward=settings.lean_forward,
-        confidence_weights=settings.confidence_weights),
+        confidence_weights=settings.confidence_weights, adaptive_draft_margin=settings.adaptive_draft_margin),
         cost_model=startup_cost_model(settings, loaded) if adaptive else None)
     snapshots = pool_channel = None
     pools = PoolRegistry()

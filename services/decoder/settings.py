@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from common.drafting.budget import DEFAULT_DRAFT_MARGIN
 from common.drafting.confidence import DEFAULT_WEIGHTS, FEATURES
 from common.drafting.geometry import DEFAULT_GEOMETRY, DraftGeometry
 from common.settings import KafkaSettings, ServiceSettings
@@ -37,6 +38,7 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     adaptive_confidence_weights: str = Field(
         ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
         description="adaptive drafting: logistic weights of draft-node acceptance over (bias, frequency log-odds, top sibling, depth, proposed by the request's own text, context support), comma-separated; `python -m bench.draft_replay --fit` fits them for a model and workload; empty = frequency alone")
+    adaptive_draft_margin: float = Field(DEFAULT_DRAFT_MARGIN, ge=0, description="adaptive drafting at batch sizes the step-cost profile did not reach (priced from smaller batches): a drafting step is priced this many one-token steps dearer, so a marginal draft within the prediction's error is not taken; 0 = none")
     cost_profile_s: float = Field(5.0, ge=0, description="adaptive drafting: start-up step-cost profiling time limit when no stored profile matches model and device (0 = never profile: stored or built-in estimate)")
     lean_forward: bool = Field(True, description="verification steps run the model's own parts without transformers' per-call plumbing (bit-identical logits, checked at start-up; other architectures fall back by themselves); false = always the model's plain forward")
     pool_addr: str = Field("", description="retrieval-pool service host:port (empty = prompt overlay only)")

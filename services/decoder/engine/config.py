@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.drafting.budget import DEFAULT_DRAFT_MARGIN
 from common.drafting.confidence import DEFAULT_WEIGHTS
 from common.drafting.geometry import DEFAULT_GEOMETRY
 
@@ -38,6 +39,9 @@ class EngineSettings:
     # Adaptive drafting's acceptance model (common/drafting/confidence.py FEATURES); None: the
     # trie's smoothed frequencies alone.
     confidence_weights: tuple[float, ...] | None = DEFAULT_WEIGHTS
+    # Adaptive drafting at batch sizes its cost profile never reached: a drafting step is priced
+    # this many one-token steps dearer (common/drafting/budget.py, plan_budget's draft_margin).
+    adaptive_draft_margin: float = DEFAULT_DRAFT_MARGIN
     # Tree steps skip transformers' per-call plumbing (services/decoder/engine/lean_forward.py:
     # same logits, ~0.8 ms less per step on the default CPU model); off: the model's forward.
     lean_forward: bool = True

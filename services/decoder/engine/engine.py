@@ -124,7 +124,8 @@ class DecodingEngine:
 
                 cost_model = profile_cost_model(model, "", max_seconds=3.0)
             self.adaptive = AdaptiveDrafting(cost_model, ConfidenceSettings(weights=self.settings.confidence_weights),
-                                             clock=time.perf_counter)
+                                             clock=time.perf_counter,
+                                             draft_margin=self.settings.adaptive_draft_margin)
 
     def tree_tokens(self, config: GenerationConfig) -> int:
         """The most draft tokens one step of this request can feed (KV admission reserves them)."""
