@@ -19,6 +19,10 @@ On held-out prompts, single request:
               the same served answers, drafting into the same verification: a chain of up to 24
               (vLLM's defaults) and its tree drafts of 16 and 24; left out, saying why, when the
               package is not installed
+  task answers  with --task-answers, adaptive, the best fixed budget and the key >= 2 ceiling
+              again, each request's pool plus every served answer of its task under the other
+              pool keys (what the peer's one global tree holds): whether per-key pools are too
+              sparse for the task's answers
 It also scores the confidence estimates on every node a step put to the test (children of the
 root and of accepted nodes): log-loss and mean predicted against observed acceptance.
 
@@ -81,6 +85,7 @@ from common.machine import device_name
 from common.workload.prompts import round_robin
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
+from services.decoder.warm_answers import pick_warm_prompts, stored_or_decoded_answers
 
 KEY_LENGTH = EngineSettings().key_length
 CANDIDATES = (32, 16)  # candidate tree (tokens, depth) scored for the confidence figures and the fit
@@ -349,6 +354,32 @@ def confidence_scores(nodes: dict[str, np.ndarray]) -> dict:
     }
 
 
+def with_task_answers(cases: Sequence[Case], pool_keys: Sequence[str], answers) -> list[Case]:
+    """The same cases, each drafting from a copy of its pool that also holds every served answer
+    (WarmAnswer) of its task stored under another pool key: one copy per (pool key, task), the
+    pools themselves untouched.
+
+    >>> from common.drafting.trie import TrieSettings
+    >>> from common.warm_answers import WarmAnswer
+    >>> pool = TokenTrie(TrieSettings(ngram_length=4)); pool.insert([1, 2, 3])
+    >>> other = WarmAnswer("w1", "travel/rail", "generative_rec", (), (), (1, 2, 9), "", "m", 64)
+    >>> [case] = with_task_answers([Case([1], [2, 9], pool, "generative_rec")], ["travel/hotels"], [other])
+    >>> case.pool.stored_depth([1], [2, 9]), pool.stored_depth([1], [2, 9])
+    (2, 1)
+    """
+    merged: dict[tuple[str, str], TokenTrie] = {}
+    out = []
+    for case, key in zip(cases, pool_keys, strict=True):
+        trie = merged.get((key, case.task))
+        if trie is None:
+            trie = merged[(key, case.task)] = TokenTrie.from_bytes(case.pool.to_bytes())
+            for answer in answers:
+                if answer.task == case.task and answer.pool_key != key:
+                    trie.insert(list(answer.token_ids), "output")
+        out.append(replace(case, pool=trie))
+    return out
+
+
 def record_cases(engine: DecodingEngine, pools, prompts, tokenizer, max_new_tokens: int) -> list[Case]:
     """Greedy outputs via the engine's strict mode (token-identical to greedy: bench-decode and
     the property tests check that), which is several times faster than generate()."""
@@ -374,9 +405,8 @@ def run(args) -> dict:
     engine = DecodingEngine(loaded.model, EngineSettings(decoding_length=16, branch_length=8))
     pools = warm_pools(loaded, warmups, engine.settings, deepest)
     served = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens, data_dir=args.data_dir)
-    cases = record_cases(
-        engine, pools, pick_prompts(prompts, args.prompts), loaded.tokenizer, args.max_new_tokens
-    )
+    chosen = pick_prompts(prompts, args.prompts)
+    cases = record_cases(engine, pools, chosen, loaded.tokenizer, args.max_new_tokens)
     cost_model = replay_cost_model(loaded, args)
     default = ConfidenceSettings()
     confidence = {
@@ -446,6 +476,17 @@ def run(args) -> dict:
         results[f"ceiling: stored continuations, key >= {min_key}"] = replay(
             RetrievalCeiling(min_key, args.adaptive_max_depth), cases, cost_model, args.max_new_tokens
         ).summary(greedy)
+    if args.task_answers:
+        answers, _ = stored_or_decoded_answers(loaded, pick_warm_prompts(prompts, args.served_per_segment),
+                                               args.max_new_tokens, data_dir=args.data_dir)
+        task_cases = with_task_answers(cases, [p.pool_key for p in chosen], answers)
+        for label, policy in (
+            ("adaptive", Adaptive(cost_model, default, args.adaptive_max_tokens, args.adaptive_max_depth)),
+            (best_fixed, FixedBudget(dl, bl)),
+            (f"ceiling: stored continuations, key >= {KEY_LENGTH}", RetrievalCeiling(KEY_LENGTH, args.adaptive_max_depth)),
+        ):
+            results[f"{label}, + the task's answers of every pool key"] = replay(
+                policy, task_cases, cost_model, args.max_new_tokens).summary(greedy)
     for summary in results.values():
         summary["vs_best_fixed"] = (
             summary["modelled_tokens_per_s"] / results[best_fixed]["modelled_tokens_per_s"]
@@ -595,6 +636,10 @@ def parse_args(argv: list[str] | None = None):
     )
     parser.add_argument("--adaptive-max-tokens", type=int, default=20)
     parser.add_argument("--adaptive-max-depth", type=int, default=16)
+    parser.add_argument(
+        "--task-answers", action="store_true",
+        help="also replay with each pool plus the task's served answers of every other pool key",
+    )
     parser.add_argument(
         "--fit", action="store_true", help="fit the confidence feature weights on warm-split prompts"
     )

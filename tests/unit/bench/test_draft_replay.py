@@ -132,3 +132,28 @@ def test_replay_tallies_by_task_add_up_to_the_totals() -> None:
     summary = fixed.summary(greedy)
     assert summary["by_task"]["a"]["tokens_per_step"] == pytest.approx(9 / fixed.by_task["a"].steps)
     assert summary["by_task"]["a"]["speedup_vs_greedy"] > 1.0  # case a copies 6 tokens from the pool
+
+
+def test_task_answers_of_other_pool_keys_join_a_copy_of_the_pool() -> None:
+    import doctest
+
+    from bench.draft_replay import with_task_answers
+    from common.warm_answers import WarmAnswer
+
+    assert doctest.testmod(draft_replay).failed == 0  # with_task_answers' worked example
+
+    def answer(key: str, task: str, tokens: tuple[int, ...]) -> WarmAnswer:
+        return WarmAnswer(f"w-{key}-{tokens}", key, task, (), (), tokens, "", "m", 64)
+
+    pool = cases()[0].pool
+    before = pool.to_bytes()
+    answers = [answer("a/x", "rec", (5, 6, 50, 51)), answer("a/y", "rec", (5, 6, 60, 61)),
+               answer("a/y", "summary", (5, 6, 70, 71))]
+    tagged = [Case(c.prompt, c.reference, c.pool, "rec") for c in cases()]
+    merged = with_task_answers(tagged, ["a/x", "a/x"], answers)
+    assert merged[0].pool is merged[1].pool is not pool  # one copy per (pool key, task)
+    assert pool.to_bytes() == before  # the pool itself is untouched
+    # Another key's answer of the same task is stored; its own key's answer and other tasks' are not added.
+    assert merged[0].pool.stored_depth([5, 6], [60, 61]) == 2
+    assert merged[0].pool.stored_depth([5, 6], [50, 51]) == 0
+    assert merged[0].pool.stored_depth([5, 6], [70, 71]) == 0
