@@ -236,12 +236,17 @@ def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segm
             "wall_s": time.perf_counter() - start}
 
 
-def served_answer_ids(loaded: LoadedModel, prompts, args) -> list[tuple[int, ...]]:
-    """Token ids of the answers `serve_into_pools` put in the pools (read back from the store it
-    wrote): what a peer draft source is seeded with, so it drafts from the same served traffic."""
+def served_answers(loaded: LoadedModel, prompts, args) -> list:
+    """The answers (WarmAnswer) `serve_into_pools` put in the pools, read back from the store it
+    wrote: what a peer draft source is seeded with, so it drafts from the same served traffic."""
     answers, _ = stored_or_decoded_answers(loaded, pick_warm_prompts(prompts, args.served_per_segment),
                                            args.max_new_tokens, data_dir=args.data_dir)
-    return [a.token_ids for a in answers]
+    return answers
+
+
+def served_answer_ids(loaded: LoadedModel, prompts, args) -> list[tuple[int, ...]]:
+    """Token ids of `served_answers`."""
+    return [a.token_ids for a in served_answers(loaded, prompts, args)]
 
 
 def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen, tokenized, max_new_tokens: int,

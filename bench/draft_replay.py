@@ -64,7 +64,7 @@ from bench.decode import (
     parse_grid,
     pick_prompts,
     serve_into_pools,
-    served_answer_ids,
+    served_answers,
     warm_pools,
     warm_segments,
 )
@@ -85,7 +85,6 @@ from common.machine import device_name
 from common.workload.prompts import round_robin
 from services.decoder.cost_profile import profile_cost_model
 from services.decoder.engine import DecodingEngine, EngineSettings, GenerationConfig
-from services.decoder.warm_answers import pick_warm_prompts, stored_or_decoded_answers
 
 KEY_LENGTH = EngineSettings().key_length
 CANDIDATES = (32, 16)  # candidate tree (tokens, depth) scored for the confidence figures and the fit
@@ -453,9 +452,9 @@ def run(args) -> dict:
     ]
     peer_missing = suffix_peer.available()
     if peer_missing is None:
-        served_answers = served_answer_ids(loaded, prompts, args)
+        peer_seed = [a.token_ids for a in served_answers(loaded, prompts, args)]
         policies += [(f"peer: SuffixDecoding {'tree' if tree else 'chain'} {tokens}",
-                      suffix_peer.SuffixDecodingPolicy(served_answers, max_tokens=tokens, tree=tree))
+                      suffix_peer.SuffixDecodingPolicy(peer_seed, max_tokens=tokens, tree=tree))
                      for tokens, tree in ((24, False), (16, True), (24, True))]
     else:
         print(f"SuffixDecoding peer left out: arctic-inference does not import ({peer_missing}); "
@@ -477,9 +476,7 @@ def run(args) -> dict:
             RetrievalCeiling(min_key, args.adaptive_max_depth), cases, cost_model, args.max_new_tokens
         ).summary(greedy)
     if args.task_answers:
-        answers, _ = stored_or_decoded_answers(loaded, pick_warm_prompts(prompts, args.served_per_segment),
-                                               args.max_new_tokens, data_dir=args.data_dir)
-        task_cases = with_task_answers(cases, [p.pool_key for p in chosen], answers)
+        task_cases = with_task_answers(cases, [p.pool_key for p in chosen], served_answers(loaded, prompts, args))
         for label, policy in (
             ("adaptive", Adaptive(cost_model, default, args.adaptive_max_tokens, args.adaptive_max_depth)),
             (best_fixed, FixedBudget(dl, bl)),

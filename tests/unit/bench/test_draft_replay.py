@@ -145,11 +145,11 @@ def test_task_answers_of_other_pool_keys_join_a_copy_of_the_pool() -> None:
     def answer(key: str, task: str, tokens: tuple[int, ...]) -> WarmAnswer:
         return WarmAnswer(f"w-{key}-{tokens}", key, task, (), (), tokens, "", "m", 64)
 
-    pool = cases()[0].pool
+    tagged = [Case(c.prompt, c.reference, c.pool, "rec") for c in cases()]
+    pool = tagged[0].pool  # both cases share it
     before = pool.to_bytes()
     answers = [answer("a/x", "rec", (5, 6, 50, 51)), answer("a/y", "rec", (5, 6, 60, 61)),
                answer("a/y", "summary", (5, 6, 70, 71))]
-    tagged = [Case(c.prompt, c.reference, c.pool, "rec") for c in cases()]
     merged = with_task_answers(tagged, ["a/x", "a/x"], answers)
     assert merged[0].pool is merged[1].pool is not pool  # one copy per (pool key, task)
     assert pool.to_bytes() == before  # the pool itself is untouched
