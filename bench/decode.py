@@ -58,7 +58,8 @@ from bench.common import (
 )
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
-from common.drafting.pools import PoolRegistry
+from common.drafting.pool_keys import task_pool_key
+from common.drafting.pools import DEFAULT_TASK_POOL_WEIGHT, PoolRegistry
 from common.drafting.trie import TrieSettings
 from common.machine import device_name
 from common.modeling.loading import LoadedModel
@@ -218,7 +219,7 @@ def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segm
     """What a running deployment's pools hold besides the corpus: the model's own answers to
     earlier requests, which the decoders publish and the pool updater inserts (Kafka loop).
     Here: greedy answers to up to `per_segment` warm-split prompts of every (pool key, task) -
-    traffic of every task, as all of it flows back - each inserted into its pool. Held-out
+    traffic of every task, as all of it flows back - each inserted into its pool and its task's pool. Held-out
     prompts never enter. Answers stored under `data_dir` (services/decoder/warm_answers.py,
     `make model` / `make warm-answers`) are reused; the missing ones are decoded with continuous
     batching and stored for the next run. `already`: that many per segment were served before
@@ -229,8 +230,10 @@ def serve_into_pools(loaded: LoadedModel, pools: PoolRegistry, prompts, per_segm
         return {"per_segment": per_segment, "outputs": 0, "wall_s": 0.0}
     start = time.perf_counter()
     answers, decoded = stored_or_decoded_answers(loaded, served, max_new_tokens, rows=rows, data_dir=data_dir)
-    for answer in answers:
+    for answer in answers:  # into its pool and its task's, as the pool updater does (ngram_records.py)
         pools.get_or_create(answer.pool_key).insert(list(answer.token_ids), "output")
+        if answer.task:
+            pools.get_or_create(task_pool_key(answer.task)).insert(list(answer.token_ids), "output")
     return {"per_segment": per_segment, "outputs": len(served), "decoded_now": decoded,
             "by_task": dict(sorted(tasks.items())), "segments": len(warm_segments(prompts)),
             "wall_s": time.perf_counter() - start}
@@ -249,13 +252,19 @@ def served_answer_ids(loaded: LoadedModel, prompts, args) -> list[tuple[int, ...
     return [a.token_ids for a in served_answers(loaded, prompts, args)]
 
 
+def request_pool(pools: PoolRegistry, prompt):
+    """What the decoder drafts from for this prompt (services/decoder/intake.py): its pool key's
+    pool over its task's, at the default task pool weight."""
+    return pools.drafting_pool(prompt.pool_key, prompt.task, DEFAULT_TASK_POOL_WEIGHT)
+
+
 def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen, tokenized, max_new_tokens: int,
                             eos: int) -> dict[str, float]:
     """Strict mode's accepted tokens per step on the chosen prompts, by task (deterministic, untimed)."""
     counts: dict[str, list[int]] = {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos)
     for prompt, ids in zip(chosen, tokenized):
-        generation = engine_generate(engine, ids, config, pools.resolve(prompt.pool_key))
+        generation = engine_generate(engine, ids, config, request_pool(pools, prompt))
         tokens_steps = counts.setdefault(prompt.task, [0, 0])
         tokens_steps[0] += len(generation.tokens)
         tokens_steps[1] += generation.steps
@@ -335,14 +344,14 @@ def run(args) -> dict:
         if method == "oracle":
             return engine_generate(engine, ids, configs[method], draft_source=OracleDraft(len(ids), references[i]))
         if method == "adaptive":
-            return engine_generate(adaptive_engine, ids, configs["adaptive"], pools.resolve(prompt.pool_key))
+            return engine_generate(adaptive_engine, ids, configs["adaptive"], request_pool(pools, prompt))
         if method == "suffix_decoding":
             source = suffix_peer.SuffixDecodingSource(peer, ids)
             try:
                 return engine_generate(engine, ids, configs[method], draft_source=source)
             finally:
                 source.close()
-        pool = pools.resolve(prompt.pool_key) if configs[method].drafting else None
+        pool = request_pool(pools, prompt) if configs[method].drafting else None
         return engine_generate(engine, ids, configs[method], pool)
 
     console = Console(width=150)
@@ -458,7 +467,7 @@ def relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, facts, a
         outs = []
         for prompt, ids, ref in zip(chosen, tokenized, references):
             t0 = time.perf_counter()
-            out, n, _, _ = engine_generate(engine, ids, config, pools.resolve(prompt.pool_key))
+            out, n, _, _ = engine_generate(engine, ids, config, request_pool(pools, prompt))
             wall += time.perf_counter() - t0
             tokens += len(out)
             steps += n
@@ -562,7 +571,7 @@ def budget_sweep(loaded, pools, chosen, tokenized, references, grid, adaptive_en
     with tqdm(total=count * args.sweep_repeats, desc="budget sweep", unit="prompt") as bar:
         for repeat in range(args.sweep_repeats):
             for i in range(count):
-                pool = pools.resolve(chosen[i].pool_key)
+                pool = request_pool(pools, chosen[i])
                 order = labels if (i + repeat) % 2 == 0 else list(reversed(labels))
                 rates = {}
                 for label in order:
@@ -653,7 +662,7 @@ def batched_variant(loaded, pools, chosen, tokenized, cost_model, args) -> list[
                     rates = {}
                     for method in order:
                         engine, cfg = methods[method]
-                        group_pools = [pools.resolve(chosen[i].pool_key) if cfg.drafting else None for i in group]
+                        group_pools = [request_pool(pools, chosen[i]) if cfg.drafting else None for i in group]
                         produced = [[] for _ in group]
                         forwards = 0
                         t0 = time.perf_counter()
@@ -739,7 +748,7 @@ def step_profile(loaded, pools, chosen, tokenized, cost_model, args) -> dict:
                                   drafting=name != "engine_greedy")
         drafted = tokens = 0
         for i in range(count):
-            for step in engine.generate(tokenized[i], config, pools.resolve(chosen[i].pool_key)):
+            for step in engine.generate(tokenized[i], config, request_pool(pools, chosen[i])):
                 drafted += step.drafted
                 tokens += len(step.token_ids)
         steps = max(timer.steps, 1)

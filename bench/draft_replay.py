@@ -19,10 +19,10 @@ On held-out prompts, single request:
               the same served answers, drafting into the same verification: a chain of up to 24
               (vLLM's defaults) and its tree drafts of 16 and 24; left out, saying why, when the
               package is not installed
-  task answers  with --task-answers, adaptive, the best fixed budget and the key >= 2 ceiling
-              again, each request's pool plus every served answer of its task under the other
-              pool keys (what the peer's one global tree holds): whether per-key pools are too
-              sparse for the task's answers
+  task pool   every request drafts, as in serving, from its pool key's pool over its task's
+              (the task's served answers of every pool key; --task-pool-weight, 0 = the pool
+              key's alone); --task-pool-weights replays adaptive, the best fixed budget and the
+              key >= 2 ceiling again at other weights
 It also scores the confidence estimates on every node a step put to the test (children of the
 root and of accepted nodes): log-loss and mean predicted against observed acceptance.
 
@@ -79,7 +79,7 @@ from common.drafting.confidence import (
 )
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import ROOT_PARENT, DraftTree
-from common.drafting.pools import DraftSettings, RequestDrafter
+from common.drafting.pools import DEFAULT_TASK_POOL_WEIGHT, DraftSettings, RequestDrafter
 from common.drafting.trie import TokenTrie
 from common.machine import device_name
 from common.workload.prompts import round_robin
@@ -353,29 +353,31 @@ def confidence_scores(nodes: dict[str, np.ndarray]) -> dict:
     }
 
 
-def with_task_answers(cases: Sequence[Case], pool_keys: Sequence[str], answers) -> list[Case]:
-    """The same cases, each drafting from a copy of its pool that also holds every served answer
-    (WarmAnswer) of its task stored under another pool key: one copy per (pool key, task), the
-    pools themselves untouched.
+def tier_cases(cases: Sequence[Case], pools, prompts, task_pool_weight: float) -> list[Case]:
+    """The same cases, each drafting from what serving gives its request: its pool key's pool
+    over its task's (common.drafting.pools.TieredPool, the task's candidates weighted
+    `task_pool_weight`; 0: the pool key's alone). One pool object per (pool key, task), so the
+    calibration that follows a pool is shared as in serving.
 
+    >>> from types import SimpleNamespace
+    >>> from common.drafting.pools import PoolRegistry
     >>> from common.drafting.trie import TrieSettings
-    >>> from common.warm_answers import WarmAnswer
-    >>> pool = TokenTrie(TrieSettings(ngram_length=4)); pool.insert([1, 2, 3])
-    >>> other = WarmAnswer("w1", "travel/rail", "generative_rec", (), (), (1, 2, 9), "", "m", 64)
-    >>> [case] = with_task_answers([Case([1], [2, 9], pool, "generative_rec")], ["travel/hotels"], [other])
-    >>> case.pool.stored_depth([1], [2, 9]), pool.stored_depth([1], [2, 9])
+    >>> pools = PoolRegistry(TrieSettings(ngram_length=4))
+    >>> pools.get_or_create("a/x").insert([1, 2, 3]); pools.get_or_create("task/rec").insert([1, 2, 9])
+    >>> prompt = SimpleNamespace(pool_key="a/x", task="rec")
+    >>> [case] = tier_cases([Case([1], [2, 9], pools.resolve("a/x"), "rec")], pools, [prompt], 1.0)
+    >>> case.pool.stored_depth([1], [2, 9]), pools.resolve("a/x").stored_depth([1], [2, 9])
     (2, 1)
+    >>> tier_cases([case], pools, [prompt], 0.0)[0].pool is pools.resolve("a/x")
+    True
     """
-    merged: dict[tuple[str, str], TokenTrie] = {}
+    made: dict[tuple[str, str], object] = {}
     out = []
-    for case, key in zip(cases, pool_keys, strict=True):
-        trie = merged.get((key, case.task))
-        if trie is None:
-            trie = merged[(key, case.task)] = TokenTrie.from_bytes(case.pool.to_bytes())
-            for answer in answers:
-                if answer.task == case.task and answer.pool_key != key:
-                    trie.insert(list(answer.token_ids), "output")
-        out.append(replace(case, pool=trie))
+    for case, prompt in zip(cases, prompts, strict=True):
+        key = (prompt.pool_key, prompt.task)
+        if key not in made:
+            made[key] = pools.drafting_pool(prompt.pool_key, prompt.task, task_pool_weight)
+        out.append(replace(case, pool=made[key]))
     return out
 
 
@@ -405,7 +407,8 @@ def run(args) -> dict:
     pools = warm_pools(loaded, warmups, engine.settings, deepest)
     served = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens, data_dir=args.data_dir)
     chosen = pick_prompts(prompts, args.prompts)
-    cases = record_cases(engine, pools, chosen, loaded.tokenizer, args.max_new_tokens)
+    recorded = record_cases(engine, pools, chosen, loaded.tokenizer, args.max_new_tokens)
+    cases = tier_cases(recorded, pools, chosen, args.task_pool_weight)
     cost_model = replay_cost_model(loaded, args)
     default = ConfidenceSettings()
     confidence = {
@@ -414,12 +417,10 @@ def run(args) -> dict:
     }
     fit = {}
     if args.fit:
-        fit_cases = record_cases(
-            engine,
-            pools,
-            unserved_warm_prompts(prompts, args.served_per_segment, args.fit_prompts),
-            loaded.tokenizer,
-            args.max_new_tokens,
+        fit_prompts = unserved_warm_prompts(prompts, args.served_per_segment, args.fit_prompts)
+        fit_cases = tier_cases(
+            record_cases(engine, pools, fit_prompts, loaded.tokenizer, args.max_new_tokens),
+            pools, fit_prompts, args.task_pool_weight,
         )
         nodes = tested_nodes(fit_cases, replace(default, weights=None), args.max_new_tokens)
         weights = fit_weights(nodes["features"], nodes["accepted"])
@@ -475,15 +476,15 @@ def run(args) -> dict:
         results[f"ceiling: stored continuations, key >= {min_key}"] = replay(
             RetrievalCeiling(min_key, args.adaptive_max_depth), cases, cost_model, args.max_new_tokens
         ).summary(greedy)
-    if args.task_answers:
-        task_cases = with_task_answers(cases, [p.pool_key for p in chosen], served_answers(loaded, prompts, args))
+    for weight in args.task_pool_weights:
+        weighted = tier_cases(recorded, pools, chosen, weight)
         for label, policy in (
             ("adaptive", Adaptive(cost_model, default, args.adaptive_max_tokens, args.adaptive_max_depth)),
             (best_fixed, FixedBudget(dl, bl)),
             (f"ceiling: stored continuations, key >= {KEY_LENGTH}", RetrievalCeiling(KEY_LENGTH, args.adaptive_max_depth)),
         ):
-            results[f"{label}, + the task's answers of every pool key"] = replay(
-                policy, task_cases, cost_model, args.max_new_tokens).summary(greedy)
+            results[f"{label}, task pool weight {weight:g}"] = replay(
+                policy, weighted, cost_model, args.max_new_tokens).summary(greedy)
     for summary in results.values():
         summary["vs_best_fixed"] = (
             summary["modelled_tokens_per_s"] / results[best_fixed]["modelled_tokens_per_s"]
@@ -506,6 +507,7 @@ def run(args) -> dict:
         "tokens": greedy.tokens,
         "max_new_tokens": args.max_new_tokens,
         "served": served,
+        "task_pool_weight": args.task_pool_weight,
         "suffix_decoding_peer": "replayed" if peer_missing is None else f"left out: {peer_missing}",
         "best_fixed": best_fixed,
         "adaptive_max_tokens": args.adaptive_max_tokens,
@@ -634,8 +636,14 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--adaptive-max-tokens", type=int, default=20)
     parser.add_argument("--adaptive-max-depth", type=int, default=16)
     parser.add_argument(
-        "--task-answers", action="store_true",
-        help="also replay with each pool plus the task's served answers of every other pool key",
+        "--task-pool-weight", type=float, default=DEFAULT_TASK_POOL_WEIGHT,
+        help="weight of the task pool's candidates under each pool key's, as the decoder's "
+             "ADACCEL_TASK_POOL_WEIGHT (0: the pool key's alone)",
+    )
+    parser.add_argument(
+        "--task-pool-weights", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+        help="also replay adaptive, the best fixed budget and the key >= 2 ceiling at these task "
+             "pool weights (e.g. 0,0.5,2)",
     )
     parser.add_argument(
         "--fit", action="store_true", help="fit the confidence feature weights on warm-split prompts"

@@ -52,7 +52,7 @@ KIND = {"instruction": common_pb2.BLOCK_KIND_INSTRUCTION, "user_history": common
 
 def as_request(prompt, max_new_tokens: int) -> common_pb2.GenerateRequest:
     return common_pb2.GenerateRequest(
-        request_id=prompt.prompt_id, pool_key=prompt.pool_key,
+        request_id=prompt.prompt_id, pool_key=prompt.pool_key, task=prompt.task,
         blocks=[common_pb2.PromptBlock(id=b.id, kind=KIND[b.kind], text=b.text) for b in prompt.blocks],
         params=common_pb2.GenerationParams(max_new_tokens=max_new_tokens))
 

@@ -14,6 +14,7 @@ from common.rpc.errors import InvalidArgument, ResourceExhausted, require
 
 # \Z, not $: "$" also matches before a trailing newline, which let "shop\n" through (found by fuzzing).
 POOL_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.\-/]{0,128}\Z")
+TASK_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{0,64}\Z")
 BLOCK_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}\Z")
 
 
@@ -52,6 +53,7 @@ def validate_generate_request(req: common_pb2.GenerateRequest, limits: RequestLi
             field="blocks", limit=limits.max_prompt_chars)
     require(bool(POOL_KEY_PATTERN.match(req.pool_key)), "pool_key",
             "at most 128 characters of letters, digits and _.-/")
+    require(bool(TASK_PATTERN.match(req.task)), "task", "at most 64 characters of letters, digits and _.-")
     validate_params(req.params, limits)
 
 

@@ -44,7 +44,7 @@ class WarmAnswer:
         """The GeneratedRecord a decoder would have published for this answer."""
         from adaccel.v1 import records_pb2
 
-        return records_pb2.GeneratedRecord(request_id=self.request_id, pool_key=self.pool_key,
+        return records_pb2.GeneratedRecord(request_id=self.request_id, pool_key=self.pool_key, task=self.task,
                                            item_ids=self.item_ids, user_ids=self.user_ids,
                                            token_ids=self.token_ids, text=self.text, model_id=self.model_id)
 

@@ -38,7 +38,7 @@ from common.drafting.confidence import (
 from common.drafting.cost_correction import StepCostCorrection
 from common.drafting.cost_model import StepCostModel
 from common.drafting.draft_tree import DraftTree
-from common.drafting.pools import DraftSource
+from common.drafting.pools import DraftSource, TieredPool
 
 DEFAULT_DRAFT_MARGIN = 0.15  # one-token steps a drafting step is priced dearer where the cost model extrapolates
 MAX_CURVE_WIDTH = 256  # draft tokens per row priced at most (a tree is never wider in practice)
@@ -190,6 +190,8 @@ class AdaptiveDrafting:
     def calibration_for(self, pool: object | None) -> AcceptanceCalibration:
         if pool is None:
             return self._unpooled
+        if isinstance(pool, TieredPool):  # made per request: its pool key's trie is what lasts
+            pool = pool.key_pool
         found = self._pool_calibrations.get(pool)
         if found is None:
             found = self._pool_calibrations[pool] = pool_calibration(self.settings)

@@ -7,6 +7,10 @@ affinity all ask this module, so the three never disagree about which pool a key
 
 >>> resolve_pool_key("ads/shoes/running", {"ads", GLOBAL_POOL})
 'ads'
+
+A second tier sits under the pool key's: the task's pool (`task_pool_key`), holding the task's
+answers of every pool key (what a generative recommendation says about any category looks
+alike). It is never a fallback: a request drafts from both, the pool key's weighing more.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Container, Iterator
 
 GLOBAL_POOL = "global"
 POOL_KEY_SEPARATOR = "/"
+# Task pools live under this reserved top-level key ("task/generative_rec").
+TASK_POOL_ROOT = "task"
 
 
 def fallback_chain(pool_key: str | None) -> Iterator[str]:
@@ -42,3 +48,12 @@ def resolve_pool_key(pool_key: str | None, existing: Container[str], global_key:
     'global'
     """
     return next((key for key in fallback_chain(pool_key) if key in existing), global_key)
+
+
+def task_pool_key(task: str | None) -> str | None:
+    """The key of the task's pool (None: no task named).
+
+    >>> task_pool_key("generative_rec"), task_pool_key("")
+    ('task/generative_rec', None)
+    """
+    return f"{TASK_POOL_ROOT}{POOL_KEY_SEPARATOR}{task}" if task else None

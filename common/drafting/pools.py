@@ -7,6 +7,8 @@
   the request's own prompt ("input") and generated ("output") n-grams; it is dropped with the
   drafter, so one request's text never leaks into another's drafts (PIA instead zeroes prompt
   counts at request end). Drafts merge the overlay's and the pool's candidates.
+- `TieredPool`: the pool key's trie with the task's trie beneath it (pool_keys.task_pool_key),
+  drafted from as one pool; the engine and the drafters see a trie.
 """
 
 from __future__ import annotations
@@ -17,8 +19,87 @@ from typing import Protocol
 
 from common.drafting.draft_tree import DraftTree, merge_marked_drafts
 from common.drafting.geometry import DEFAULT_GEOMETRY
-from common.drafting.pool_keys import GLOBAL_POOL, resolve_pool_key
+from common.drafting.pool_keys import GLOBAL_POOL, resolve_pool_key, task_pool_key
 from common.drafting.trie import StreamingInserter, TokenTrie, TrieSettings
+
+# The task pool's candidates weigh this much against the pool key's (chosen by bench-draft-replay
+# --task-pool-weights; see TieredPool).
+DEFAULT_TASK_POOL_WEIGHT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TieredPool:
+    """A pool key's trie and its task's trie, read as one pool.
+
+    Candidates are both tries' (scores are relative frequencies given the lookup key in each),
+    mixed by evidence: each trie's scores are scaled by its share of the key's weight, the
+    task's weight counted `task_weight` times, so a path's summed score is its relative
+    frequency in one trie holding both (at `task_weight` 1) and a key the pool key's trie has
+    seen often is not drowned by the task's. The budget chooser calibrates acceptance per pool
+    key's trie (budget.py), tiered or not.
+
+    >>> key, task = TokenTrie(TrieSettings(ngram_length=4)), TokenTrie(TrieSettings(ngram_length=4))
+    >>> key.insert([1, 2, 3]); task.insert([1, 2, 5]); task.insert([1, 2, 3]); task.insert([1, 2, 5])
+    >>> pool = TieredPool(key, task, task_weight=1.0)
+    >>> [(t.tokens, [round(s, 2) for s in t.scores])
+    ...  for t in pool.candidates([1, 2], decoding_length=2, branch_length=1)]
+    [([3], [0.25]), ([5, 3], [0.5, 0.25])]
+    >>> pool.key_weight([1, 2]), pool.stored_depth([1, 2], [5])
+    (4.0, 1)
+    """
+
+    key_pool: TokenTrie
+    task_pool: TokenTrie
+    task_weight: float = DEFAULT_TASK_POOL_WEIGHT
+
+    @property
+    def settings(self) -> TrieSettings:
+        return self.key_pool.settings
+
+    def candidates(self, context: Sequence[int], *, decoding_length: int, branch_length: int,
+                   key_length: int = 2) -> list[DraftTree]:
+        args = dict(decoding_length=decoding_length, branch_length=branch_length, key_length=key_length)
+        key = context[-key_length:]
+        key_evidence = self.key_pool.key_weight(key)
+        task_evidence = self.task_weight * self.task_pool.key_weight(key)
+        total = key_evidence + task_evidence
+        if total <= 0:
+            return []
+        found = []
+        for trie, share in ((self.key_pool, key_evidence / total), (self.task_pool, task_evidence / total)):
+            if share <= 0:
+                continue
+            for tree in trie.candidates(context, **args):
+                tree.scores = [score * share for score in tree.scores]
+                found.append(tree)
+        return found
+
+    def context_support(self, context: Sequence[int], tree: DraftTree) -> list[int]:
+        return [max(a, b) for a, b in zip(self.key_pool.context_support(context, tree),
+                                          self.task_pool.context_support(context, tree))]
+
+    def key_weight(self, key: Sequence[int]) -> float:
+        return self.key_pool.key_weight(key) + self.task_weight * self.task_pool.key_weight(key)
+
+    def stored_depth(self, context: Sequence[int], continuation: Sequence[int], **kwargs) -> int:
+        return max(self.key_pool.stored_depth(context, continuation, **kwargs),
+                   self.task_pool.stored_depth(context, continuation, **kwargs))
+
+    def insert(self, token_ids: Sequence[int], kind: str = "output") -> None:
+        """Learning from an output locally (EngineSettings.learn_from_outputs): both tiers, as
+        the pool updater does with a published answer that names its task."""
+        self.key_pool.insert(token_ids, kind)
+        self.task_pool.insert(token_ids, kind)
+
+
+DraftPool = TokenTrie | TieredPool
+
+
+def tiered(key_pool: TokenTrie, task_pool: TokenTrie | None, task_weight: float) -> DraftPool:
+    """The pool a request drafts from: its pool key's, over its task's when there is one."""
+    if task_pool is None or task_pool is key_pool or task_weight <= 0:
+        return key_pool
+    return TieredPool(key_pool, task_pool, task_weight)
 
 
 class PoolRegistry:
@@ -73,6 +154,15 @@ class PoolRegistry:
         """The pool held under exactly this key (a `resolve_key` result); KeyError otherwise."""
         return self._pools[pool_key]
 
+    def get(self, pool_key: str | None) -> TokenTrie | None:
+        """The pool held under exactly this key, else None (no fallback: a task's pool)."""
+        return self._pools.get(pool_key) if pool_key is not None else None
+
+    def drafting_pool(self, pool_key: str | None, task: str | None, task_weight: float) -> DraftPool:
+        """What a request with this pool key and task drafts from: the pool `resolve` gives,
+        over the task's pool when this registry holds one."""
+        return tiered(self.resolve(pool_key), self.get(task_pool_key(task)), task_weight)
+
 
 @dataclass(slots=True, frozen=True)
 class DraftSettings:
@@ -100,7 +190,7 @@ class RequestDrafter:
 
     def __init__(
         self,
-        pool: TokenTrie | None,
+        pool: DraftPool | None,
         prompt_ids: Sequence[int],
         settings: DraftSettings | None = None,
         *,

@@ -149,10 +149,11 @@ def to_generate_request(
     params: common_pb2.GenerationParams | None = None,
     publish: bool = False,
 ) -> common_pb2.GenerateRequest:
-    """The router request for a prompt: its blocks in order, its pool key, the given params."""
+    """The router request for a prompt: its blocks in order, its pool key and task, the given params."""
     request = common_pb2.GenerateRequest(
         request_id=request_id if request_id is not None else prompt.prompt_id,
         pool_key=prompt.pool_key,
+        task=prompt.task,
         publish=publish,
     )
     for block in prompt.blocks:

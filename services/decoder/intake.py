@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from adaccel.v1 import common_pb2
-from common.drafting.pools import PoolRegistry
+from common.drafting.pool_keys import task_pool_key
+from common.drafting.pools import DraftPool, PoolRegistry, tiered
 from common.prompt_tokens import (
     BlockTokenizer,
     ChatFrame,
@@ -27,7 +28,7 @@ from common.prompt_tokens import (
 )
 from common.rpc.errors import InvalidArgument, Reason
 from services.decoder.block_cache import BlockCache, BlockPlan
-from services.decoder.engine import GenerationConfig, TokenTrie
+from services.decoder.engine import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class PreparedRequest:
     request_id: str
     prompt: TokenizedPrompt
     config: GenerationConfig
-    pool: TokenTrie | None
+    pool: DraftPool | None
     blocks: BlockPlan | None  # reused blocks found by the lookup (None: prefill everything)
     kv_tokens: int
     pool_key: str = ""  # the pool drafted from (the request's key, a parent or "global"; "" = none)
@@ -102,7 +103,8 @@ class RequestIntake:
 
     def __init__(self, tokenizer, pools: PoolRegistry, tree: TreeSize, *, max_prompt_tokens: int,
                  chat_frame: ChatFrame | None = None, pool_tracker: PoolTracker | None = None,
-                 block_cache: BlockCache | None = None, context_limit: int | None = None):
+                 block_cache: BlockCache | None = None, context_limit: int | None = None,
+                 task_pool_weight: float = 1.0):
         # Memoised per block text: the same instruction and item blocks recur across requests.
         self.block_tokenizer = BlockTokenizer(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
@@ -116,6 +118,7 @@ class RequestIntake:
         # The model's chat template, or None: prompts then go to the model raw.
         self.chat_frame = chat_frame
         self.pool_tracker = pool_tracker
+        self.task_pool_weight = task_pool_weight  # the task pool's candidates' weight (pools.TieredPool)
         self.block_cache = block_cache
 
     def tokenize(self, request: common_pb2.GenerateRequest) -> TokenizedPrompt:
@@ -143,10 +146,14 @@ class RequestIntake:
         # The request's pool, else its parents ("a/b" -> "a"), else the global pool; the engine adds
         # a request-local overlay of the prompt's own n-grams on top and drops it afterwards. The
         # tracker only records the key (a background refresh fetches it): no RPC on this path.
+        task_key = task_pool_key(request.task or None)
         if self.pool_tracker is not None:
             self.pool_tracker.note(request.pool_key or None)
+            if task_key is not None:
+                self.pool_tracker.note(task_key)
         pool_key = self.pools.resolve_key(request.pool_key or None)
-        pool = self.pools[pool_key]
+        # Under the pool key's, the task's pool when this replica holds it (never a fallback).
+        pool = tiered(self.pools[pool_key], self.pools.get(task_key), self.task_pool_weight)
         kv_tokens = len(prompt.token_ids) + config.max_new_tokens + self.tree.tree_tokens(config) + 1
         if pool_key != (request.pool_key or pool_key):
             log.debug("pool key not held here: drafting from its fallback",

@@ -97,6 +97,10 @@ class LockedPoolRegistry(PoolRegistry):
         with self._lock:
             return super().resolve(pool_key)
 
+    def get(self, pool_key: str | None) -> TokenTrie | None:
+        with self._lock:
+            return super().get(pool_key)
+
 
 class PoolSnapshots:
     def __init__(self, stub: pool_pb2_grpc.PoolStub, *, refresh_s: float = 2.0, max_pools: int = 16,

@@ -95,7 +95,8 @@ def create_decoder_server(settings: DecoderSettings, telemetry: Telemetry) -> Se
                       prefill_chunk_tokens=settings.prefill_chunk_tokens).start()
     intake = RequestIntake(loaded.tokenizer, pools, engine, max_prompt_tokens=settings.max_prompt_tokens,
                            chat_frame=prompt_frame(settings, loaded), pool_tracker=snapshots, block_cache=block_cache,
-                           context_limit=getattr(loaded.model.config, "max_position_embeddings", None))
+                           context_limit=getattr(loaded.model.config, "max_position_embeddings", None),
+                           task_pool_weight=settings.task_pool_weight)
     info = decoder_pb2.DecoderInfo(
         decoder_id=settings.decoder_id, model_id=loaded.model_id, vocab_size=loaded.model.config.vocab_size,
         max_prompt_tokens=settings.max_prompt_tokens, max_new_tokens=limits.max_new_tokens,

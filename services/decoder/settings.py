@@ -9,6 +9,7 @@ from pydantic_settings import NoDecode
 from common.drafting.budget import DEFAULT_DRAFT_MARGIN
 from common.drafting.confidence import DEFAULT_WEIGHTS, FEATURES
 from common.drafting.geometry import DEFAULT_GEOMETRY, DraftGeometry
+from common.drafting.pools import DEFAULT_TASK_POOL_WEIGHT
 from common.settings import KafkaSettings, ServiceSettings
 
 
@@ -44,6 +45,7 @@ class DecoderSettings(ServiceSettings, KafkaSettings):
     pool_addr: str = Field("", description="retrieval-pool service host:port (empty = prompt overlay only)")
     pool_refresh_s: float = Field(2.0, gt=0, description="seconds between pool version checks (snapshots fetched when moved)")
     pool_cache_pools: int = Field(16, ge=1, description="pool snapshots held (LRU; the global pool not counted)")
+    task_pool_weight: float = Field(DEFAULT_TASK_POOL_WEIGHT, ge=0, description="weight of the task pool's draft candidates (the task's answers of every pool key, drafted from beside the request's pool key's when the request names its task) against the pool key's; 0 = pool key's only")
     # Beyond-prefix KV reuse of prompt blocks (services/decoder/block_cache.py).
     block_reuse: bool = Field(True, description="reuse prompt blocks' KV (local memory, kv-store); off = full prefill always")
     kvstore_addrs: Annotated[list[str], NoDecode] = Field(

@@ -70,7 +70,7 @@ class Transcript:
                ) -> records_pb2.GeneratedRecord:
         """What goes to Kafka for the pools to learn from (services/pool/updater.py)."""
         return records_pb2.GeneratedRecord(
-            request_id=request_id, pool_key=request.pool_key,
+            request_id=request_id, pool_key=request.pool_key, task=request.task,
             item_ids=block_ids_of_kind(request, common_pb2.BLOCK_KIND_ITEM),
             user_ids=block_ids_of_kind(request, common_pb2.BLOCK_KIND_USER_HISTORY),
             token_ids=self.token_ids, text=self.text, model_id=model_id,

@@ -1,8 +1,9 @@
 """Pure transform from incoming records to pool mutations (no Kafka, no RocksDB).
 
 Topic adaccel.generated (GeneratedRecord): the generated tokens become "output" n-grams of the
-record's pool, remembered under each of the record's items so that removing any of them takes
-the sequence back.
+record's pool, and of its task's pool when it names a task (pool_keys.task_pool_key; one batch,
+one offset for both), remembered under each of the record's items so that removing any of them
+takes the sequence back from both.
 
 Topic adaccel.inventory (InventoryEvent), our choices:
 - removed: the item's remembered sequences are taken back in every pool (the item is gone from
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from adaccel.v1 import records_pb2
-from common.drafting.pool_keys import GLOBAL_POOL
+from common.drafting.pool_keys import GLOBAL_POOL, task_pool_key
 from common.drafting.trie import ngram_prefix_counts
-from common.requests import BLOCK_ID_PATTERN, POOL_KEY_PATTERN
+from common.requests import BLOCK_ID_PATTERN, POOL_KEY_PATTERN, TASK_PATTERN
 
 MAX_ITEM_IDS = 256
 
@@ -46,6 +47,8 @@ class InsertSequences:
     item_ids: tuple[str, ...] = ()
     # First take back the item's earlier "input" sequences in this pool (inventory added/changed).
     replace_item_input: bool = False
+    # Further pools the same sequences go into, in the same write (the record's task pool).
+    also_into: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -118,7 +121,11 @@ def generated_record_mutation(value: bytes | None, *, vocab_size: int, max_token
     if len(record.item_ids) > MAX_ITEM_IDS:
         raise RejectedRecord(f"item_ids: {len(record.item_ids)} ids, limit is {MAX_ITEM_IDS}")
     items = tuple(dict.fromkeys(check_item_id(i, f"item_ids[{n}]") for n, i in enumerate(record.item_ids)))
-    return InsertSequences(pool_key, (tuple(record.token_ids),), "output", items)
+    if not TASK_PATTERN.match(record.task):
+        raise RejectedRecord("task: at most 64 characters of letters, digits and _.-")
+    task_pool = task_pool_key(record.task)
+    also_into = (task_pool,) if task_pool is not None and task_pool != pool_key else ()
+    return InsertSequences(pool_key, (tuple(record.token_ids),), "output", items, also_into=also_into)
 
 
 def inventory_event_mutation(value: bytes | None, *, vocab_size: int, max_tokens: int,

@@ -190,9 +190,9 @@ class PoolManager:
     def apply(self, mutation: Mutation, offset: Offset | None = None) -> list[PoolMeta]:
         """Applies one record's mutation with its consumer offset; returns the changed pools."""
         if isinstance(mutation, InsertSequences):
-            meta = self.insert(mutation.pool_key, mutation.sequences, mutation.kind, item_ids=mutation.item_ids,
-                               replace_item_input=mutation.replace_item_input, offset=offset)
-            return [] if meta is None else [meta]
+            return self.insert_into([mutation.pool_key, *mutation.also_into], mutation.sequences, mutation.kind,
+                                    item_ids=mutation.item_ids, replace_item_input=mutation.replace_item_input,
+                                    offset=offset)
         if isinstance(mutation, RemoveItem):
             return self.remove_item(mutation.item_id, mutation.pool_key, offset=offset)
         assert isinstance(mutation, NoChange), mutation
@@ -210,36 +210,47 @@ class PoolManager:
         two topics are not ordered with each other - cannot bring the item back into drafts.
         `replace_item_input` (the inventory added/changed an item) puts the item back.
         """
+        metas = self.insert_into([pool_key], sequences, kind, item_ids=item_ids,
+                                 replace_item_input=replace_item_input, offset=offset)
+        return metas[0] if metas else None
+
+    def insert_into(self, pool_keys: Sequence[str], sequences: Sequence[Sequence[int]], kind: str = "output", *,
+                    item_ids: Sequence[str] = (), replace_item_input: bool = False,
+                    offset: Offset | None = None) -> list[PoolMeta]:
+        """`insert` into several pools (a record's pool and its task's) in one batch with one
+        offset: a crash leaves both or neither. Returns the changed pools' metadata, in order."""
         assert kind in KINDS
+        keys = list(dict.fromkeys(pool_keys))
         with self._write_lock:
             if not replace_item_input and item_ids and self.store.removed_items(item_ids):
                 if offset is not None:
                     self.store.store_offset(*offset)
-                return None
+                return []
             writer = BatchWriter(self.store)
             if replace_item_input:
                 for item in self.store.removed_items(item_ids):
                     writer.unmark_removed(item)
-            pool = self._pools.get(pool_key)
-            evicted = []
-            if pool is None:
-                evicted = self._evict_for_new_pool(writer)
-                pool = self._empty(pool_key)
+            new = [key for key in keys if key not in self._pools]
+            evicted = self._evict_for_new_pools(writer, len(new), keep=keys) if new else []
+            pools = {key: self._pools.get(key) or self._empty(key) for key in keys}
             try:
-                with pool.lock:
-                    meta, edit = self._insert_locked(pool, writer, sequences, kind, item_ids,
-                                                     replace_item_input)
+                with contextlib.ExitStack() as locks:
+                    for key in sorted(pools):  # writers lock in key order (module docstring)
+                        locks.enter_context(pools[key].lock)
+                    edits = [self._insert_locked(pools[key], writer, sequences, kind, item_ids, replace_item_input)
+                             for key in keys]
                     writer.put_offset(offset)
                     writer.write()
-                    pool.meta, pool.next_sequence_id = meta, edit.next_sequence_id
+                    for key, (meta, edit) in zip(keys, edits):
+                        pools[key].meta, pools[key].next_sequence_id = meta, edit.next_sequence_id
             except BaseException:
-                self._reload([pool_key])
+                self._reload(keys)
                 raise
-            self._pools[pool_key] = pool
+            self._pools.update(pools)
             for key in evicted:
                 self._pools.pop(key, None)
                 self.pools_evicted += 1
-            return meta
+            return [meta for meta, _ in edits]
 
     def _insert_locked(self, pool: _Pool, writer: BatchWriter, sequences: Sequence[Sequence[int]], kind: str,
                        item_ids: Sequence[str], replace_item_input: bool) -> tuple[PoolMeta, LedgerEdit]:
@@ -317,10 +328,11 @@ class PoolManager:
             capacity=self.limits.capacity, row_bytes=node_bytes(pool.key, self._row_depth),
             updated_at=self._clock())
 
-    def _evict_for_new_pool(self, writer: BatchWriter) -> list[str]:
-        """Makes room for one more pool: drops the least recently updated ones (never global)."""
-        others = [p for k, p in self._pools.items() if k != GLOBAL_POOL]
-        excess = max(0, len(others) - self.limits.max_pools + 1)
+    def _evict_for_new_pools(self, writer: BatchWriter, count: int, *, keep: Sequence[str] = ()) -> list[str]:
+        """Makes room for `count` more pools: drops the least recently updated ones (never global,
+        never one in `keep`, which this write is about to change)."""
+        others = [p for k, p in self._pools.items() if k != GLOBAL_POOL and k not in keep]
+        excess = max(0, len(self._pools) - 1 - self.limits.max_pools + count)
         victims = sorted(others, key=lambda p: (p.meta.updated_at, p.key))[:excess]
         for victim in victims:
             writer.drop_pool(victim.key)

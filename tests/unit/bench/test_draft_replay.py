@@ -134,26 +134,32 @@ def test_replay_tallies_by_task_add_up_to_the_totals() -> None:
     assert summary["by_task"]["a"]["speedup_vs_greedy"] > 1.0  # case a copies 6 tokens from the pool
 
 
-def test_task_answers_of_other_pool_keys_join_a_copy_of_the_pool() -> None:
+def test_each_case_drafts_from_its_pool_key_over_its_task_pool_as_served() -> None:
     import doctest
+    from types import SimpleNamespace
 
-    from bench.draft_replay import with_task_answers
-    from common.warm_answers import WarmAnswer
+    from bench.draft_replay import tier_cases
+    from common.drafting.pools import PoolRegistry, TieredPool
+    from common.drafting.trie import TrieSettings
 
-    assert doctest.testmod(draft_replay).failed == 0  # with_task_answers' worked example
+    assert doctest.testmod(draft_replay).failed == 0  # tier_cases' worked example
 
-    def answer(key: str, task: str, tokens: tuple[int, ...]) -> WarmAnswer:
-        return WarmAnswer(f"w-{key}-{tokens}", key, task, (), (), tokens, "", "m", 64)
-
-    tagged = [Case(c.prompt, c.reference, c.pool, "rec") for c in cases()]
-    pool = tagged[0].pool  # both cases share it
-    before = pool.to_bytes()
-    answers = [answer("a/x", "rec", (5, 6, 50, 51)), answer("a/y", "rec", (5, 6, 60, 61)),
-               answer("a/y", "summary", (5, 6, 70, 71))]
-    merged = with_task_answers(tagged, ["a/x", "a/x"], answers)
-    assert merged[0].pool is merged[1].pool is not pool  # one copy per (pool key, task)
-    assert pool.to_bytes() == before  # the pool itself is untouched
-    # Another key's answer of the same task is stored; its own key's answer and other tasks' are not added.
-    assert merged[0].pool.stored_depth([5, 6], [60, 61]) == 2
-    assert merged[0].pool.stored_depth([5, 6], [50, 51]) == 0
-    assert merged[0].pool.stored_depth([5, 6], [70, 71]) == 0
+    pools = PoolRegistry(TrieSettings(ngram_length=4))
+    pools.get_or_create("a/x").insert([5, 6, 50, 51])
+    pools.get_or_create("task/rec").insert([5, 6, 60, 61, 62])
+    pools.get_or_create("task/summary").insert([5, 6, 70, 71])
+    prompts = [SimpleNamespace(pool_key="a/x", task="rec"), SimpleNamespace(pool_key="a/x", task="rec"),
+               SimpleNamespace(pool_key="a/x", task="other")]
+    recorded = [Case([5, 6], [60, 61, 62], pools.resolve("a/x"), p.task) for p in prompts]
+    before = pools.resolve("a/x").to_bytes()
+    tiered = tier_cases(recorded, pools, prompts, 1.0)
+    assert isinstance(tiered[0].pool, TieredPool) and tiered[0].pool is tiered[1].pool  # one per (key, task)
+    assert tiered[2].pool is pools.resolve("a/x")  # a task without a pool: the pool key's alone
+    assert pools.resolve("a/x").to_bytes() == before  # the pools themselves are untouched
+    # The task's own pool is read; another task's is not.
+    assert tiered[0].pool.stored_depth([5, 6], [60, 61]) == 2
+    assert tiered[0].pool.stored_depth([5, 6], [70, 71]) == 0
+    greedy = replay(NoDrafting(), tiered[:1], COST, 96)
+    drafted = replay(FixedBudget(4, 2), tiered[:1], COST, 96)
+    assert drafted.steps < greedy.steps  # the task pool's continuation is drafted and accepted
+    assert replay(FixedBudget(4, 2), recorded[:1], COST, 96).steps == greedy.steps  # the key's alone: not

@@ -131,3 +131,22 @@ def test_presence_survives_the_wire():
     received = common_pb2.GenerationParams.FromString(sent.SerializeToString())
     assert received.relaxed.HasField("min_prob") and not received.relaxed.HasField("top_k")
     assert not received.sampling.HasField("seed")
+
+
+def test_a_request_naming_its_task_drafts_from_its_task_pool_too(intake):
+    from common.drafting.pools import TieredPool
+
+    task = request()
+    task.task = "item_knowledge"
+    assert intake.prepare(task, "r").pool is intake.pools.resolve("shop")  # task pool not held yet
+    assert intake.pool_tracker.noted == ["shop/shoes", "task/item_knowledge"]  # ... but fetched from now on
+    task_pool = intake.pools.get_or_create("task/item_knowledge")
+    prepared = intake.prepare(task, "r")
+    assert isinstance(prepared.pool, TieredPool)
+    assert prepared.pool.key_pool is intake.pools.resolve("shop") and prepared.pool.task_pool is task_pool
+    assert prepared.pool_key == "shop"  # the stats name the pool key's pool
+    other = request()
+    other.task = "generative_rec"  # another task's pool is never a fallback
+    assert intake.prepare(other, "r").pool is intake.pools.resolve("shop")
+    intake.task_pool_weight = 0.0  # ADACCEL_TASK_POOL_WEIGHT=0: the pool key's alone
+    assert intake.prepare(task, "r").pool is intake.pools.resolve("shop")

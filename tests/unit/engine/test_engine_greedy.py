@@ -300,6 +300,24 @@ def test_a_pool_holding_the_continuation_is_accepted_in_long_runs(model, greedy)
     assert sum(s.accepted for s in steps) >= 26
 
 
+def test_a_task_pool_under_the_pool_key_s_drafts_losslessly_with_adaptive_budgets(model, greedy) -> None:
+    from common.drafting.pools import TieredPool
+
+    prompt = [12, 200, 31, 45, 9]
+    continuation, gaps = greedy(prompt, 24)
+    settings = EngineSettings(branch_length=12)
+    trie_settings = TrieSettings(ngram_length=settings.key_length + settings.branch_length)
+    key_pool, task_pool = TokenTrie(trie_settings), TokenTrie(trie_settings)
+    key_pool.insert(prompt + [(t + 1) % 250 for t in continuation])  # a wrong continuation
+    task_pool.insert(prompt + continuation)  # the task's answers hold the right one
+    for adaptive in (False, True):
+        engine = DecodingEngine(model, replace(settings, adaptive=adaptive), cost_model=linear_cost_model(1e-3, 1e-5))
+        steps = list(engine.generate(prompt, GenerationConfig(max_new_tokens=24),
+                                     TieredPool(key_pool, task_pool, task_weight=2.0)))
+        assert_greedy("tiered pools", [t for s in steps for t in s.token_ids], continuation, gaps)
+        assert sum(s.accepted for s in steps) >= 12  # the task pool's branch was drafted and taken
+
+
 def test_prefilled_cache_is_reused(model, greedy) -> None:
     prompt = [5, 6, 7, 8, 9, 10, 11, 12]
     expected, gaps = greedy(prompt, 12)

@@ -266,6 +266,10 @@ def test_validation_fills_the_field_and_the_limit():
     with pytest.raises(InvalidArgument) as err:
         validate_generate_request(request_with(pool_key="bad key"), RequestLimits())
     assert (err.value.reason, err.value.field) == ("INVALID_FIELD", "pool_key")
+    with pytest.raises(InvalidArgument) as err:
+        validate_generate_request(request_with(task="item knowledge"), RequestLimits())
+    assert (err.value.reason, err.value.field) == ("INVALID_FIELD", "task")
+    validate_generate_request(request_with(task="item_knowledge"), RequestLimits())
 
 
 def test_every_reason_is_in_the_catalog_and_documented():

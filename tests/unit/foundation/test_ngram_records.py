@@ -22,6 +22,12 @@ def test_generated_record_becomes_a_pool_mutation():
     assert mutation == InsertSequences("p/q", ((1, 2, 3),), "output", ("it-1", "it-2"))
 
 
+def test_a_record_naming_its_task_also_feeds_the_task_pool():
+    record = records_pb2.GeneratedRecord(pool_key="p/q", task="generative_rec", token_ids=[1, 2])
+    mutation = generated_record_mutation(record.SerializeToString(), vocab_size=10, max_tokens=100)
+    assert mutation == InsertSequences("p/q", ((1, 2),), "output", (), also_into=("task/generative_rec",))
+
+
 def test_generated_record_without_pool_key_goes_to_the_global_pool():
     record = records_pb2.GeneratedRecord(token_ids=[1])
     assert generated_record_mutation(record.SerializeToString(), vocab_size=10, max_tokens=10).pool_key == "global"
@@ -36,6 +42,8 @@ def test_generated_record_without_pool_key_goes_to_the_global_pool():
     (records_pb2.GeneratedRecord(pool_key="a b", token_ids=[1]).SerializeToString(), "pool_key:"),
     (records_pb2.GeneratedRecord(token_ids=[1], item_ids=[""]).SerializeToString(), "item_ids[0]:"),
     (records_pb2.GeneratedRecord(request_id="r").SerializeToString(), "token_ids: empty"),
+    (records_pb2.GeneratedRecord(token_ids=[1], task="rec/sub").SerializeToString(), "task:"),
+    (records_pb2.GeneratedRecord(token_ids=[1], task="x" * 65).SerializeToString(), "task:"),
 ])
 def test_bad_records_are_rejected_with_a_reason(value, reason):
     with pytest.raises(RejectedRecord) as err:

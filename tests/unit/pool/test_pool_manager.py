@@ -97,6 +97,32 @@ def test_removing_an_item_takes_back_every_sequence_about_it_in_every_pool(open_
     assert_store_mirrors(manager, "p")
 
 
+def test_a_record_and_its_task_pool_are_written_together_and_taken_back_together(open_manager, monkeypatch):
+    manager = open_manager(PoolLimits(ngram_length=3, capacity=10_000, max_pools=2))
+    changed = manager.apply(InsertSequences("p", ((1, 2, 3),), item_ids=("a",), also_into=("task/rec",)),
+                            ("gen", 0, 1))
+    assert [m.pool_key for m in changed] == ["p", "task/rec"] and manager.store.next_offset("gen", 0) == 1
+    manager.apply(InsertSequences("q", ((1, 2, 9),), also_into=("task/rec",)), ("gen", 0, 2))
+    # One write with one offset: both pools or neither (max_pools 2 made room for q by evicting p).
+    assert "p" not in manager and manager.count("task/rec", (1, 2)) == 2
+    assert manager.count("q", (1, 2, 9)) == 1 and manager.store.next_offset("gen", 0) == 2
+
+    def broken(batch):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(manager.store, "write", broken)
+    with pytest.raises(OSError):
+        manager.apply(InsertSequences("q", ((5, 6),), also_into=("task/rec",)), ("gen", 0, 3))
+    monkeypatch.undo()
+    assert manager.count("q", (5, 6)) == 0 and manager.count("task/rec", (5, 6)) == 0
+    assert manager.store.next_offset("gen", 0) == 2
+    manager.remove_item("a")  # the item's sequence leaves the task pool as well
+    assert manager.count("task/rec", (1, 2, 3)) == 0 and manager.count("task/rec", (1, 2, 9)) == 1
+    reopened = open_manager(PoolLimits(ngram_length=3, capacity=10_000, max_pools=2))
+    assert reopened.count("task/rec", (1, 2)) == 1 and reopened.count("q", (1, 2, 9)) == 1
+    assert_store_mirrors(reopened, "task/rec")
+
+
 def test_item_text_is_replaced_on_change_and_generated_text_stays(open_manager):
     manager = open_manager(PoolLimits(ngram_length=3, capacity=10_000))
     manager.apply(InsertSequences("p", ((1, 2, 3),), "input", ("it",), replace_item_input=True))

@@ -61,6 +61,7 @@ def _generate_parser(prog: str) -> argparse.ArgumentParser:
     gen.add_argument("--block", type=parse_block, action="append", required=True, metavar="KIND:ID:TEXT",
                      help=f"a prompt block, in order (KIND: {', '.join(KINDS)}); repeat for more")
     gen.add_argument("--pool-key", default="", help="draft pool, e.g. vertical/category (default: global)")
+    gen.add_argument("--task", default="", help="what the prompt asks for, e.g. generative_rec: its task pool is drafted from too")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--mode", choices=["strict", "relaxed"], default="strict", help="draft verification")
     gen.add_argument("--relaxed-top-k", type=int, help="relaxed: accept drafts among the top k (default 2)")
@@ -113,7 +114,7 @@ def _generate(client: AdaccelClient, args: argparse.Namespace) -> int:
     advanced = Advanced(disable_drafting=args.no_drafting, decoding_length=args.decoding_length,
                         branch_length=args.branch_length, disable_block_reuse=args.no_block_reuse)
     generation = client.generate(
-        args.block, pool_key=args.pool_key, max_new_tokens=args.max_new_tokens, mode=args.mode,
+        args.block, pool_key=args.pool_key, task=args.task, max_new_tokens=args.max_new_tokens, mode=args.mode,
         relaxed=relaxed, advanced=advanced if advanced != Advanced() else None,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
         request_id=args.request_id, publish=args.publish, raw_prompt=args.raw_prompt)

@@ -178,7 +178,7 @@ class AdaccelClient:
             raise error from cause
         self._sleep(delay)
 
-    def generate(self, blocks: Iterable[Block | tuple[Any, str, str]], *, pool_key: str = "",
+    def generate(self, blocks: Iterable[Block | tuple[Any, str, str]], *, pool_key: str = "", task: str = "",
                  max_new_tokens: int = 64, mode: Mode | None = None, relaxed: Relaxed | None = None,
                  sampling: Sampling | None = None, advanced: Advanced | None = None, request_id: str = "",
                  publish: bool = False, raw_prompt: bool = False, timeout: float | None = None,
@@ -187,7 +187,7 @@ class AdaccelClient:
         operators only). Iterate the result for its Delta pieces as they stream; its `summary`
         comes after the last. The call is made on the first next(); errors raise AdaccelError
         from there. `timeout`: this call's deadline in seconds (default: the client's)."""
-        request = build_request(blocks, pool_key=pool_key, max_new_tokens=max_new_tokens, mode=mode,
+        request = build_request(blocks, pool_key=pool_key, task=task, max_new_tokens=max_new_tokens, mode=mode,
                                 relaxed=relaxed, sampling=sampling, advanced=advanced, request_id=request_id,
                                 publish=publish, raw_prompt=raw_prompt)
         return self.generate_request(request, timeout=timeout, metadata=metadata)
@@ -197,13 +197,13 @@ class AdaccelClient:
         """generate() for a GenerateRequest built by the caller."""
         return Generation(self, request, timeout, tuple(metadata))
 
-    def generate_text(self, blocks: Iterable[Block | tuple[Any, str, str]], *, pool_key: str = "",
+    def generate_text(self, blocks: Iterable[Block | tuple[Any, str, str]], *, pool_key: str = "", task: str = "",
                       max_new_tokens: int = 64, mode: Mode | None = None, relaxed: Relaxed | None = None,
                       sampling: Sampling | None = None, advanced: Advanced | None = None,
                       request_id: str = "", publish: bool = False, raw_prompt: bool = False,
                       timeout: float | None = None, metadata: Iterable[tuple[str, str]] = ()) -> Result:
         """generate(), waited for: the whole text and the summary."""
-        generation = self.generate(blocks, pool_key=pool_key, max_new_tokens=max_new_tokens, mode=mode,
+        generation = self.generate(blocks, pool_key=pool_key, task=task, max_new_tokens=max_new_tokens, mode=mode,
                                    relaxed=relaxed, sampling=sampling, advanced=advanced,
                                    request_id=request_id, publish=publish, raw_prompt=raw_prompt,
                                    timeout=timeout, metadata=metadata)

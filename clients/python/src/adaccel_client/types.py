@@ -83,13 +83,14 @@ def _blocks(blocks: Iterable[Block | tuple[Any, str, str]]) -> list[common_pb2.P
     return [(block if isinstance(block, Block) else Block(*block)).to_proto() for block in blocks]
 
 
-def build_request(blocks: Iterable[Block | tuple[Any, str, str]], *, pool_key: str = "",
+def build_request(blocks: Iterable[Block | tuple[Any, str, str]], *, pool_key: str = "", task: str = "",
                   max_new_tokens: int = 64, mode: Mode | None = None, relaxed: Relaxed | None = None,
                   sampling: Sampling | None = None, advanced: Advanced | None = None, request_id: str = "",
                   publish: bool = False, raw_prompt: bool = False) -> common_pb2.GenerateRequest:
     """The GenerateRequest of typed inputs. Blocks are Block or (kind, id, text). `mode` defaults
     to relaxed when `relaxed` is given, else strict. Ranges are the server's to check (its limits
-    are configured there); it answers INVALID_ARGUMENT naming the field."""
+    are configured there); it answers INVALID_ARGUMENT naming the field. `task` (e.g.
+    "generative_rec") lets the decoder draft from the task's answers of every pool key too."""
     if mode is None:
         mode = "relaxed" if relaxed is not None else "strict"
     if mode not in _MODES:
@@ -111,7 +112,7 @@ def build_request(blocks: Iterable[Block | tuple[Any, str, str]], *, pool_key: s
     if advanced is not None:
         params.advanced.CopyFrom(common_pb2.AdvancedParams(**dataclasses.asdict(advanced)))
     return common_pb2.GenerateRequest(request_id=request_id, blocks=_blocks(blocks), pool_key=pool_key,
-                                      params=params, publish=publish, raw_prompt=raw_prompt)
+                                      task=task, params=params, publish=publish, raw_prompt=raw_prompt)
 
 
 @dataclass(frozen=True, slots=True)
