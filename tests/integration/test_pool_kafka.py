@@ -137,6 +137,17 @@ def test_kill_9_mid_stream_then_restart_counts_every_record_exactly_once(tmp_pat
     assert len(dead_letters(broker.bootstrap, "dlq-kill")) >= 5  # each at least once (a kill may repeat one)
 
 
+def topic_settings(tmp_path, broker, gen: str, inv: str, dlq: str) -> PoolSettings:
+    return PoolSettings(data_dir=tmp_path, kafka_bootstrap=broker.bootstrap, kafka_generated_topic=gen,
+                        kafka_inventory_topic=inv, kafka_dead_letter_topic=dlq, vocab_size=VOCAB, ngram_length=NGRAM)
+
+
+def records_done(stub, count: int):
+    """The pool's stats once `count` records are applied or dead-lettered (else the counts so far)."""
+    s = stub.Stats(pool_pb2.PoolStatsRequest(), timeout=5)
+    return s if s.records_ingested + s.records_dead_lettered >= count else (s.records_ingested, s.records_dead_lettered)
+
+
 def test_inventory_removal_stops_drafts_and_bad_records_go_to_the_dead_letter_topic(tmp_path, broker, channel_to):
     gen, inv, dlq = "gen-inv", "inv-inv", "dlq-inv"
     added, removed = records_pb2.INVENTORY_ACTION_ADDED, records_pb2.INVENTORY_ACTION_REMOVED
@@ -148,17 +159,10 @@ def test_inventory_removal_stops_drafts_and_bad_records_go_to_the_dead_letter_to
               records_pb2.InventoryEvent(item_id="shoe-1", action=removed, pool_key="shop"),
               records_pb2.InventoryEvent(item_id="", action=removed)]
     produce(broker.bootstrap, inv, [e.SerializeToString() for e in events] + [b"\xff\xff"])
-    settings = PoolSettings(data_dir=tmp_path, kafka_bootstrap=broker.bootstrap, kafka_generated_topic=gen,
-                            kafka_inventory_topic=inv, kafka_dead_letter_topic=dlq,
-                            vocab_size=VOCAB, ngram_length=NGRAM)
-    handle = create_pool_server(settings, null_telemetry())
+    handle = create_pool_server(topic_settings(tmp_path, broker, gen, inv, dlq), null_telemetry())
     try:
         stub = pool_pb2_grpc.PoolStub(channel_to(handle.address))
-        def all_records():
-            s = stub.Stats(pool_pb2.PoolStatsRequest(), timeout=5)
-            return s if s.records_ingested + s.records_dead_lettered >= 8 else (s.records_ingested, s.records_dead_lettered)
-
-        stats = wait_until(all_records, 30, "all records")
+        stats = wait_until(lambda: records_done(stub, 8), 30, "all records")
         assert (stats.records_ingested, stats.records_dead_lettered, stats.inventory_events) == (5, 3, 2)
         tree = stub.RetrieveDrafts(pool_pb2.RetrieveDraftsRequest(pool_key="shop", context=[1, 2],
                                                                   branch_length=2), timeout=5)
@@ -170,6 +174,35 @@ def test_inventory_removal_stops_drafts_and_bad_records_go_to_the_dead_letter_to
     letters = dead_letters(broker.bootstrap, dlq)
     reasons = sorted((letter.topic, letter.reason.split(":")[0]) for letter in letters)
     assert reasons == [(gen, "value"), (inv, "item_id"), (inv, "value")]
+
+
+def test_answers_naming_their_task_fill_the_task_pool_across_pool_keys(tmp_path, broker, channel_to):
+    gen, inv, dlq = "gen-task", "inv-task", "dlq-task"
+    generated = [records_pb2.GeneratedRecord(pool_key="shop/shoes", task="rec", item_ids=["shoe-1"], token_ids=[1, 2, 3]),
+                 records_pb2.GeneratedRecord(pool_key="shop/bags", task="rec", item_ids=["bag-2"], token_ids=[1, 2, 4]),
+                 records_pb2.GeneratedRecord(pool_key="shop/bags", token_ids=[1, 2, 5]),  # no task
+                 records_pb2.GeneratedRecord(pool_key="shop/bags", task="bad task", token_ids=[1, 2, 6])]
+    produce(broker.bootstrap, gen, [r.SerializeToString() for r in generated])
+    removal = records_pb2.InventoryEvent(item_id="shoe-1", action=records_pb2.INVENTORY_ACTION_REMOVED)
+    handle = create_pool_server(topic_settings(tmp_path, broker, gen, inv, dlq), null_telemetry())
+    try:
+        stub = pool_pb2_grpc.PoolStub(channel_to(handle.address))
+
+        def firsts(pool_key: str) -> set[int]:
+            tree = stub.RetrieveDrafts(pool_pb2.RetrieveDraftsRequest(pool_key=pool_key, context=[1, 2],
+                                                                      branch_length=1, exact=True), timeout=5)
+            return {tree.tokens[i] for i, p in enumerate(tree.parents) if p == -1}
+
+        stats = wait_until(lambda: records_done(stub, 4), 30, "the generated records")
+        assert (stats.records_ingested, stats.records_dead_lettered) == (3, 1)
+        assert firsts("task/rec") == {3, 4}  # both keys' answers of the task; not the one without a task
+        assert firsts("shop/shoes") == {3} and firsts("shop/bags") == {4, 5}
+        produce(broker.bootstrap, inv, [removal.SerializeToString()])
+        wait_until(lambda: records_done(stub, 5), 30, "the removal")
+        assert firsts("task/rec") == {4}  # the removed item's answer left the task pool too
+        assert firsts("shop/shoes") == set()
+    finally:
+        handle.stop(0)
 
 
 def random_records(count: int, seed: int) -> list[records_pb2.GeneratedRecord]:
