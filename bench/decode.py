@@ -252,10 +252,10 @@ def served_answer_ids(loaded: LoadedModel, prompts, args) -> list[tuple[int, ...
     return [a.token_ids for a in served_answers(loaded, prompts, args)]
 
 
-def request_pool(pools: PoolRegistry, prompt):
+def request_pool(pools: PoolRegistry, prompt, task_pool_weight: float = DEFAULT_TASK_POOL_WEIGHT):
     """What the decoder drafts from for this prompt (services/decoder/intake.py): its pool key's
-    pool over its task's, at the default task pool weight."""
-    return pools.drafting_pool(prompt.pool_key, prompt.task, DEFAULT_TASK_POOL_WEIGHT)
+    pool over its task's (ADACCEL_TASK_POOL_WEIGHT; 0: the pool key's alone)."""
+    return pools.drafting_pool(prompt.pool_key, prompt.task, task_pool_weight)
 
 
 def tokens_per_step_by_task(engine: DecodingEngine, pools: PoolRegistry, chosen, tokenized, max_new_tokens: int,
@@ -344,14 +344,14 @@ def run(args) -> dict:
         if method == "oracle":
             return engine_generate(engine, ids, configs[method], draft_source=OracleDraft(len(ids), references[i]))
         if method == "adaptive":
-            return engine_generate(adaptive_engine, ids, configs["adaptive"], request_pool(pools, prompt))
+            return engine_generate(adaptive_engine, ids, configs["adaptive"], request_pool(pools, prompt, args.task_pool_weight))
         if method == "suffix_decoding":
             source = suffix_peer.SuffixDecodingSource(peer, ids)
             try:
                 return engine_generate(engine, ids, configs[method], draft_source=source)
             finally:
                 source.close()
-        pool = request_pool(pools, prompt) if configs[method].drafting else None
+        pool = request_pool(pools, prompt, args.task_pool_weight) if configs[method].drafting else None
         return engine_generate(engine, ids, configs[method], pool)
 
     console = Console(width=150)
@@ -467,7 +467,7 @@ def relaxed_sweep(engine, loaded, pools, chosen, tokenized, references, facts, a
         outs = []
         for prompt, ids, ref in zip(chosen, tokenized, references):
             t0 = time.perf_counter()
-            out, n, _, _ = engine_generate(engine, ids, config, request_pool(pools, prompt))
+            out, n, _, _ = engine_generate(engine, ids, config, request_pool(pools, prompt, args.task_pool_weight))
             wall += time.perf_counter() - t0
             tokens += len(out)
             steps += n
@@ -571,7 +571,7 @@ def budget_sweep(loaded, pools, chosen, tokenized, references, grid, adaptive_en
     with tqdm(total=count * args.sweep_repeats, desc="budget sweep", unit="prompt") as bar:
         for repeat in range(args.sweep_repeats):
             for i in range(count):
-                pool = request_pool(pools, chosen[i])
+                pool = request_pool(pools, chosen[i], args.task_pool_weight)
                 order = labels if (i + repeat) % 2 == 0 else list(reversed(labels))
                 rates = {}
                 for label in order:
@@ -662,7 +662,7 @@ def batched_variant(loaded, pools, chosen, tokenized, cost_model, args) -> list[
                     rates = {}
                     for method in order:
                         engine, cfg = methods[method]
-                        group_pools = [request_pool(pools, chosen[i]) if cfg.drafting else None for i in group]
+                        group_pools = [request_pool(pools, chosen[i], args.task_pool_weight) if cfg.drafting else None for i in group]
                         produced = [[] for _ in group]
                         forwards = 0
                         t0 = time.perf_counter()
@@ -748,7 +748,7 @@ def step_profile(loaded, pools, chosen, tokenized, cost_model, args) -> dict:
                                   drafting=name != "engine_greedy")
         drafted = tokens = 0
         for i in range(count):
-            for step in engine.generate(tokenized[i], config, request_pool(pools, chosen[i])):
+            for step in engine.generate(tokenized[i], config, request_pool(pools, chosen[i], args.task_pool_weight)):
                 drafted += step.drafted
                 tokens += len(step.token_ids)
         steps = max(timer.steps, 1)
@@ -954,6 +954,8 @@ def parse_args(argv: list[str] | None = None):
                              "the answers into their pools, as a running deployment's Kafka loop does (0 = corpus "
                              "texts only)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--task-pool-weight", type=float, default=DEFAULT_TASK_POOL_WEIGHT,
+                        help="the task pools' weight under each pool key's, as ADACCEL_TASK_POOL_WEIGHT (0: off)")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
     parser.add_argument("--no-budget-sweep", dest="budget_sweep", action="store_false")
     parser.add_argument("--budget-grid", default=None,
