@@ -59,9 +59,7 @@ class TieredPool:
     def candidates(self, context: Sequence[int], *, decoding_length: int, branch_length: int,
                    key_length: int = 2) -> list[DraftTree]:
         args = dict(decoding_length=decoding_length, branch_length=branch_length, key_length=key_length)
-        key = context[-key_length:]
-        key_evidence = self.key_pool.key_weight(key)
-        task_evidence = self.task_weight * self.task_pool.key_weight(key)
+        key_evidence, task_evidence = self._evidence(context[-key_length:])
         total = key_evidence + task_evidence
         if total <= 0:
             return []
@@ -79,7 +77,11 @@ class TieredPool:
                                           self.task_pool.context_support(context, tree))]
 
     def key_weight(self, key: Sequence[int]) -> float:
-        return self.key_pool.key_weight(key) + self.task_weight * self.task_pool.key_weight(key)
+        return sum(self._evidence(key))
+
+    def _evidence(self, key: Sequence[int]) -> tuple[float, float]:
+        """The key's weight in the pool key's trie and, times task_weight, in the task's."""
+        return self.key_pool.key_weight(key), self.task_weight * self.task_pool.key_weight(key)
 
     def stored_depth(self, context: Sequence[int], continuation: Sequence[int], **kwargs) -> int:
         return max(self.key_pool.stored_depth(context, continuation, **kwargs),
