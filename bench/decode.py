@@ -297,6 +297,8 @@ def run(args) -> dict:
     chosen = pick_prompts(prompts, args.prompts)
     eos = loaded.tokenizer.eos_token_id
     tokenized = [prompt_token_ids(loaded.tokenizer, p) for p in chosen]
+    if args.batched_only:
+        return run_batched_only(loaded, pools, prompts, chosen, tokenized, cost_model, args)
     pool_state = {"corpus_texts": len(warmups),
                   "tokens_per_step_corpus_only": tokens_per_step_by_task(
                       engine, pools, chosen, tokenized, args.max_new_tokens, eos)}
@@ -449,6 +451,29 @@ def run(args) -> dict:
         plot_budget(budget, args.results_dir / "decode_budget.png")
     if report["batched"]:
         plot_batched(report["batched"], args.results_dir / "decode_batched.png")
+    console.print(f"wrote {path}")
+    return report
+
+
+def run_batched_only(loaded, pools, prompts, chosen, tokenized, cost_model, args) -> dict:
+    """The batched variant alone, on the same served pools and a cost model measured now: the
+    x4 / x16 check of the never-slower guarantee without the single-request methods before it."""
+    served = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens,
+                              data_dir=args.data_dir)
+    report = {
+        "device": device_name(), "model": loaded.model_id, "model_path": str(args.model_path),
+        "random_weights": loaded.random_weights, "prompts": len(chosen), "max_new_tokens": args.max_new_tokens,
+        "served": served, "task_pool_weight": args.task_pool_weight,
+        "batched": batched_variant(loaded, pools, chosen, tokenized, cost_model, args),
+        "cost_model": cost_model_summary(cost_model),
+        "adaptive_max_tokens": args.adaptive_max_tokens, "adaptive_max_depth": args.adaptive_max_depth,
+    }
+    console = Console(width=150)
+    if report["random_weights"]:
+        console.print("[bold red]model has RANDOM weights: acceptance figures mean nothing[/]")
+    print_batched(console, report["batched"])
+    path = write_results("decode_batched.json", report, args.results_dir)
+    plot_batched(report["batched"], args.results_dir / "decode_batched.png")
     console.print(f"wrote {path}")
     return report
 
@@ -904,7 +929,20 @@ def print_table(console: Console, report: dict) -> None:
                       f"{budget['adaptive_vs_best_fixed_paired_median']:.2f}x (paired median), "
                       f"{budget['adaptive_vs_best_fixed_totals']:.2f}x (totals); lowest against any fixed setting "
                       f"{budget['adaptive_vs_worst_fixed_paired_median']:.2f}x")
-    for entry in report.get("batched", []):
+    print_batched(console, report.get("batched", []))
+    profile = report.get("step_profile")
+    if profile:
+        table = Table(title="step profile (ms per step, single request)")
+        for column in ("variant", "step", *STEP_PARTS, "other", "draft tok/step", "tok/step"):
+            table.add_column(column, justify="left" if column == "variant" else "right")
+        for name, p in profile.items():
+            table.add_row(name, f"{p['step_ms']:.2f}", *(f"{p['parts_ms'][k]:.2f}" for k in (*STEP_PARTS, "other")),
+                          f"{p['draft_tokens_per_step']:.1f}", f"{p['tokens_per_step']:.2f}")
+        console.print(table)
+
+
+def print_batched(console: Console, batched: list[dict]) -> None:
+    for entry in batched:
         table = Table(title=f"batched: {entry['batch_size']} concurrent requests, {entry['groups']} groups "
                             f"x {entry['repeats']} (decode after the prefills' first tokens; prefill excluded)")
         for column in ("method", "tokens/s", "x no drafting (paired)", "tokens/forward", "forwards", "identical"):
@@ -918,15 +956,6 @@ def print_table(console: Console, report: dict) -> None:
                       f"{entry['adaptive_vs_fixed_totals']:.2f}x totals; draft tokens per row and step: "
                       f"mean {sizes.get('mean', 0):.1f}, quantiles {sizes.get('quantiles')}, "
                       f"padded widths {entry['adaptive_widths']}")
-    profile = report.get("step_profile")
-    if profile:
-        table = Table(title="step profile (ms per step, single request)")
-        for column in ("variant", "step", *STEP_PARTS, "other", "draft tok/step", "tok/step"):
-            table.add_column(column, justify="left" if column == "variant" else "right")
-        for name, p in profile.items():
-            table.add_row(name, f"{p['step_ms']:.2f}", *(f"{p['parts_ms'][k]:.2f}" for k in (*STEP_PARTS, "other")),
-                          f"{p['draft_tokens_per_step']:.1f}", f"{p['tokens_per_step']:.2f}")
-        console.print(table)
 
 
 def _optional(value: float | None, form: str, scale: float = 1.0) -> str:
@@ -969,6 +998,8 @@ def parse_args(argv: list[str] | None = None):
                         help="step-cost profiling time limit (the adaptive method's cost model)")
     parser.add_argument("--batch-sizes", default="4,16", help="concurrent requests in the batched variant ('' = skip)")
     parser.add_argument("--no-step-profile", dest="step_profile", action="store_false")
+    parser.add_argument("--batched-only", action="store_true",
+                        help="only the batched variant (--batch-sizes over --sweep-prompts), into decode_batched.json")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     resolve_model_arguments(args)
