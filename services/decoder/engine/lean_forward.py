@@ -110,8 +110,7 @@ class LeanForward:
             value = _linear(x, attention.v_proj).view(head_shape).transpose(1, 2)
             query, key = self.apply_rotary(query, key, cos, sin)
             key, value = cache.update(key, value, index)
-            output, _ = attend(attention, query, key, value, attention_mask, dropout=0.0,
-                                       scaling=attention.scaling)
+            output, _ = attend(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling)
             hidden = hidden + _linear(output.reshape(batch, width, -1).contiguous(), attention.o_proj)
             x = layer.post_attention_layernorm.forward(hidden)
             mlp = layer.mlp
