@@ -423,13 +423,8 @@ def run(args) -> dict:
     batched = batched_variant(loaded, pools, chosen, tokenized, cost_model, args) if args.batch_sizes else []
     profile = step_profile(loaded, pools, chosen, tokenized, cost_model, args) if args.step_profile else {}
     report = {
-        "device": device_name(),
-        "model": loaded.model_id,
-        "model_path": str(args.model_path),
-        "random_weights": loaded.random_weights,
-        "prompts": len(chosen),
+        **run_facts(loaded, chosen, cost_model, args),
         "repeats": args.repeats,
-        "max_new_tokens": args.max_new_tokens,
         "decoding_length": args.decoding_length,
         "branch_length": args.branch_length,
         "methods": results,
@@ -438,9 +433,6 @@ def run(args) -> dict:
         "budget_sweep": budget,
         "batched": batched,
         "step_profile": profile,
-        "cost_model": cost_model_summary(cost_model),
-        "adaptive_max_tokens": args.adaptive_max_tokens,
-        "adaptive_max_depth": args.adaptive_max_depth,
         "suffix_decoding_peer": "measured" if peer_missing is None else f"left out: {peer_missing}",
     }
     print_table(console, report)
@@ -455,22 +447,27 @@ def run(args) -> dict:
     return report
 
 
+def run_facts(loaded: LoadedModel, chosen, cost_model: StepCostModel, args) -> dict:
+    """What every decode report records about its run: machine, model, prompts, cost model."""
+    return {
+        "device": device_name(), "model": loaded.model_id, "model_path": str(args.model_path),
+        "random_weights": loaded.random_weights, "prompts": len(chosen), "max_new_tokens": args.max_new_tokens,
+        "cost_model": cost_model_summary(cost_model), "adaptive_max_tokens": args.adaptive_max_tokens,
+        "adaptive_max_depth": args.adaptive_max_depth,
+    }
+
+
 def run_batched_only(loaded, pools, prompts, chosen, tokenized, cost_model, args) -> dict:
     """The batched variant alone, on the same served pools and a cost model measured now: the
     x4 / x16 check of the never-slower guarantee without the single-request methods before it."""
     served = serve_into_pools(loaded, pools, prompts, args.served_per_segment, args.max_new_tokens,
                               data_dir=args.data_dir)
     report = {
-        "device": device_name(), "model": loaded.model_id, "model_path": str(args.model_path),
-        "random_weights": loaded.random_weights, "prompts": len(chosen), "max_new_tokens": args.max_new_tokens,
-        "served": served, "task_pool_weight": args.task_pool_weight,
+        **run_facts(loaded, chosen, cost_model, args), "served": served, "task_pool_weight": args.task_pool_weight,
         "batched": batched_variant(loaded, pools, chosen, tokenized, cost_model, args),
-        "cost_model": cost_model_summary(cost_model),
-        "adaptive_max_tokens": args.adaptive_max_tokens, "adaptive_max_depth": args.adaptive_max_depth,
     }
     console = Console(width=150)
-    if report["random_weights"]:
-        console.print("[bold red]model has RANDOM weights: acceptance figures mean nothing[/]")
+    print_random_weights_warning(console, report)
     print_batched(console, report["batched"])
     path = write_results("decode_batched.json", report, args.results_dir)
     plot_batched(report["batched"], args.results_dir / "decode_batched.png")
@@ -894,8 +891,7 @@ def print_table(console: Console, report: dict) -> None:
                       f"corpus only {_by_task(pools['tokens_per_step_corpus_only'])}"
                       + (f"; with served answers {_by_task(pools['tokens_per_step_with_served'])}"
                          if "tokens_per_step_with_served" in pools else ""))
-    if report["random_weights"]:
-        console.print("[bold red]model has RANDOM weights: acceptance figures mean nothing[/]")
+    print_random_weights_warning(console, report)
     for p in report["relaxed_sweep"]:
         item_facts = (p.get("item_facts") or {}).get("precision")
         console.print(f"  relaxed top_k={p['top_k']} min_prob={p['min_prob']}: {p['tokens_per_s']:.1f} tok/s, "
@@ -939,6 +935,11 @@ def print_table(console: Console, report: dict) -> None:
             table.add_row(name, f"{p['step_ms']:.2f}", *(f"{p['parts_ms'][k]:.2f}" for k in (*STEP_PARTS, "other")),
                           f"{p['draft_tokens_per_step']:.1f}", f"{p['tokens_per_step']:.2f}")
         console.print(table)
+
+
+def print_random_weights_warning(console: Console, report: dict) -> None:
+    if report["random_weights"]:
+        console.print("[bold red]model has RANDOM weights: acceptance figures mean nothing[/]")
 
 
 def print_batched(console: Console, batched: list[dict]) -> None:
