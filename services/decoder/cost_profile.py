@@ -22,11 +22,17 @@ from transformers import DynamicCache
 from common.drafting.cost_model import StepCostModel, StepTiming, linear_cost_model
 from common.drafting.draft_tree import chain_tree
 from common.drafting.verification import verify_strict
+from services.decoder.engine.config import DEFAULT_KV_SPARE_COLUMNS
 from services.decoder.engine.lean_forward import LeanForward
+from services.decoder.engine.spare_capacity import with_spare_capacity
 from services.decoder.engine.tree_inputs import build_tree_inputs
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever a step's cost changes shape, so a stored profile of the older path is
+# measured again: 2 = grouped-query tree attention without repeat_kv and KV appended in place
+# (lean_forward.py, spare_capacity.py); the older path priced tree steps and long caches dearer.
+STEP_PATH_REVISION = 2
 QUICK_WIDTHS = (1, 2, 4, 8, 16, 32, 65)
 QUICK_BATCHES = (1, 4, 16)
 QUICK_CACHE_LENGTHS = (64, 512, 2048)  # ads prompts run from ~100 to ~2,500 tokens: attention must be seen at both ends
@@ -35,10 +41,10 @@ QUICK_CACHE_LENGTHS = (64, 512, 2048)  # ads prompts run from ~100 to ~2,500 tok
 def device_string(model: torch.nn.Module) -> str:
     """Where and how steps run: the device, the dtype unless float32 (a bfloat16 step costs what
     it costs), and "+lean" when tree steps take the lean forward (a profile of the plain forward
-    would overstate their cost)."""
+    would overstate their cost), with the revision of the step path (STEP_PATH_REVISION)."""
     parameter = next(model.parameters())
     device = parameter.device
-    forward = "+lean" if LeanForward.for_model(model) is not None else ""
+    forward = f"+lean{STEP_PATH_REVISION}" if LeanForward.for_model(model) is not None else ""
     dtype = "" if parameter.dtype == torch.float32 else f":{str(parameter.dtype).removeprefix('torch.')}"
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}{dtype}{forward}"
@@ -76,7 +82,8 @@ def profile_step_costs(
         for cache_length in sorted(cache_lengths):
             if cache_length + max(widths) > max_positions:
                 continue
-            cache = DynamicCache(config=model.config)
+            # the engine's own cache layers, so that a step is priced with in-place KV appends
+            cache = with_spare_capacity(DynamicCache(config=model.config), DEFAULT_KV_SPARE_COLUMNS)
             prefix = torch.randint(0, vocab, (batch, cache_length), generator=generator).to(device)
             model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
             key_valid = torch.ones((batch, cache_length), dtype=torch.bool, device=device)

@@ -14,6 +14,7 @@ from common.drafting.geometry import DEFAULT_GEOMETRY
 DEFAULT_DECODING_LENGTH = DEFAULT_GEOMETRY.decoding_length
 DEFAULT_BRANCH_LENGTH = DEFAULT_GEOMETRY.branch_length
 DEFAULT_KEY_LENGTH = DEFAULT_GEOMETRY.key_length
+DEFAULT_KV_SPARE_COLUMNS = 128
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,6 +32,11 @@ class EngineSettings:
     # Batched rows keep different numbers of columns per step; compact the cache once that
     # would free this share of it (down to its fullest row; a whole-cache copy, so rarely).
     compact_hole_fraction: float = 0.5
+    # Cache columns reserved past each layer's end, so that a step writes its KV in place
+    # instead of copying the whole cache (services/decoder/engine/spare_capacity.py); a row
+    # then copies its cache once per this many new columns. Default model: 46 KB per column
+    # and row in float32, so 128 columns are ~6 MB a row. 0: transformers' DynamicLayer.
+    kv_spare_columns: int = DEFAULT_KV_SPARE_COLUMNS
     pad_token_id: int = 0
     # Adaptive drafting: each step's tree (per row, under batching per forward) is the one that
     # maximises expected accepted tokens per predicted second (common/drafting/budget.py);
@@ -49,6 +55,7 @@ class EngineSettings:
     def __post_init__(self) -> None:
         assert self.decoding_length >= 0 and self.branch_length >= 0 and self.key_length >= 1
         assert 0.0 < self.compact_hole_fraction <= 1.0
+        assert self.kv_spare_columns >= 0
 
 
 @dataclass(slots=True)

@@ -43,6 +43,7 @@ from services.decoder.engine.cache_rows import append_rows
 from services.decoder.engine.config import EngineSettings, GenerationConfig, StepResult
 from services.decoder.engine.kv_cache import cache_length, check_cache, compact, keep_accepted
 from services.decoder.engine.lean_forward import LeanForward
+from services.decoder.engine.spare_capacity import with_spare_capacity
 from services.decoder.engine.tree_inputs import TreeInputs, build_tree_inputs
 
 
@@ -249,6 +250,8 @@ class DecodingEngine:
     def _prefill_begin(self, request: RequestState, past_key_values: DynamicCache | None) -> PendingPrefill:
         """The request's starting cache (reused prefix or empty), before any prompt token is computed."""
         cache = past_key_values if past_key_values is not None else DynamicCache(config=self.model.config)
+        if self.settings.kv_spare_columns:
+            with_spare_capacity(cache, self.settings.kv_spare_columns)
         reused = cache_length(cache)
         excess = reused - request.context_length
         if excess > 0:  # the cache covers the last prompt token too: recompute it for its logits
