@@ -78,6 +78,7 @@ class PreparedRequest:
     blocks: BlockPlan | None  # reused blocks found by the lookup (None: prefill everything)
     kv_tokens: int
     pool_key: str = ""  # the pool drafted from (the request's key, a parent or "global"; "" = none)
+    task_pool_key: str = ""  # the task's pool drafted from beside it ("" = none)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -153,13 +154,15 @@ class RequestIntake:
                 self.pool_tracker.note(task_key)
         pool_key = self.pools.resolve_key(request.pool_key or None)
         # Under the pool key's, the task's pool when this replica holds it (never a fallback).
-        pool = tiered(self.pools[pool_key], self.pools.get(task_key), self.task_pool_weight)
+        key_pool = self.pools[pool_key]
+        pool = tiered(key_pool, self.pools.get(task_key), self.task_pool_weight)
         kv_tokens = len(prompt.token_ids) + config.max_new_tokens + self.tree.tree_tokens(config) + 1
         if pool_key != (request.pool_key or pool_key):
             log.debug("pool key not held here: drafting from its fallback",
                      extra={"request_id": request_id, "pool_key": request.pool_key, "pool_key_used": pool_key})
         return PreparedRequest(request_id, prompt, config, pool, None, kv_tokens,
-                               pool_key=pool_key if config.drafting else "")
+                               pool_key=pool_key if config.drafting else "",
+                               task_pool_key=task_key if config.drafting and pool is not key_pool else "")
 
     def with_blocks(self, prepared: PreparedRequest, request: common_pb2.GenerateRequest) -> PreparedRequest:
         """The request with its reusable blocks looked up (after admission: the lookup reads the

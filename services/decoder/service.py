@@ -62,6 +62,7 @@ class DecoderService(decoder_pb2_grpc.DecoderServicer):
                                     prompt_tokens=len(prepared.prompt_ids), prepare_s=admitted - arrived,
                                     block_lookup_s=ticket.submitted_at - admitted)
             transcript.stats.pool_key_used = prepared.pool_key
+            transcript.stats.task_pool_key_used = prepared.task_pool_key
             for step in ticket:
                 delta = transcript.add(step, seconds_since_arrival=time.perf_counter() - arrived,
                                        prefill=ticket.prefill)

@@ -138,15 +138,18 @@ def test_a_request_naming_its_task_drafts_from_its_task_pool_too(intake):
 
     task = request()
     task.task = "item_knowledge"
-    assert intake.prepare(task, "r").pool is intake.pools.resolve("shop")  # task pool not held yet
+    untiered = intake.prepare(task, "r")
+    assert untiered.pool is intake.pools.resolve("shop") and untiered.task_pool_key == ""  # task pool not held yet
     assert intake.pool_tracker.noted == ["shop/shoes", "task/item_knowledge"]  # ... but fetched from now on
     task_pool = intake.pools.get_or_create("task/item_knowledge")
     prepared = intake.prepare(task, "r")
     assert isinstance(prepared.pool, TieredPool)
     assert prepared.pool.key_pool is intake.pools.resolve("shop") and prepared.pool.task_pool is task_pool
-    assert prepared.pool_key == "shop"  # the stats name the pool key's pool
+    assert prepared.pool_key == "shop" and prepared.task_pool_key == "task/item_knowledge"  # what the stats name
     other = request()
     other.task = "generative_rec"  # another task's pool is never a fallback
     assert intake.prepare(other, "r").pool is intake.pools.resolve("shop")
+    assert intake.prepare(other, "r").task_pool_key == ""
     intake.task_pool_weight = 0.0  # ADACCEL_TASK_POOL_WEIGHT=0: the pool key's alone
-    assert intake.prepare(task, "r").pool is intake.pools.resolve("shop")
+    alone = intake.prepare(task, "r")
+    assert alone.pool is intake.pools.resolve("shop") and alone.task_pool_key == ""
