@@ -150,6 +150,7 @@ class Stats:
     prefill_s: float = 0.0
     first_step_s: float = 0.0
     pool_key_used: str = ""  # the draft pool it drafted from ("global" when its key fell back)
+    task_pool_key_used: str = ""  # the task pool it drafted from beside it ("task/<task>"; "" = none)
 
     @classmethod
     def from_proto(cls, stats: common_pb2.GenerationStats) -> Stats:
