@@ -14,7 +14,10 @@ verification, attention over each row's cache), so each profiled batch size gets
 (hinge knots at the profiled widths where the curve bends most: a piecewise-linear curve in W
 whose slope may change at each knot). A batch size in between two profiled ones is priced from
 both at the same total tokens W x B and interpolated linearly in B (beyond the largest
-profiled one, extrapolated from the last two). Least squares on relative error;
+profiled one, extrapolated from the last two). Pricing B rows from a profile of B0 rows also
+scales the cache term c * L by B / B0: every row's attention reads its own cache (the W x L term
+scales with the widths already). Without that, 16 rows x 3,400 cached tokens priced from a
+1-row profile came out at ~0.45 of what they took on the default CPU model. Least squares on relative error;
 predictions never decrease with W (noise must not make a bigger tree look cheaper).
 """
 
@@ -97,10 +100,13 @@ class StepCostModel:
         return model
 
     # ------------------------------------------------------------------ predict
-    def _batch_curve(self, index: int, widths: np.ndarray, cache_length: float) -> np.ndarray:
+    def _batch_curve(self, index: int, widths: np.ndarray, cache_length: float, rows_scale: float = 1.0
+                     ) -> np.ndarray:
+        """Profiled batch `index`'s curve at `widths` (already scaled to its batch size), its
+        per-row cache term scaled by rows_scale (priced batch / profiled batch)."""
         c = np.asarray(self.coefficients[index])
         knots = np.asarray(self.knots[index], dtype=float)
-        raw = c[0] + c[1] * widths + c[-2] * cache_length + c[-1] * widths * cache_length
+        raw = c[0] + c[1] * widths + c[-2] * cache_length * rows_scale + c[-1] * widths * cache_length
         if len(knots):
             raw = raw + np.maximum(0.0, widths[:, None] - knots[None, :]) @ c[2:2 + len(knots)]
         return raw
@@ -115,15 +121,15 @@ class StepCostModel:
             raw = self._batch_curve(position, widths, cache_length)
         elif len(self.batches) == 1:  # one profiled batch size: same tokens per step, per row scaled
             b0 = self.batches[0]
-            raw = self._batch_curve(0, widths * batch / b0, cache_length)
+            raw = self._batch_curve(0, widths * batch / b0, cache_length, batch / b0)
         else:
             # Between two profiled batch sizes, compare steps of the same total tokens (W x B,
             # what the matmuls see) and interpolate linearly in B (the per-row work).
             low = min(max(position - 1, 0), len(self.batches) - 2)
             b0, b1 = self.batches[low], self.batches[low + 1]
             t = (batch - b0) / (b1 - b0)
-            raw = (1 - t) * self._batch_curve(low, widths * batch / b0, cache_length) + t * self._batch_curve(
-                low + 1, widths * batch / b1, cache_length)
+            raw = (1 - t) * self._batch_curve(low, widths * batch / b0, cache_length, batch / b0) + t * self._batch_curve(
+                low + 1, widths * batch / b1, cache_length, batch / b1)
         return np.maximum(np.maximum.accumulate(raw), 1e-6).tolist()
 
     def extrapolates(self, batch: int) -> bool:

@@ -75,3 +75,24 @@ def test_linear_model_and_bad_input() -> None:
     assert model.predict(11) == pytest.approx(4.1e-3)
     with pytest.raises(ValueError):
         StepCostModel.fit([StepTiming(1, 1, 0, 1e-3)])
+
+
+def rows_read_their_caches(width: int, batch: int, cache_length: int) -> float:
+    """Each row's attention reads its own cache once per step (the 5e-6 s per cached token and
+    row term): at 16 rows over long caches that dominates, as it does on a CPU."""
+    n = width * batch
+    return 3e-3 + 0.05e-3 * n + 5e-6 * cache_length * batch + 1e-8 * n * cache_length
+
+
+@pytest.mark.parametrize("profiled", [(1,), (1, 4)])
+def test_a_batch_beyond_the_profile_pays_every_rows_cache(profiled: tuple[int, ...]) -> None:
+    # The decoder's 5 s start-up profile reaches batch 1 only on a CPU: 16 rows must still be
+    # priced with 16 caches' reads, not one.
+    timings = [StepTiming(w, b, c, rows_read_their_caches(w, b, c))
+               for w in WIDTHS for b in profiled for c in CACHE_LENGTHS]
+    model = StepCostModel.fit(timings, knots=2)
+    for batch in (2, 16):
+        for width in (1, 4):
+            for cache_length in (500, 3000):
+                predicted = model.predict(width, batch, cache_length)
+                assert predicted == pytest.approx(rows_read_their_caches(width, batch, cache_length), rel=0.05)
