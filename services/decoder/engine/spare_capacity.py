@@ -5,7 +5,7 @@ cache to add its new columns. At 16 rows x 3,400 cached tokens on the default mo
 (`aten::cat`) is ~0.55 s of a ~0.9 s step, at every width. `SpareCapacityLayer` keeps a buffer
 [B, H_kv, capacity, D] per tensor and holds `keys` / `values` as its prefix views
 buffer[:, :, :length]. An update that fits writes its columns in place; one that does not
-allocates length + new + `spare_columns` columns and copies once.
+allocates length + new + max(`spare_columns`, new) columns and copies once.
 
 Everything else done to a cache keeps working, because it goes through `keys` / `values`:
 - `crop` slices, and the slice is still a prefix of the buffer: the next update writes over
@@ -111,7 +111,10 @@ class SpareCapacityLayer(DynamicLayer):
         length = held.shape[2] if held.dim() == 4 else 0
         end = length + new.shape[2]
         if not _is_prefix_view(held, buffer) or end > buffer.shape[2] or buffer.shape[:2] != new.shape[:2]:
-            buffer = new.new_empty((new.shape[0], new.shape[1], end + self.spare_columns, new.shape[3]))
+            # At least this update's own width in reserve: a prefill in equal chunks then
+            # copies on every other chunk, not every one.
+            reserve = max(self.spare_columns, new.shape[2])
+            buffer = new.new_empty((new.shape[0], new.shape[1], end + reserve, new.shape[3]))
             if length:
                 buffer[:, :, :length] = held
         buffer[:, :, length:end] = new

@@ -89,15 +89,25 @@ def test_same_tensors_as_dynamic_layer(rows: int, spare: int, operations: list[t
 
 def test_appends_in_place_while_the_buffer_has_room() -> None:
     cache = _cache(spare=8)
-    cache.update(*_states(2, 10, seed=0), 0)
+    cache.update(*_states(2, 6, seed=0), 0)
     layer = cache.layers[0]
     start = layer.keys.data_ptr()
     for step in range(4):  # 2 columns per step, cropped by 1: net +1, within the 8 spare columns
         cache.update(*_states(2, 2, seed=step + 1), 0)
         cache.crop(-1)
-        assert layer.keys.data_ptr() == start and layer.capacity == 18
-    cache.update(*_states(2, 6, seed=9), 0)  # 14 + 6 > 18: one copy into a larger buffer
-    assert layer.keys.data_ptr() != start and layer.capacity == 20 + 8
+        assert layer.keys.data_ptr() == start and layer.capacity == 6 + 8
+    cache.update(*_states(2, 5, seed=9), 0)  # 10 + 5 > 14: one copy into a larger buffer
+    assert layer.keys.data_ptr() != start and layer.capacity == 15 + 8
+
+
+def test_a_chunked_prefill_copies_on_every_other_chunk() -> None:
+    cache = _cache(spare=8)
+    pointers = []
+    for chunk in range(6):
+        cache.update(*_states(1, 32, seed=chunk), 0)
+        pointers.append(cache.layers[0].keys.data_ptr())
+    # each growth reserves one more chunk (32 > 8 spare columns), which the next chunk fills in place
+    assert [pointers[i] == pointers[i - 1] for i in range(1, 6)] == [True, False, True, False, True]
 
 
 def test_never_writes_a_tensor_it_was_given() -> None:
