@@ -318,7 +318,13 @@ def test_concurrent_callers_spread_their_misses(skewed_reports):
     misses = Counter(chosen[i] for i, (kind, _) in enumerate(stream) if kind == "miss")
     hot = Counter(chosen[i] for i, (kind, _) in enumerate(stream) if kind == "hot")
     numbers = f"misses {misses}, hot {hot}, in flight {inflight}"
-    assert len(misses) >= 2 and max(misses.values()) <= 0.6 * sum(misses.values()), numbers
+    assert len(misses) >= 2, numbers
+    # Threads race, so the arrival order varies from run to run: when the hot requests come first
+    # they fill two replicas (A, and the one their routed blocks then favour), and the third takes
+    # most misses while it is the least loaded. The failure guarded against is misses piling onto
+    # a replica whatever its load, so more than 60% of the misses is allowed only on the least loaded.
+    top, top_count = misses.most_common(1)[0]
+    assert top_count <= 0.6 * sum(misses.values()) or inflight[top] == min(inflight.values()), numbers
     # The burst's load is spread too: no replica holds more than half of it.
     assert max(inflight.values()) <= 0.5 * len(stream), numbers
     assert all(r.local_inflight == 0 for r in skewed_reports.replicas.values())
