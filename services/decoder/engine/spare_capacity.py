@@ -57,6 +57,22 @@ def _is_prefix_view(tensor: torch.Tensor | None, buffer: torch.Tensor | None) ->
     )
 
 
+class _BufferedTensor:
+    """A layer's `keys` or `values`: stored as `_<name>`; assigning a tensor that is not a prefix
+    view of the layer's `_<name>_buffer` drops that buffer."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot, self.buffer = f"_{name}", f"_{name}_buffer"
+
+    def __get__(self, layer, owner: type | None = None):
+        return self if layer is None else getattr(layer, self.slot)
+
+    def __set__(self, layer, tensor: torch.Tensor | None) -> None:
+        setattr(layer, self.slot, tensor)
+        if not _is_prefix_view(tensor, getattr(layer, self.buffer)):
+            setattr(layer, self.buffer, None)
+
+
 class SpareCapacityLayer(DynamicLayer):
     """A DynamicLayer whose updates write in place while its buffer has room."""
 
@@ -64,43 +80,26 @@ class SpareCapacityLayer(DynamicLayer):
         if spare_columns < 0:
             raise ValueError(f"spare_columns must be >= 0, got {spare_columns}")
         self.spare_columns = spare_columns
-        self._key_buffer: torch.Tensor | None = None  # [B, H_kv, capacity, D]
-        self._value_buffer: torch.Tensor | None = None
+        self._keys_buffer: torch.Tensor | None = None  # [B, H_kv, capacity, D]
+        self._values_buffer: torch.Tensor | None = None
         super().__init__()
 
-    # `keys` / `values` are properties so that assigning a foreign tensor releases the buffer
-    # at once; transformers' own methods (crop, batch_select_indices, reset) assign them.
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return self._keys
-
-    @keys.setter
-    def keys(self, tensor: torch.Tensor | None) -> None:
-        self._keys = tensor
-        if not _is_prefix_view(tensor, self._key_buffer):
-            self._key_buffer = None
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return self._values
-
-    @values.setter
-    def values(self, tensor: torch.Tensor | None) -> None:
-        self._values = tensor
-        if not _is_prefix_view(tensor, self._value_buffer):
-            self._value_buffer = None
+    # Assigning a foreign tensor releases the buffer at once (see _BufferedTensor); transformers'
+    # own methods (crop, batch_select_indices, reset) assign them too.
+    keys = _BufferedTensor()
+    values = _BufferedTensor()
 
     @property
     def capacity(self) -> int:
         """Columns the buffer holds (0 before the first update or after a foreign assignment)."""
-        return 0 if self._key_buffer is None else self._key_buffer.shape[2]
+        return 0 if self._keys_buffer is None else self._keys_buffer.shape[2]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys, self._key_buffer = self._append(self._keys, key_states, self._key_buffer)
-        values, self._value_buffer = self._append(self._values, value_states, self._value_buffer)
+        keys, self._keys_buffer = self._append(self._keys, key_states, self._keys_buffer)
+        values, self._values_buffer = self._append(self._values, value_states, self._values_buffer)
         self.keys, self.values = keys, values  # prefix views: the buffers stay
         return keys, values
 
