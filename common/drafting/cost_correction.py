@@ -5,8 +5,9 @@ real model it reaches only one row per step, and larger batches are then priced 
 curve at the same total tokens. Measured in the engine, that under-states a batch of 16 rows:
 SmolLM2-135M on 2 cores, 16 rows of 1 token took 1.34x the prediction, and 16 rows of 3-4 took
 1.8-1.9x. Drafting at 16 rows then looked ~1.4x cheaper, relative to a plain step, than it was,
-and adaptive drafting ran at 0.94x no drafting. The profile also ages: the machine's speed
-drifts, and other work shares it.
+and adaptive drafting ran at 0.94x no drafting. (Pricing from a smaller batch now scales each
+row's cache term, cost_model.py; at 16 rows the corrections fell from 2.2-2.7 to 0.9-1.4.) The
+profile also ages: the machine's speed drifts, and other work shares it.
 
 So every step's measured seconds are compared with the model's prediction for that step, by
 batch size and tree width (each bucketed by powers of two: 1, 2, 3-4, 5-8, ...). The budget

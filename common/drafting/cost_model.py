@@ -17,8 +17,9 @@ both at the same total tokens W x B and interpolated linearly in B (beyond the l
 profiled one, extrapolated from the last two). Pricing B rows from a profile of B0 rows also
 scales the cache term c * L by B / B0: every row's attention reads its own cache (the W x L term
 scales with the widths already). Without that, 16 rows x 3,400 cached tokens priced from a
-1-row profile came out at ~0.45 of what they took on the default CPU model. Least squares on relative error;
-predictions never decrease with W (noise must not make a bigger tree look cheaper).
+1-row profile came out at ~0.45 of what they took on the default CPU model. Least squares on
+relative error; predictions never decrease with W (noise must not make a bigger tree look
+cheaper).
 """
 
 from __future__ import annotations
