@@ -15,12 +15,9 @@ chooser multiplies its predicted curve by the correction of each width's bucket.
 between widths move the choice, so a correction common to all widths changes nothing.
 
 A bucket with few measurements leans on a prior: the nearest narrower measured bucket of the
-same batch size, else the nearest wider one, else 1.0 (the model's own prediction), worth
-`prior_steps` steps. An unmeasured wider tree is priced like the narrower one it extends, tried
-when that pays, and then priced by what it took. An unmeasured narrower one takes the wider
-one's correction: when only wide trees ran (a start-up profile disturbed by other work priced
-them cheap), a one-token step must not keep the model's raw price beside their corrected one,
-which would make it look dear and keep the chooser on wide trees. Old measurements fade (`decay` per step of the bucket), so the
+same batch size (else 1.0, the model's own prediction), worth `prior_steps` steps. An
+unmeasured wider tree is priced like the narrower one it extends, tried when that pays, and
+then priced by what it took. Old measurements fade (`decay` per step of the bucket), so the
 correction follows drift.
 
 >>> correction = StepCostCorrection(prior_steps=2.0, decay=1.0)
@@ -34,13 +31,6 @@ A width of 8 was never measured: it takes width 4's correction as its prior.
 
 >>> round(correction.scale(16, 8), 3), correction.scale(1, 8)
 (1.719, 1.0)
-
-Only wide trees measured at 4 rows: narrower widths borrow the nearest measured correction.
-
->>> for _ in range(6):
-...     correction.record(batch=4, width=16, predicted_s=0.20, measured_s=0.08)
->>> round(correction.scale(4, 16), 3), round(correction.scale(4, 1), 3), round(correction.scale(4, 32), 3)
-(0.55, 0.55, 0.55)
 """
 
 from __future__ import annotations
@@ -83,23 +73,15 @@ class StepCostCorrection:
         """The factor to multiply the model's prediction by for such a step."""
         return self._scale(size_bucket(batch), size_bucket(width))
 
-    def _narrower(self, batch_bucket: int, width_bucket: int) -> float | None:
-        """The correction of the nearest narrower measured bucket of that batch size, if any."""
+    def _scale(self, batch_bucket: int, width_bucket: int) -> float:
+        prior = 1.0
         for narrower in range(width_bucket - 1, -1, -1):
             if (batch_bucket, narrower) in self._sums:
-                return self._scale(batch_bucket, narrower)
-        return None
-
-    def _scale(self, batch_bucket: int, width_bucket: int) -> float:
-        narrower = self._narrower(batch_bucket, width_bucket)
+                prior = self._scale(batch_bucket, narrower)
+                break
         sums = self._sums.get((batch_bucket, width_bucket))
         if sums is None or sums[2] <= 0:
-            if narrower is not None:
-                return narrower
-            # Measured buckets never look wider, so this cannot come back here.
-            wider = [w for b, w in self._sums if b == batch_bucket and w > width_bucket]
-            return self._scale(batch_bucket, min(wider)) if wider else 1.0
-        prior = 1.0 if narrower is None else narrower
+            return prior
         measured, predicted, steps = sums
         mean_predicted = predicted / steps
         pseudo = self.prior_steps * mean_predicted

@@ -114,17 +114,3 @@ def test_step_finished_records_the_planned_step_against_its_uncorrected_predicti
     assert adaptive.correction.scale(1, width) > 1.0
     adaptive.step_finished(5.0)  # no step planned since: ignored
     assert adaptive.correction.scale(1, width) < 2.0
-
-
-def test_narrower_widths_never_measured_take_the_wider_correction() -> None:
-    # Only wide trees ran at 16 rows, and took 0.3x their (over-)prediction, as after a start-up
-    # profile disturbed by other work. A one-token step must be corrected alike: left at the raw
-    # prediction it would look 3x dearer, relative to the wide tree, than it is.
-    correction = StepCostCorrection(prior_steps=2.0, decay=1.0)
-    curve = [0.30 + 0.02 * (width - 1) for width in range(1, 33)]  # predicted seconds, widths 1..32
-    for _ in range(20):
-        correction.record(batch=16, width=21, predicted_s=curve[20], measured_s=0.3 * curve[20])
-    corrected = correction.apply(curve, 16)
-    assert corrected[20] / corrected[0] == pytest.approx(curve[20] / curve[0], rel=1e-6)
-    assert corrected[0] < 0.5 * curve[0]
-    assert correction.apply(curve, 1) == curve  # another batch size: nothing measured, nothing moves
