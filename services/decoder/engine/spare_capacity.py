@@ -100,7 +100,8 @@ class SpareCapacityLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         keys, self._keys_buffer = self._append(self._keys, key_states, self._keys_buffer)
         values, self._values_buffer = self._append(self._values, value_states, self._values_buffer)
-        self.keys, self.values = keys, values  # prefix views: the buffers stay
+        # prefix views of the buffers just written: stored directly, the setter's check would only repeat it
+        self._keys, self._values = keys, values
         return keys, values
 
     def _append(self, held: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None
