@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -154,6 +154,26 @@ class StepCostModel:
 
     def matches(self, model_id: str, device: str) -> bool:
         return self.model_id == model_id and self.device == device
+
+
+def inverted_widths(seconds_by_width: Mapping[int, float], tolerance: float = 0.15) -> list[int]:
+    """Widths measured dearer than some wider width at the same batch and cache length, by more
+    than `tolerance`: a step with more tokens is never cheaper, so the narrower point was hit by
+    something else (another process, a stall) in every round and is worth measuring again. The
+    profile takes the minimum over rounds, which only a disturbance of all of them defeats.
+
+    >>> inverted_widths({1: 0.10, 2: 0.16, 4: 0.12, 8: 0.20})
+    [2]
+    >>> inverted_widths({1: 0.10, 2: 0.105, 4: 0.10, 8: 0.20})  # within noise
+    []
+    """
+    widths = sorted(seconds_by_width)
+    inverted = []
+    for i, width in enumerate(widths[:-1]):
+        cheapest_wider = min(seconds_by_width[w] for w in widths[i + 1:])
+        if seconds_by_width[width] > (1.0 + tolerance) * cheapest_wider:
+            inverted.append(width)
+    return inverted
 
 
 def _features(width: float, cache_length: float, knots: Sequence[float]) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from common.drafting.cost_model import StepCostModel, StepTiming, linear_cost_model
+from common.drafting.cost_model import StepCostModel, StepTiming, inverted_widths, linear_cost_model
 from common.drafting.draft_tree import chain_tree
 from common.drafting.verification import verify_strict
 from services.decoder.engine.config import DEFAULT_KV_SPARE_COLUMNS
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # (lean_forward.py, spare_capacity.py); the older path priced tree steps and long caches dearer.
 STEP_PATH_REVISION = 2
 QUICK_WIDTHS = (1, 2, 4, 8, 16, 32, 65)
+RECHECK_ROUNDS = 2  # extra probes of a width measured dearer than a wider one (inverted_widths)
 QUICK_BATCHES = (1, 4, 16)
 QUICK_CACHE_LENGTHS = (64, 512, 2048)  # ads prompts run from ~100 to ~2,500 tokens: attention must be seen at both ends
 
@@ -68,8 +69,9 @@ def profile_step_costs(
     seed: int = 0,
 ) -> list[StepTiming]:
     """Step time per (width, batch, cache length), the minimum over `repeats` interleaved
-    rounds; stops early past `max_seconds`, keeping what it has (at least one round of every
-    width of the configurations reached). Larger batches come last, so a cut keeps the common
+    rounds (a width still dearer than a wider one is probed again, up to RECHECK_ROUNDS times);
+    stops early past `max_seconds`, keeping what it has (at least one round of every width of
+    the configurations reached). Larger batches come last, so a cut keeps the common
     ones (the cost model extrapolates the rest)."""
     device = next(model.parameters()).device
     vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -77,6 +79,7 @@ def profile_step_costs(
     forward = _step_forward(model)
     started = time.perf_counter()
     timings: list[StepTiming] = []
+    remeasured = 0
     max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     for batch in sorted(batches):
         for cache_length in sorted(cache_lengths):
@@ -99,11 +102,25 @@ def profile_step_costs(
                         samples[width].append(seconds)
                 if max_seconds is not None and time.perf_counter() - started > max_seconds and round_:
                     break
+            # A width dearer than a wider one was disturbed in every round (a stall, another
+            # process): measure it again while this cache is at hand; the minimum keeps the
+            # undisturbed figure. A disturbed profile misprices drafting until the online
+            # correction (cost_correction.py) catches up.
+            for _ in range(RECHECK_ROUNDS):
+                inverted = inverted_widths({w: min(s) for w, s in samples.items() if s})
+                if not inverted or (max_seconds is not None and time.perf_counter() - started > max_seconds):
+                    break
+                remeasured += len(inverted)
+                for width in inverted:
+                    samples[width].append(_probe(forward, model.dtype, cache, key_valid, width, batch, cache_length,
+                                                 vocab, generator, device))
             # The minimum: the step's own cost, without other processes' interference.
             timings.extend(StepTiming(w, batch, cache_length, min(samples[w])) for w in widths)
             if max_seconds is not None and time.perf_counter() - started > max_seconds:
-                log.info("cost profile cut at its time limit", extra={"timings": len(timings)})
+                log.info("cost profile cut at its time limit", extra={"timings": len(timings), "remeasured": remeasured})
                 return timings
+    if remeasured:
+        log.info("cost profile: points dearer than wider ones measured again", extra={"remeasured": remeasured})
     return timings
 
 

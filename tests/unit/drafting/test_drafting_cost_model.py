@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pytest
 
-from common.drafting.cost_model import StepCostModel, StepTiming, linear_cost_model
+from common.drafting import cost_model as cost_model_module
+from common.drafting.cost_model import StepCostModel, StepTiming, inverted_widths, linear_cost_model
 
 WIDTHS = (1, 2, 4, 8, 16, 24, 32, 48, 65)
 BATCHES = (1, 2, 4, 8, 16)
@@ -96,3 +99,16 @@ def test_a_batch_beyond_the_profile_pays_every_rows_cache(profiled: tuple[int, .
             for cache_length in (500, 3000):
                 predicted = model.predict(width, batch, cache_length)
                 assert predicted == pytest.approx(rows_read_their_caches(width, batch, cache_length), rel=0.05)
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(cost_model_module).failed == 0
+
+
+def test_inverted_widths_are_the_narrow_points_dearer_than_a_wider_one() -> None:
+    clean = {w: true_cost(w, 1, 1024) for w in WIDTHS}
+    assert inverted_widths(clean) == []  # a monotone curve has none
+    stalled = {**clean, 1: clean[65] * 1.5, 8: clean[16] * 1.2}
+    assert inverted_widths(stalled) == [1, 8]
+    assert inverted_widths(stalled, tolerance=0.25) == [1]  # 8 is within a 25% tolerance of 16
+    assert inverted_widths({1: 0.2}) == []  # nothing wider to compare with

@@ -6,6 +6,7 @@ import pytest
 
 from common.modeling.loading import load_model
 from common.modeling.tiny import build_tiny_model
+from services.decoder import cost_profile
 from services.decoder.cost_profile import (
     device_string,
     load_or_profile,
@@ -37,6 +38,26 @@ def test_time_limit_keeps_what_was_measured(model) -> None:
     cut = profile_step_costs(model, **GRID, max_seconds=0.0)
     # one round of every width of the first (batch, cache length), then it stops
     assert [(t.width, t.batch, t.cache_length) for t in cut] == [(w, 1, 8) for w in GRID["widths"]]
+
+
+def test_a_width_disturbed_in_every_round_is_measured_again(model, monkeypatch) -> None:
+    """A stall during every round of width 1 (simulated: one second added to those probes'
+    measured time; the forward itself runs) would make a one-token step look dearer than nine
+    tokens; the profile probes it again and keeps the undisturbed figure."""
+    real_probe = cost_profile._probe
+    stalled = {"left": 2}  # the warm-up round and the one measured round (repeats=1)
+
+    def probe(forward, dtype, cache, key_valid, width, *args):
+        seconds = real_probe(forward, dtype, cache, key_valid, width, *args)
+        if width == 1 and stalled["left"]:
+            stalled["left"] -= 1
+            return seconds + 1.0
+        return seconds
+
+    monkeypatch.setattr(cost_profile, "_probe", probe)
+    timings = profile_step_costs(model, widths=(1, 4, 9), batches=(1,), cache_lengths=(8,), repeats=1)
+    by_width = {t.width: t.seconds for t in timings}
+    assert stalled["left"] == 0 and by_width[1] < 0.5
 
 
 def test_stored_profile_is_reused_only_for_the_same_model_and_device(model, tmp_path) -> None:
