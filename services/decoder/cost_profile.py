@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 # (lean_forward.py, spare_capacity.py); the older path priced tree steps and long caches dearer.
 STEP_PATH_REVISION = 2
 QUICK_WIDTHS = (1, 2, 4, 8, 16, 32, 65)
-RECHECK_ROUNDS = 2  # extra probes of a width measured dearer than a wider one (inverted_widths)
 QUICK_BATCHES = (1, 4, 16)
 QUICK_CACHE_LENGTHS = (64, 512, 2048)  # ads prompts run from ~100 to ~2,500 tokens: attention must be seen at both ends
+RECHECK_ROUNDS = 2  # extra probes of a width measured dearer than a wider one (inverted_widths)
 
 
 def device_string(model: torch.nn.Module) -> str:
