@@ -37,8 +37,24 @@ def test_excluded_and_unhealthy_leave_none():
     assert choose_replica([]) is None
 
 
-def test_ties_are_deterministic():
+def test_ties_are_deterministic_and_rotate_with_the_turn():
     assert choose_replica([view("b"), view("a")]).address == "a"
+    idle = [view("c"), view("b"), view("a"), view("d", queue=1)]
+    picks = [choose_replica(idle, turn=t).address for t in range(6)]
+    assert picks == ["a", "b", "c", "a", "b", "c"]  # the busier d is never among the tied
+
+
+def test_affinity_ties_rotate_too_and_a_held_history_is_no_tie():
+    """A request nobody holds, every replica idle: each turn takes the next replica, so new users
+    spread over the replicas' memories instead of filling the first address's."""
+    request = request_blocks(blocks((USER, "u" * 300), (ITEM, "i" * 100)))
+    user_key, _ = request.weights
+    nobody = [held("a"), held("b"), held("c")]
+    assert [choose_replica(nobody, policy="affinity", footprint=Footprint(request), turn=t).address
+            for t in range(3)] == ["a", "b", "c"]
+    one_holds = [held("a"), held("b", {user_key}), held("c")]
+    assert {choose_replica(one_holds, policy="affinity", footprint=Footprint(request), turn=t).address
+            for t in range(3)} == {"b"}
 
 
 # ---------------------------------------------------------------- affinity scoring
@@ -168,3 +184,11 @@ def test_bench_routing_doctests():
 
     result = doctest.testmod(bench.routing)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_scheduling_doctests():
+    import doctest
+
+    import services.router.scheduling as scheduling
+
+    assert doctest.testmod(scheduling).failed == 0

@@ -361,7 +361,7 @@ def test_a_routed_prefill_is_queued_work_until_its_first_token_or_the_next_repor
     with first.open(first.choose(frozenset()), timeout_s=30.0) as chunks:
         assert pending() == {A: round(expected), B: 0, C: 0}
         second = DecoderStreams(replicas, miss_request(2), policy="affinity", weights=WEIGHTS, turn=1)
-        assert second.choose(frozenset()) == B  # A has the first one's prefill queued
+        assert second.choose(frozenset()) in {B, C}  # not A: it has the first one's prefill queued
         next(iter(chunks))  # its first token: prefilled
         assert pending()[A] == 0
     with first.open(A, timeout_s=30.0):
