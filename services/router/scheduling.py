@@ -16,8 +16,8 @@ Policies:
 The router has no tokenizer: prompt tokens are estimated as characters / chars_per_token. Exact
 ties rotate with the caller's turn over the tied replicas in address order (turn 0: the smaller
 address), so that under light load, every replica idle and none holding the request's blocks,
-requests spread instead of all going to the first address: bench-routing with 3 idle-most-of-the-
-time decoders had least loaded send 36 of 48 requests to one of them.
+requests spread instead of all going to the first address (bench-routing, 3 decoders idle most
+of the time: least loaded had sent 36 of 48 requests to one of them).
 """
 
 from __future__ import annotations
