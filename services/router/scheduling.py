@@ -22,7 +22,7 @@ of the time: least loaded had sent 36 of 48 requests to one of them).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -108,7 +108,7 @@ def affinity_score(replica: ReplicaView, footprint: Footprint, weights: Affinity
     return -work_ahead(replica, footprint, weights)
 
 
-def _best(candidates: Sequence[ReplicaView], score, turn: int) -> ReplicaView:
+def _best(candidates: Sequence[ReplicaView], score: Callable[[ReplicaView], float], turn: int) -> ReplicaView:
     """The highest-scoring candidate; exact ties rotate by `turn` over the tied ones in address order."""
     scored = [(score(r), r) for r in candidates]
     top = max(value for value, _ in scored)
