@@ -137,9 +137,8 @@ def choose_replica(
     if not candidates:
         return None
     weights = weights or AffinityWeights()
-    if policy == "round_robin":
-        ordered = sorted(candidates, key=lambda r: r.address)
-        return ordered[turn % len(ordered)]
+    if policy == "round_robin":  # every replica ties: the turn walks them in address order
+        return _best(candidates, lambda r: 0.0, turn)
     if policy == "affinity":
         footprint = footprint or Footprint()
         return _best(candidates, lambda r: affinity_score(r, footprint, weights), turn)
